@@ -1,0 +1,14 @@
+//! The contract between the host (`instar`) and the sandboxed guest (`rebase.bin`).
+//!
+//! Everything here is shared by both sides, so it is `no_std` and allocation-light.
+//! The host treats every value decoded from guest memory as hostile: [`decode`] only
+//! ever looks at the bytes inside a fixed-size area, and callers validate the result.
+
+#![no_std]
+
+extern crate alloc;
+
+pub mod layout;
+pub mod msg;
+
+pub use msg::*;
