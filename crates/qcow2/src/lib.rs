@@ -1,1 +1,16 @@
+//! qcow2 on disk, as QEMU reads and writes it.
+//!
+//! - [`header`]: the header and its extensions: parse with QEMU's open-time checks,
+//!   and rebuild cluster 0 exactly as QEMU's `qcow2_update_header` does.
+//! - [`entry`]: L1/L2 entry bits.
+//!
+//! Everything works on an [`instar_blockdev::BlockDev`]; nothing here does I/O of its own.
+
 #![no_std]
+
+extern crate alloc;
+
+pub mod entry;
+pub mod header;
+
+pub use header::Header;

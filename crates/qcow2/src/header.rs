@@ -1,0 +1,90 @@
+//! The qcow2 header (cluster 0): fixed fields, extensions, backing file name.
+
+use alloc::vec::Vec;
+
+pub const QCOW2_MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
+
+/// Header extension magics, in the order QEMU writes them.
+pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+pub const EXT_CRYPTO: u32 = 0x0537_be77;
+pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+
+/// Incompatible feature bits.
+pub const INCOMPAT_DIRTY: u64 = 1 << 0;
+pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
+pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+pub const INCOMPAT_EXTL2: u64 = 1 << 4;
+pub const INCOMPAT_MASK: u64 = 0x1f;
+/// Compatible feature bits.
+pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+/// Autoclear feature bits.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
+pub const AUTOCLEAR_MASK: u64 = 0x3;
+
+/// Size of QEMU's `QCowHeader` (v3 fixed header incl. compression type and padding).
+pub const V3_HEADER_SIZE: u32 = 112;
+/// Bytes of the fixed header QEMU writes for a v2 image.
+pub const V2_HEADER_SIZE: u32 = 72;
+
+/// The bitmaps extension (24 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub bitmap_directory_size: u64,
+    pub bitmap_directory_offset: u64,
+}
+
+/// A parsed qcow2 header, as QEMU holds it in memory after opening the image.
+///
+/// The fields are what [`Header::rebuild`] writes back: QEMU rebuilds cluster 0 from
+/// this state, not from the old bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub cluster_bits: u32,
+    /// Virtual size exactly as stored (QEMU rounds it down to 512 on rewrite).
+    pub size: u64,
+    pub crypt_method: u32,
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    /// v3 fields (v2 images read them as their defaults: 0, 0, 0, order 4, length 72).
+    pub incompatible_features: u64,
+    pub compatible_features: u64,
+    pub autoclear_features: u64,
+    pub refcount_order: u32,
+    pub header_length: u32,
+    /// 0 = zlib, 1 = zstd.
+    pub compression_type: u8,
+    /// Bytes between the 112-byte header and `header_length`, kept verbatim.
+    pub unknown_header_fields: Vec<u8>,
+    pub backing_file: Option<Vec<u8>>,
+    pub backing_format: Option<Vec<u8>>,
+    pub data_file: Option<Vec<u8>>,
+    /// Full-disk-encryption header pointer: (offset, length).
+    pub crypto_header: Option<(u64, u64)>,
+    pub bitmaps: Option<BitmapsExt>,
+    /// Extensions QEMU does not know, as (magic, data), in file order.
+    pub unknown_extensions: Vec<(u32, Vec<u8>)>,
+}
+
+impl Header {
+    pub fn cluster_size(&self) -> u64 {
+        1u64 << self.cluster_bits
+    }
+
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & INCOMPAT_EXTL2 != 0
+    }
+
+    pub fn refcount_bits(&self) -> u32 {
+        1u32 << self.refcount_order
+    }
+}
