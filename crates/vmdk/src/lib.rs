@@ -1,0 +1,5 @@
+//! vmdk monolithicSparse images.
+
+#![no_std]
+
+extern crate alloc;
