@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, and every test (unit, sandbox, differential
+# against real qemu-img). Set INSTAR_REQUIRE_KVM=1 / INSTAR_REQUIRE_QEMU=1 to make tests
+# that need /dev/kvm or the reference qemu-img versions fail instead of skipping.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+(cd guest && cargo fmt --all --check)
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+(cd guest && cargo clippy --quiet -- -D warnings)
+
+echo "== cargo test"
+cargo test --workspace --no-fail-fast
