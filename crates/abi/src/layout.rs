@@ -47,7 +47,9 @@ pub const DOORBELL_ADDR: u64 = 0xC000_0000;
 pub const DOORBELL_DONE: u32 = 1;
 /// The response area holds a UTF-8 panic message; the guest then halts.
 pub const DOORBELL_PANIC: u32 = 2;
-/// Progress report: the argument is the progress in hundredths of a percent (0..=10000).
+/// Progress report (safe mode): the argument is how many copy-loop steps so far were not
+/// skipped. Each adds QEMU's fixed step (`100 / (size / min(size, 2 MiB))`), which the host
+/// accumulates in `f32` exactly as qemu-img does, so that the printed lines match.
 pub const DOORBELL_PROGRESS: u32 = 3;
 /// The guest has finished all its checks and is about to write to a read-write device.
 /// The argument is unused. Lets the host (and tests) see that nothing was written before.
