@@ -142,6 +142,16 @@ fn run_case(c: &Case) {
                 ));
             }
         }
+        // No other file may change (backing files, external data files).
+        let (ra, rb) = (snapshot(ref_dir), snapshot(&dir));
+        for (path, bytes) in &ra {
+            if path.as_path() != Path::new(c.overlay) && rb.get(path) != Some(bytes) {
+                failures.push(format!(
+                    "[{label}] {} differs or is missing",
+                    path.display()
+                ));
+            }
+        }
         for q in refs.all() {
             let a = info_json(q, ref_dir, c.overlay);
             let b = info_json(q, &dir, c.overlay);
@@ -963,4 +973,52 @@ fn data_kept_64m_overlay() {
             }
         }),
     });
+}
+
+#[test]
+fn long_options_and_backing_format_alias() {
+    // 10.2 spells -F as -B (`--backing-format`) and has long options; instar accepts them.
+    // Compared with 10.2 only: 10.0 and 7.2 lack -B.
+    let Some((refs, subject)) = setup() else {
+        return;
+    };
+    let scratch = Scratch::new("long-options");
+    let fx = Fx::new(scratch.fixture(), &refs.v10_2);
+    chain(&fx, &[]);
+    for argv in [
+        vec![
+            "rebase",
+            "-u",
+            "-b",
+            "base2.qcow2",
+            "-B",
+            "qcow2",
+            "ovl.qcow2",
+        ],
+        vec![
+            "rebase",
+            "--backing-unsafe",
+            "--format=qcow2",
+            "--backing",
+            "base2.qcow2",
+            "--backing-format=qcow2",
+            "--quiet",
+            "ovl.qcow2",
+        ],
+    ] {
+        let a = scratch.copy("qemu");
+        let q = run(&refs.v10_2.img, &argv, &a);
+        assert_eq!(q.status, 0, "qemu-img 10.2: {}", q.stderr);
+        let b = scratch.copy("subject");
+        let i = run(subject.path(), &argv, &b);
+        let shown = format!("cd {}; {}", b.display(), show_cmd("instar", &argv));
+        assert_eq!(i.status, 0, "{shown}: {}", i.stderr);
+        let (x, y) = (
+            std::fs::read(a.join("ovl.qcow2")).expect("read"),
+            std::fs::read(b.join("ovl.qcow2")).expect("read"),
+        );
+        if let Some(d) = describe_diff(&x, &y) {
+            panic!("{shown}: overlay differs from qemu-img 10.2's: {d}");
+        }
+    }
 }
