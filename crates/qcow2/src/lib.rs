@@ -3,6 +3,10 @@
 //! - [`header`]: the header and its extensions: parse with QEMU's open-time checks,
 //!   and rebuild cluster 0 exactly as QEMU's `qcow2_update_header` does.
 //! - [`entry`]: L1/L2 entry bits.
+//! - [`map`]: L2 entry classification (QEMU's cluster kinds, compressed entries).
+//! - [`image`]: a read-only image: guest offset → kind and run length, reads.
+//! - [`compress`]: compressed clusters (zlib, zstd).
+//! - [`refcount`]: reading refcounts.
 //!
 //! Everything works on an [`instar_blockdev::BlockDev`]; nothing here does I/O of its own.
 
@@ -10,7 +14,11 @@
 
 extern crate alloc;
 
+pub mod compress;
 pub mod entry;
 pub mod header;
+pub mod image;
+pub mod map;
+pub mod refcount;
 
 pub use header::Header;
