@@ -73,6 +73,9 @@ pub struct Header {
     pub bitmaps: Option<BitmapsExt>,
     /// Extensions QEMU does not know, as (magic, data), in file order.
     pub unknown_extensions: Vec<(u32, Vec<u8>)>,
+    /// A bitmaps extension was present without the autoclear bit: QEMU ignores it
+    /// (and drops it on a read-write open).
+    pub stale_bitmaps: bool,
 }
 
 impl Header {
@@ -87,4 +90,56 @@ impl Header {
     pub fn refcount_bits(&self) -> u32 {
         1u32 << self.refcount_order
     }
+
+    /// The guest-visible size QEMU uses: the stored size rounded down to 512.
+    pub fn virtual_size(&self) -> u64 {
+        self.size & !511
+    }
+
+    /// The DIRTY bit (lazy refcounts in use; QEMU repairs the image on a read-write open).
+    pub fn dirty(&self) -> bool {
+        self.incompatible_features & INCOMPAT_DIRTY != 0
+    }
+
+    pub fn corrupt(&self) -> bool {
+        self.incompatible_features & INCOMPAT_CORRUPT != 0
+    }
+
+    /// Guest data lives in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & INCOMPAT_DATA_FILE != 0
+    }
+
+    /// The external data file is a valid raw image on its own (`data_file_raw`).
+    pub fn data_file_raw(&self) -> bool {
+        self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
+    }
+
+    /// Persistent bitmaps in any form QEMU would act on at a read-write open.
+    pub fn has_bitmaps(&self) -> bool {
+        self.bitmaps.is_some()
+            || self.stale_bitmaps
+            || self.autoclear_features & AUTOCLEAR_BITMAPS != 0
+    }
 }
+
+mod extensions;
+mod io;
+mod parse;
+mod rebuild;
+mod snapshots;
+
+pub use parse::{OpenError, OpenMode};
+pub use rebuild::ChangeBackingError;
+
+/// The feature table QEMU writes (type, bit, name), for v3 images with clusters over 4 KiB.
+pub const QEMU_FEATURE_TABLE: [(u8, u8, &str); 8] = [
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+];

@@ -21,4 +21,4 @@ pub mod image;
 pub mod map;
 pub mod refcount;
 
-pub use header::Header;
+pub use header::{ChangeBackingError, Header, OpenError, OpenMode};

@@ -6,9 +6,18 @@
 
 extern crate alloc;
 
+pub mod copy;
+mod probe;
+mod unsafe_rebase;
+mod vmdk_info;
+
+use alloc::format;
 use alloc::string::String;
-use instar_abi::{Call, ErrorKind, GuestError, Response};
+use instar_abi::{Call, ErrorKind, GuestError, Request, Response};
 use instar_blockdev::BlockDev;
+
+/// `strerror(EIO)`, QEMU's text for a failed read or write.
+pub(crate) const IO_ERROR: &str = "Input/output error";
 
 /// Callbacks into the guest runtime (doorbells).
 pub trait Hooks {
@@ -21,9 +30,34 @@ pub trait Hooks {
 /// Handle `call` over `devs` (index = device index). `SelfTest` requests are the guest
 /// runtime's own business and never reach here.
 pub fn handle(call: &Call, devs: &mut [&mut dyn BlockDev], hooks: &mut dyn Hooks) -> Response {
-    let _ = (call, devs, hooks);
-    Response::Error(GuestError {
+    let result = match &call.request {
+        Request::Probe(req) => probe::probe(req, devs).map(Response::Probe),
+        Request::Rebase(req) if req.unsafe_mode => {
+            unsafe_rebase::rebase(req, devs, hooks).map(Response::Rebase)
+        }
+        Request::Rebase(_) => Err(plain("safe-mode rebase is not implemented yet")),
+        Request::SelfTest(_) => Err(plain("self-test requests are handled by the guest runtime")),
+    };
+    result.unwrap_or_else(Response::Error)
+}
+
+fn plain(message: &str) -> GuestError {
+    GuestError {
         kind: ErrorKind::Plain,
-        message: String::from("not implemented yet"),
-    })
+        message: String::from(message),
+    }
+}
+
+/// Device `index`, or an error naming the missing device (a host bug, not an image's).
+pub(crate) fn device<'a>(
+    devs: &'a mut [&mut dyn BlockDev],
+    index: u8,
+) -> Result<&'a mut dyn BlockDev, GuestError> {
+    match devs.get_mut(usize::from(index)) {
+        Some(dev) => Ok(&mut **dev),
+        None => Err(GuestError {
+            kind: ErrorKind::Plain,
+            message: format!("no device {index}"),
+        }),
+    }
 }

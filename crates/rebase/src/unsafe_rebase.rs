@@ -1,0 +1,103 @@
+//! `qemu-img rebase -u`: only the backing pointer changes. For qcow2 that is one
+//! full-cluster write of the rebuilt cluster 0, made only after every check passed.
+
+use alloc::string::{String, ToString};
+use instar_abi::{ErrorKind, Format, GuestError, RebaseOutcome, RebaseRequest};
+use instar_blockdev::BlockDev;
+use instar_chain::probe::check_format;
+use instar_qcow2::{ChangeBackingError, OpenMode};
+
+use crate::probe::{open_error, qcow2_info};
+use crate::{device, Hooks, IO_ERROR};
+
+/// The overlay is always device 0.
+const OVERLAY: u8 = 0;
+
+fn change_error(message: &str) -> GuestError {
+    GuestError {
+        kind: ErrorKind::ChangeBacking,
+        message: String::from(message),
+    }
+}
+
+/// qemu-img's mapping of the errno from `bdrv_change_backing_file`: `EINVAL` with a
+/// name but no format reads "backing format must be specified".
+fn map_change_error(err: ChangeBackingError, has_format: bool) -> GuestError {
+    match err {
+        ChangeBackingError::NoSpace => change_error("No space left in the file header"),
+        ChangeBackingError::NameTooLong | ChangeBackingError::DataFileRaw if !has_format => {
+            change_error("backing format must be specified")
+        }
+        ChangeBackingError::NameTooLong | ChangeBackingError::DataFileRaw => {
+            change_error("Invalid argument")
+        }
+    }
+}
+
+pub(crate) fn rebase(
+    req: &RebaseRequest,
+    devs: &mut [&mut dyn BlockDev],
+    hooks: &mut dyn Hooks,
+) -> Result<RebaseOutcome, GuestError> {
+    let dev = device(devs, OVERLAY)?;
+    // `-b ""` detaches like no `-b` at all.
+    let backing = req.new_backing.as_ref().filter(|b| !b.name.is_empty());
+    let name = backing.map(|b| b.name.as_slice());
+    let format = backing.and_then(|b| b.format.as_deref());
+
+    if req.overlay_format != Format::Qcow2 {
+        check_format(dev, req.overlay_format, true)
+            .map_err(|e| open_error(OVERLAY, e.to_string()))?;
+        return Err(match req.overlay_format {
+            // qemu-img 10.x asks for the driver info first, which parallels lacks.
+            Format::Parallels => GuestError {
+                kind: ErrorKind::Plain,
+                message: String::from("could not get block driver info"),
+            },
+            _ if name.is_some() && format.is_none() => {
+                change_error("backing format must be specified")
+            }
+            // QEMU can change a qed backing file; instar does not read qed.
+            Format::Qed => GuestError {
+                kind: ErrorKind::Plain,
+                message: String::from("instar does not rebase qed images"),
+            },
+            _ => change_error("Operation not supported"),
+        });
+    }
+
+    let (mut header, _) = qcow2_info(dev, OpenMode::ReadWrite, OVERLAY)?;
+    // A read-write open by QEMU would rewrite more than cluster 0 for these.
+    if header.has_bitmaps() {
+        return Err(open_error(
+            OVERLAY,
+            String::from(
+                "instar does not rebase images with persistent bitmaps (QEMU would rewrite them)",
+            ),
+        ));
+    }
+    if header.dirty() {
+        return Err(open_error(
+            OVERLAY,
+            String::from(
+                "instar does not rebase images with the dirty bit set (QEMU would repair them on open); \
+                 run 'qemu-img check -r all' on the image first",
+            ),
+        ));
+    }
+    if name.is_some() && format.is_none() {
+        return Err(change_error("backing format must be specified"));
+    }
+    header
+        .change_backing(name, format)
+        .map_err(|e| map_change_error(e, format.is_some()))?;
+    let cluster = header
+        .rebuild()
+        .map_err(|e| map_change_error(e, format.is_some()))?;
+
+    hooks.write_phase();
+    dev.write_at(0, &cluster)
+        .map_err(|_| change_error(IO_ERROR))?;
+    dev.flush().map_err(|_| change_error(IO_ERROR))?;
+    Ok(RebaseOutcome::default())
+}

@@ -1,0 +1,133 @@
+//! Shared helpers: find the reference qemu-img binaries, make scratch directories,
+//! run instar's guest logic over an in-memory copy of a file.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use instar_abi::{Call, ErrorKind, GuestError, Request, Response};
+use instar_blockdev::{BlockDev, MemDev};
+use instar_rebase::{handle, Hooks};
+
+pub const DEFAULT_QEMU_IMG_10_2: &str = "/root/.cache/instar/qemu/10.2.2/bin/qemu-img";
+pub const QEMU_IMG_10_0: &str = "/usr/bin/qemu-img";
+pub const QEMU_IMG_7_2: &str = "/root/.cache/instar/qemu/7.2/bin/qemu-img";
+
+/// qemu-img 10.2 (`QEMU_IMG_10_2` or the default path). `None` skips the test, unless
+/// `INSTAR_REQUIRE_QEMU=1`, which turns a missing binary into a failure.
+pub fn qemu_img() -> Option<PathBuf> {
+    let path = std::env::var_os("QEMU_IMG_10_2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU_IMG_10_2));
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var("INSTAR_REQUIRE_QEMU").as_deref() == Ok("1") {
+        panic!(
+            "qemu-img 10.2 not found at {} (set QEMU_IMG_10_2)",
+            path.display()
+        );
+    }
+    eprintln!("skipping: qemu-img 10.2 not found at {}", path.display());
+    None
+}
+
+/// Every reference qemu-img present: 10.2 first, then 10.0 and 7.2 when installed.
+pub fn all_qemu_imgs() -> Option<Vec<PathBuf>> {
+    let mut v = vec![qemu_img()?];
+    for p in [QEMU_IMG_10_0, QEMU_IMG_7_2] {
+        if Path::new(p).is_file() {
+            v.push(PathBuf::from(p));
+        }
+    }
+    Some(v)
+}
+
+/// A fresh scratch directory.
+pub fn scratch(name: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "instar-rebase-test-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Run a command in `dir`; returns (success, stderr).
+pub fn run(dir: &Path, prog: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Run and require success.
+pub fn ok(dir: &Path, prog: &Path, args: &[&str]) {
+    let (success, err) = run(dir, prog, args);
+    assert!(success, "{} {:?} failed: {err}", prog.display(), args);
+}
+
+#[derive(Default)]
+pub struct RecordingHooks {
+    pub write_phase: bool,
+}
+
+impl Hooks for RecordingHooks {
+    fn progress(&mut self, _hundredths: u32) {}
+    fn write_phase(&mut self) {
+        self.write_phase = true;
+    }
+}
+
+/// Handle `request` over the file `path` as device 0 (read-write), writing the result
+/// back. Checks the write discipline: nothing written (and no write phase) on error.
+pub fn run_guest(path: &Path, request: Request) -> Response {
+    let data = std::fs::read(path).unwrap();
+    let mut dev = MemDev::new(data.clone());
+    let call = Call {
+        device_sizes: vec![data.len() as u64],
+        request,
+    };
+    let mut hooks = RecordingHooks::default();
+    let resp = {
+        let mut devs: [&mut dyn BlockDev; 1] = [&mut dev];
+        handle(&call, &mut devs, &mut hooks)
+    };
+    match &resp {
+        Response::Error(_) => {
+            assert!(
+                dev.writes.is_empty(),
+                "writes after an error: {:?}",
+                dev.writes
+            );
+            assert!(!hooks.write_phase, "write phase announced before an error");
+            assert_eq!(dev.data, data);
+        }
+        _ => std::fs::write(path, &dev.data).unwrap(),
+    }
+    resp
+}
+
+/// How qemu-img prints a guest error about `file` / the new backing `name`.
+pub fn qemu_style(err: &GuestError, file: &str, name: &str) -> String {
+    match err.kind {
+        ErrorKind::Open { .. } => format!("qemu-img: Could not open '{file}': {}", err.message),
+        ErrorKind::ChangeBacking => {
+            format!(
+                "qemu-img: Could not change the backing file to '{name}': {}",
+                err.message
+            )
+        }
+        ErrorKind::Plain => format!("qemu-img: {}", err.message),
+    }
+}
