@@ -1,1 +1,162 @@
+//! The KVM micro-VM that runs instar's guest (`rebase.bin`).
+//!
+//! [`run`] boots the guest ELF in a fresh VM, hands it one [`instar_abi::Call`] and
+//! returns its [`instar_abi::Response`]. Every VM is used once.
+//!
+//! # The machine
+//!
+//! - One vCPU in 64-bit long mode. `/dev/kvm` on the project's machines is kvm-pvm,
+//!   which runs CPL0 code in a slow instruction emulator that cannot execute SSE: the
+//!   guest starts at CPL0 only for a boot stub that enables SSE and drops to CPL3 with
+//!   `iretq`; all Rust code runs at CPL3. The VMM therefore builds a GDT with user
+//!   code/data descriptors and page tables with the U/S bit on every entry.
+//! - Guest RAM is anonymous `MAP_NORESERVE` memory (default
+//!   [`instar_abi::layout::DEFAULT_RAM_SIZE`]): untouched pages cost nothing. Page 0 is
+//!   unmapped; RAM and the MMIO window are identity-mapped. The memory map is in
+//!   [`instar_abi::layout`].
+//! - No interrupt controller, timer or IDT: the guest polls, and any CPU exception ends
+//!   as a triple fault, reported with the guest's RIP.
+//! - The guest talks to the host through MMIO only (kvm-pvm turns `out` at CPL3 into
+//!   #GP): an 8-byte write to the doorbell (`code << 32 | arg`), and one virtio-mmio
+//!   (version 2) virtio-blk device per image at `VIRTIO_MMIO_BASE + i * 0x1000`.
+//!
+//! # Trust
+//!
+//! The guest is hostile. Every descriptor is checked against guest memory and every
+//! request against the device's size; read-only devices refuse writes (`S_IOERR`) and
+//! only ever hold a read-only file descriptor (a writable one from the caller is
+//! reopened read-only); responses are decoded from a fixed-size copy of the response
+//! area; guest text (panic and error messages) is sanitised and bounded with
+//! [`sanitize`] before it can reach a terminal. Names in an [`instar_abi::ImageInfo`]
+//! are checked against [`instar_abi::MAX_REPORTED_NAME`] but stay raw bytes: callers
+//! must escape them when printing.
+//!
+//! # Limits
+//!
+//! - A watchdog ends a guest that runs for [`Config::watchdog`] without a VM exit
+//!   (a doorbell or a virtio register access); see [`watchdog`](crate::watchdog).
+//! - The vCPU loop runs in a dedicated thread which, once the VM is set up, confines
+//!   itself with a seccomp allowlist: `KVM_RUN`/`KVM_GET_REGS` on its vCPU,
+//!   `pread64`/`fdatasync` on the device files, `pwrite64` on writable ones, `write` to
+//!   fds 1 and 2, the watchdog timer, non-executable memory management, futex, and
+//!   thread exit. Anything else kills the process with SIGSYS. The progress callback
+//!   runs in that thread, so it may only write to stdout/stderr.
+//! - No privileges are needed beyond read/write access to `/dev/kvm`.
 
+mod elf;
+mod error;
+mod memory;
+mod sanitize;
+mod seccomp;
+mod virtio_blk;
+mod vm;
+pub mod watchdog;
+
+use std::fs::File;
+use std::time::Duration;
+
+use instar_abi::{Call, Response, MAX_REPORTED_NAME};
+
+pub use error::Error;
+pub use memory::{MAX_RAM, MIN_RAM};
+pub use sanitize::sanitize;
+
+/// One image attached to the VM as a virtio-blk device, in device-index order.
+#[derive(Debug, Clone, Copy)]
+pub struct Device<'a> {
+    /// The open image. A writable device needs a file open for reading and writing.
+    pub file: &'a File,
+    /// Whether the guest may write to it.
+    pub writable: bool,
+}
+
+/// Limits of one run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Guest RAM in bytes: a multiple of 2 MiB in [`MIN_RAM`]..=[`MAX_RAM`].
+    pub ram_size: u64,
+    /// How long the guest may run without a VM exit before it is stopped.
+    pub watchdog: Duration,
+}
+
+/// The default watchdog limit.
+pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(30);
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ram_size: instar_abi::layout::DEFAULT_RAM_SIZE,
+            watchdog: DEFAULT_WATCHDOG,
+        }
+    }
+}
+
+/// A finished run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The guest's answer, validated and with its message sanitised.
+    pub response: Response,
+    /// Whether the guest rang the WRITE_PHASE doorbell (it started writing).
+    pub write_phase: bool,
+}
+
+/// Boot `guest_elf`, give it `call` and `devices`, and wait for its answer.
+///
+/// `call.device_sizes` is replaced by the lengths of the device files. `on_progress`
+/// gets the guest's progress reports (hundredths of a percent, at most 10000); it runs
+/// on the sandbox's confined thread and may only write to stdout or stderr.
+pub fn run(
+    guest_elf: &[u8],
+    call: &Call,
+    devices: &[Device<'_>],
+    config: &Config,
+    on_progress: &mut (dyn FnMut(u32) + Send),
+) -> Result<Outcome, Error> {
+    let raw = std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("instar-vcpu".into())
+            .spawn_scoped(s, || {
+                vm::run_on_this_thread(guest_elf, call, devices, config, on_progress)
+            })
+            .map_err(Error::setup("starting the vCPU thread"))?
+            .join()
+            .unwrap_or_else(|_| Err(Error::GuestFault("the vCPU thread panicked".into())))
+    })?;
+    let response = match raw.exit {
+        vm::RawExit::Done(area) => validate(
+            instar_abi::decode::<Response>(&area)
+                .map_err(|e| Error::GuestFault(format!("bad response from the guest: {e}")))?,
+        )?,
+        vm::RawExit::Panic(area) => {
+            let text = instar_abi::framed(&area).unwrap_or(b"(no message)");
+            return Err(Error::GuestPanic(sanitize(text)));
+        }
+    };
+    Ok(Outcome {
+        response,
+        write_phase: raw.write_phase,
+    })
+}
+
+/// Bound and sanitise what the guest said.
+fn validate(response: Response) -> Result<Response, Error> {
+    match response {
+        Response::Error(mut e) => {
+            e.message = sanitize(e.message.as_bytes());
+            Ok(Response::Error(e))
+        }
+        Response::Probe(info) => {
+            let names = [&info.backing_file, &info.backing_format, &info.data_file];
+            if names
+                .iter()
+                .any(|n| n.as_ref().is_some_and(|n| n.len() > MAX_REPORTED_NAME))
+            {
+                return Err(Error::GuestFault(
+                    "the guest reported an over-long name".into(),
+                ));
+            }
+            Ok(Response::Probe(info))
+        }
+        other => Ok(other),
+    }
+}

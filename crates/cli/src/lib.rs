@@ -1,0 +1,17 @@
+//! The `instar` library: the parts of the CLI that tests and the binary share.
+
+pub mod sandbox;
+
+pub mod args;
+pub mod cli;
+pub mod drivers;
+pub mod files;
+pub mod getopt;
+pub mod guest;
+pub mod locks;
+pub mod paths;
+pub mod progress;
+pub mod rebase_cmd;
+pub mod report;
+pub mod sandbox_guest;
+pub mod sanitize;

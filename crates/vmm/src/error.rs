@@ -1,0 +1,57 @@
+//! Errors of the sandbox. Each `Display` is one line, fit to follow `instar: `.
+
+use std::io;
+use std::time::Duration;
+
+/// Why a sandbox run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {source} ({hint})")]
+    KvmUnavailable {
+        source: io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// The caller asked for something the sandbox cannot do (bad RAM size, too many
+    /// devices, a request that does not fit the request area, a bad guest image).
+    #[error("cannot start the sandbox: {0}")]
+    Config(String),
+    /// A host-side KVM or memory operation failed while setting the VM up.
+    #[error("cannot start the sandbox: {what}: {source}")]
+    Setup {
+        what: &'static str,
+        source: io::Error,
+    },
+    /// The guest panicked; the message is sanitised.
+    #[error("internal error in sandbox: {0}")]
+    GuestPanic(String),
+    /// The guest stopped in a way it should not (triple fault, bad MMIO access, unexpected
+    /// VM exit, malformed response); the text is sanitised and names the guest's RIP where
+    /// known.
+    #[error("internal error in sandbox: {0}")]
+    GuestFault(String),
+    /// The watchdog ended a guest that made no progress.
+    #[error("internal error in sandbox: the guest made no progress for {0:?}")]
+    Watchdog(Duration),
+    /// `KVM_RUN` itself failed.
+    #[error("internal error in sandbox: KVM_RUN failed: {0}")]
+    Run(io::Error),
+}
+
+impl Error {
+    pub(crate) fn setup(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Setup { what, source }
+    }
+
+    pub(crate) fn kvm_open(source: io::Error) -> Error {
+        let hint = match source.kind() {
+            io::ErrorKind::PermissionDenied => "add your user to the 'kvm' group",
+            io::ErrorKind::NotFound => {
+                "KVM is not available: enable virtualisation and load the kvm module"
+            }
+            _ => "check that KVM is available and usable by this user",
+        };
+        Error::KvmUnavailable { source, hint }
+    }
+}

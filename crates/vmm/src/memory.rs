@@ -1,0 +1,152 @@
+//! Guest RAM and the fixed structures the VMM writes into it: GDT and identity page
+//! tables (see [`instar_abi::layout`]).
+
+use instar_abi::layout::{
+    DOORBELL_ADDR, GDT_ADDR, MAX_DEVICES, PAGE_TABLES_ADDR, PAGE_TABLES_END, VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_STRIDE,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::Error;
+
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+const MIB2: u64 = 2 << 20;
+const GIB: u64 = 1 << 30;
+/// RAM must stay below the MMIO window at 3 GiB; the page-table area holds two page
+/// directories for RAM, so 2 GiB is the limit.
+pub const MAX_RAM: u64 = 2 * GIB;
+/// Enough for the guest image, its stack and a useful heap.
+pub const MIN_RAM: u64 = 16 << 20;
+
+/// GDT selectors. The guest's boot stub uses the user ones (guest/src/boot.rs).
+pub const KERNEL_CODE_SELECTOR: u16 = 0x08;
+pub const KERNEL_DATA_SELECTOR: u16 = 0x10;
+/// Descriptors: null, kernel code64, kernel data, user data, user code64.
+const GDT: [u64; 5] = [
+    0,
+    0x00af_9a00_0000_ffff,
+    0x00cf_9200_0000_ffff,
+    0x00cf_f200_0000_ffff,
+    0x00af_fa00_0000_ffff,
+];
+pub const GDT_LIMIT: u16 = (GDT.len() * 8 - 1) as u16;
+
+const PTE_PRESENT: u64 = 1;
+const PTE_WRITABLE: u64 = 1 << 1;
+const PTE_USER: u64 = 1 << 2;
+const PTE_PWT: u64 = 1 << 3;
+const PTE_PCD: u64 = 1 << 4;
+const PTE_HUGE: u64 = 1 << 7;
+/// Every mapping is user-accessible: all guest Rust code runs at CPL3.
+const PTE_RW_USER: u64 = PTE_PRESENT | PTE_WRITABLE | PTE_USER;
+
+const PML4: u64 = PAGE_TABLES_ADDR;
+const PDPT: u64 = PAGE_TABLES_ADDR + 0x1000;
+/// Page directories for RAM in [0, 1 GiB) and [1 GiB, 2 GiB).
+const PD_RAM: [u64; 2] = [PAGE_TABLES_ADDR + 0x2000, PAGE_TABLES_ADDR + 0x3000];
+/// Page directory for [3 GiB, 4 GiB): the doorbell and the virtio-mmio devices.
+const PD_MMIO: u64 = PAGE_TABLES_ADDR + 0x4000;
+/// 4 KiB page table for the first 2 MiB, so that page 0 can stay unmapped.
+const PT_LOW: u64 = PAGE_TABLES_ADDR + 0x5000;
+const _: () = assert!(PT_LOW + 0x1000 <= PAGE_TABLES_END);
+
+/// Check a RAM size the caller asked for.
+pub fn check_ram_size(size: u64) -> Result<(), Error> {
+    if !(MIN_RAM..=MAX_RAM).contains(&size) || !size.is_multiple_of(MIB2) {
+        return Err(Error::Config(format!(
+            "guest RAM must be a multiple of 2 MiB between {} MiB and {} MiB, not {size} bytes",
+            MIN_RAM >> 20,
+            MAX_RAM >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// Anonymous, lazily backed guest RAM at guest-physical 0.
+pub fn create(size: u64) -> Result<GuestMemory, Error> {
+    check_ram_size(size)?;
+    let region = MmapRegion::<()>::new(size as usize)
+        .map_err(|e| Error::Config(format!("cannot map guest RAM: {e}")))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| Error::Config("guest RAM does not fit the address space".into()))?;
+    GuestMemoryMmap::from_regions(vec![region])
+        .map_err(|e| Error::Config(format!("cannot set up guest RAM: {e}")))
+}
+
+fn write_u64(mem: &GuestMemory, addr: u64, value: u64) -> Result<(), Error> {
+    mem.write_obj(value, GuestAddress(addr))
+        .map_err(|e| Error::Config(format!("cannot write guest memory at {addr:#x}: {e}")))
+}
+
+/// Write the GDT and identity page tables: RAM (without page 0) and the MMIO window.
+pub fn write_tables(mem: &GuestMemory, ram_size: u64) -> Result<(), Error> {
+    for (i, d) in GDT.iter().enumerate() {
+        write_u64(mem, GDT_ADDR + 8 * i as u64, *d)?;
+    }
+
+    write_u64(mem, PML4, PDPT | PTE_RW_USER)?;
+    write_u64(mem, PDPT, PD_RAM[0] | PTE_RW_USER)?;
+    write_u64(mem, PDPT + 8, PD_RAM[1] | PTE_RW_USER)?;
+    let mmio_gib = DOORBELL_ADDR / GIB;
+    write_u64(mem, PDPT + 8 * mmio_gib, PD_MMIO | PTE_RW_USER)?;
+
+    // First 2 MiB in 4 KiB pages, page 0 left out so null dereferences fault.
+    write_u64(mem, PD_RAM[0], PT_LOW | PTE_RW_USER)?;
+    for page in 1..512u64 {
+        write_u64(mem, PT_LOW + 8 * page, (page << 12) | PTE_RW_USER)?;
+    }
+    // The rest of RAM in 2 MiB pages.
+    for addr in (MIB2..ram_size).step_by(MIB2 as usize) {
+        let pd = PD_RAM[(addr / GIB) as usize];
+        let index = (addr % GIB) / MIB2;
+        write_u64(mem, pd + 8 * index, addr | PTE_RW_USER | PTE_HUGE)?;
+    }
+
+    // MMIO: uncached 2 MiB pages over the doorbell and the virtio-mmio devices.
+    let mmio_end = VIRTIO_MMIO_BASE + MAX_DEVICES as u64 * VIRTIO_MMIO_STRIDE;
+    let mut pages = vec![DOORBELL_ADDR & !(MIB2 - 1)];
+    pages.extend(((VIRTIO_MMIO_BASE & !(MIB2 - 1))..mmio_end).step_by(MIB2 as usize));
+    for addr in pages {
+        let index = (addr % GIB) / MIB2;
+        write_u64(
+            mem,
+            PD_MMIO + 8 * index,
+            addr | PTE_RW_USER | PTE_HUGE | PTE_PCD | PTE_PWT,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_sizes() {
+        assert!(check_ram_size(instar_abi::layout::DEFAULT_RAM_SIZE).is_ok());
+        assert!(check_ram_size(MAX_RAM).is_ok());
+        assert!(check_ram_size(MAX_RAM + MIB2).is_err());
+        assert!(check_ram_size(MIN_RAM - MIB2).is_err());
+        assert!(check_ram_size(MIN_RAM + 4096).is_err());
+    }
+
+    #[test]
+    fn page_zero_unmapped_and_ram_identity_mapped() {
+        let size = 64 << 20;
+        let mem = create(size).unwrap();
+        write_tables(&mem, size).unwrap();
+        let read = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).unwrap();
+        assert_eq!(read(PT_LOW), 0);
+        assert_eq!(read(PT_LOW + 8), 0x1000 | PTE_RW_USER);
+        // Last 2 MiB page of RAM, and nothing past it.
+        let last = (size - MIB2) / MIB2;
+        assert_eq!(
+            read(PD_RAM[0] + 8 * last),
+            (size - MIB2) | PTE_RW_USER | PTE_HUGE
+        );
+        assert_eq!(read(PD_RAM[0] + 8 * (last + 1)), 0);
+        // Doorbell page.
+        assert_ne!(read(PD_MMIO) & PTE_PRESENT, 0);
+    }
+}

@@ -1,0 +1,119 @@
+//! The allowlist applied to the vCPU thread once the VM is set up.
+//!
+//! Only the current thread is filtered (no TSYNC): the caller's threads go on
+//! unconfined after the run. Anything else kills the whole process with SIGSYS.
+
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+
+use crate::Error;
+
+/// `_IO(KVMIO, 0x80)`.
+const KVM_RUN: u64 = 0xae80;
+/// `_IOR(KVMIO, 0x81, struct kvm_regs)`: reading RIP for an error report.
+const KVM_GET_REGS: u64 =
+    (2 << 30) | ((std::mem::size_of::<kvm_bindings::kvm_regs>() as u64) << 16) | 0xae81;
+
+/// What the run loop is allowed to touch.
+pub struct Allowed<'a> {
+    pub vcpu_fd: RawFd,
+    /// Every device's file (pread64, fdatasync).
+    pub device_fds: &'a [RawFd],
+    /// The files of writable devices (pwrite64).
+    pub writable_fds: &'a [RawFd],
+}
+
+fn cond(arg: u8, op: Op, value: u64) -> Result<SeccompCondition, Error> {
+    SeccompCondition::new(arg, Len::Qword, op, value).map_err(filter_error)
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, Error> {
+    SeccompRule::new(conds).map_err(filter_error)
+}
+
+fn filter_error(e: impl std::fmt::Display) -> Error {
+    Error::Config(format!("cannot build the seccomp filter: {e}"))
+}
+
+fn fd_rules(fds: &[RawFd]) -> Result<Vec<SeccompRule>, Error> {
+    fds.iter()
+        .map(|&fd| rule(vec![cond(0, Op::Eq, fd as u64)?]))
+        .collect()
+}
+
+/// Build the filter.
+pub fn build(allowed: &Allowed<'_>) -> Result<BpfProgram, Error> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let vcpu = allowed.vcpu_fd as u64;
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![
+            rule(vec![cond(0, Op::Eq, vcpu)?, cond(1, Op::Eq, KVM_RUN)?])?,
+            rule(vec![cond(0, Op::Eq, vcpu)?, cond(1, Op::Eq, KVM_GET_REGS)?])?,
+        ],
+    );
+    rules.insert(libc::SYS_pread64, fd_rules(allowed.device_fds)?);
+    rules.insert(libc::SYS_fdatasync, fd_rules(allowed.device_fds)?);
+    if !allowed.writable_fds.is_empty() {
+        rules.insert(libc::SYS_pwrite64, fd_rules(allowed.writable_fds)?);
+    }
+    // Progress output.
+    rules.insert(libc::SYS_write, fd_rules(&[1, 2])?);
+    // The watchdog.
+    rules.insert(libc::SYS_timer_settime, vec![]);
+    rules.insert(libc::SYS_rt_sigreturn, vec![]);
+    // Memory management by the allocator (never executable memory), locks, thread exit
+    // and the teardown of the VM (closing its fds, unmapping guest RAM).
+    let no_exec = || cond(2, Op::MaskedEq(libc::PROT_EXEC as u64), 0);
+    rules.insert(
+        libc::SYS_mmap,
+        vec![rule(vec![
+            no_exec()?,
+            cond(
+                3,
+                Op::MaskedEq(libc::MAP_ANONYMOUS as u64),
+                libc::MAP_ANONYMOUS as u64,
+            )?,
+        ])?],
+    );
+    rules.insert(libc::SYS_mprotect, vec![rule(vec![no_exec()?])?]);
+    // Rust's std checks a descriptor with F_GETFD before closing it (debug builds).
+    rules.insert(
+        libc::SYS_fcntl,
+        vec![rule(vec![cond(1, Op::Eq, libc::F_GETFD as u64)?])?],
+    );
+    for sys in [
+        libc::SYS_munmap,
+        libc::SYS_madvise,
+        libc::SYS_brk,
+        libc::SYS_futex,
+        libc::SYS_sched_yield,
+        libc::SYS_sigaltstack,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_close,
+        libc::SYS_timer_delete,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+    ] {
+        rules.insert(sys, vec![]);
+    }
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(filter_error)?;
+    filter.try_into().map_err(filter_error)
+}
+
+/// Confine the current thread.
+pub fn apply(program: &BpfProgram) -> Result<(), Error> {
+    seccompiler::apply_filter(program)
+        .map_err(|e| Error::Config(format!("cannot apply the seccomp filter: {e}")))
+}

@@ -1,0 +1,443 @@
+//! virtio-blk over virtio-mmio (version 2 register layout), host side.
+//!
+//! One device per image file. The guest is hostile: every descriptor is checked against
+//! guest memory (vm-memory slices) and every request against the device's size; a
+//! read-only device refuses writes whatever the guest negotiated. Data moves with
+//! `pread64`/`pwrite64` straight between the file and guest memory. There are no
+//! interrupts: the guest polls the used ring, and a notify is answered by completing
+//! every available request before the vCPU resumes.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
+
+use crate::memory::GuestMemory;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const DEVICE_ID_BLOCK: u32 = 2;
+const VENDOR_ID: u32 = 0x5241_5453; // "STAR"
+
+// Register offsets.
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const REG_CONFIG: u64 = 0x100;
+
+// Feature bits.
+const F_SIZE_MAX: u64 = 1 << 1;
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_INDIRECT_DESC: u64 = 1 << 28;
+const F_VERSION_1: u64 = 1 << 32;
+
+// Request types and status values.
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+pub const SECTOR_SIZE: u64 = 512;
+/// Queue size offered to the guest.
+const QUEUE_MAX: u16 = 256;
+/// Largest single data segment, and data segments per request. Generous: the guest moves
+/// bulk data in requests of several MiB.
+pub const SIZE_MAX: u32 = 16 << 20;
+pub const SEG_MAX: u32 = 128;
+/// A writable device can grow (qcow2 allocates at the end of the file): its capacity is
+/// this many bytes, or the file's length if larger. The guest knows the exact size from
+/// the call, not from the capacity.
+pub const WRITABLE_CAPACITY: u64 = 1 << 50;
+/// GET_ID answer length.
+const ID_LEN: usize = 20;
+
+/// The file behind a device: borrowed from the caller, or a read-only reopen of it.
+pub enum Backing<'a> {
+    Borrowed(&'a File),
+    Owned(File),
+}
+
+impl Backing<'_> {
+    fn file(&self) -> &File {
+        match self {
+            Backing::Borrowed(f) => f,
+            Backing::Owned(f) => f,
+        }
+    }
+}
+
+/// One virtio-blk device: its register file, its queue and its file.
+pub struct BlockDevice<'a> {
+    index: usize,
+    backing: Backing<'a>,
+    writable: bool,
+    capacity_bytes: u64,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    queue_sel: u32,
+    queue: Queue,
+    /// Set when the guest misprogrammed the queue; the device then ignores notifies.
+    broken: bool,
+}
+
+fn low(v: u64) -> u32 {
+    v as u32
+}
+fn high(v: u64) -> u32 {
+    (v >> 32) as u32
+}
+
+impl<'a> BlockDevice<'a> {
+    /// A device over `backing`, whose length is `len` bytes.
+    pub fn new(index: usize, backing: Backing<'a>, len: u64, writable: bool) -> Self {
+        let sectors_bytes = len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+        let capacity_bytes = if writable {
+            sectors_bytes.max(WRITABLE_CAPACITY)
+        } else {
+            sectors_bytes
+        };
+        BlockDevice {
+            index,
+            backing,
+            writable,
+            capacity_bytes,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            queue_sel: 0,
+            // QUEUE_MAX is a valid power of two, so this cannot fail.
+            queue: Queue::new(QUEUE_MAX).unwrap_or_else(|_| unreachable!()),
+            broken: false,
+        }
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.backing.file().as_raw_fd()
+    }
+
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn device_features(&self) -> u64 {
+        let mut f = F_VERSION_1 | F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_INDIRECT_DESC;
+        if !self.writable {
+            f |= F_RO;
+        }
+        f
+    }
+
+    fn config_space(&self) -> [u8; 24] {
+        let mut c = [0u8; 24];
+        c[0..8].copy_from_slice(&(self.capacity_bytes / SECTOR_SIZE).to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        // geometry (4 bytes) stays zero
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c
+    }
+
+    fn reset(&mut self) {
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.status = 0;
+        self.queue_sel = 0;
+        self.queue.reset();
+        self.broken = false;
+    }
+
+    /// An MMIO read at `offset` within this device's window.
+    pub fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset >= REG_CONFIG {
+            let config = self.config_space();
+            let start = (offset - REG_CONFIG) as usize;
+            if let Some(src) = config.get(start..start.saturating_add(data.len())) {
+                data.copy_from_slice(src);
+            }
+            return;
+        }
+        if data.len() != 4 {
+            return;
+        }
+        let v = match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => DEVICE_ID_BLOCK,
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => low(self.device_features()),
+                1 => high(self.device_features()),
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX if self.queue_sel == 0 => QUEUE_MAX as u32,
+            REG_QUEUE_READY if self.queue_sel == 0 => self.queue.ready() as u32,
+            REG_INTERRUPT_STATUS => 0,
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => 0,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// An MMIO write at `offset` within this device's window.
+    pub fn mmio_write(&mut self, offset: u64, data: &[u8], mem: &GuestMemory) {
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        let v = u32::from_le_bytes(bytes);
+        let q0 = self.queue_sel == 0;
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            REG_DRIVER_FEATURES => {
+                let offered = self.device_features();
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | (v as u64 & offered)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | ((v as u64) << 32 & offered)
+                    }
+                    _ => {}
+                }
+            }
+            REG_QUEUE_SEL => self.queue_sel = v,
+            REG_QUEUE_NUM if q0 => self.queue.set_size(v as u16),
+            REG_QUEUE_READY if q0 => {
+                self.queue.set_ready(v == 1);
+                if v == 1 && !self.queue.is_valid(mem) {
+                    self.broken = true;
+                }
+            }
+            REG_QUEUE_DESC_LOW if q0 => self.queue.set_desc_table_address(Some(v), None),
+            REG_QUEUE_DESC_HIGH if q0 => self.queue.set_desc_table_address(None, Some(v)),
+            REG_QUEUE_DRIVER_LOW if q0 => self.queue.set_avail_ring_address(Some(v), None),
+            REG_QUEUE_DRIVER_HIGH if q0 => self.queue.set_avail_ring_address(None, Some(v)),
+            REG_QUEUE_DEVICE_LOW if q0 => self.queue.set_used_ring_address(Some(v), None),
+            REG_QUEUE_DEVICE_HIGH if q0 => self.queue.set_used_ring_address(None, Some(v)),
+            REG_QUEUE_NOTIFY if v == 0 => self.process_queue(mem),
+            REG_INTERRUPT_ACK => {}
+            REG_STATUS => {
+                if v == 0 {
+                    self.reset();
+                } else {
+                    self.status = v;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Complete every available request.
+    pub fn process_queue(&mut self, mem: &GuestMemory) {
+        if self.broken || !self.queue.ready() {
+            return;
+        }
+        while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs: Vec<(GuestAddress, u32, bool)> = chain
+                .map(|d| (d.addr(), d.len(), d.is_write_only()))
+                .collect();
+            let used = self.handle_request(mem, &descs);
+            if self.queue.add_used(mem, head, used).is_err() {
+                self.broken = true;
+                return;
+            }
+        }
+    }
+
+    /// Serve one request; returns the number of bytes written to guest memory.
+    fn handle_request(&self, mem: &GuestMemory, descs: &[(GuestAddress, u32, bool)]) -> u32 {
+        // Header (device-readable) first, status byte (device-writable) last.
+        let (Some(&(hdr_addr, hdr_len, false)), Some(&(st_addr, st_len, true))) =
+            (descs.first(), descs.last())
+        else {
+            return 0;
+        };
+        if descs.len() < 2 || hdr_len < 16 || st_len < 1 {
+            return 0;
+        }
+        let Ok(hdr) = mem.read_obj::<[u8; 16]>(hdr_addr) else {
+            return 0;
+        };
+        let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes([
+            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+        ]);
+        // The status byte is the last byte of the last descriptor.
+        let status_addr = st_addr.0 + (st_len as u64 - 1);
+        let mut data = descs[1..descs.len() - 1].to_vec();
+        if st_len > 1 {
+            data.push((st_addr, st_len - 1, true));
+        }
+        let (status, written) = match req_type {
+            T_IN => self.transfer(mem, sector, &data, true),
+            T_OUT if !self.writable => (S_IOERR, 0),
+            T_OUT => self.transfer(mem, sector, &data, false),
+            T_FLUSH => {
+                // SAFETY: fdatasync on a file descriptor this device owns or borrows.
+                let r = unsafe { libc::fdatasync(self.fd()) };
+                (if r == 0 { S_OK } else { S_IOERR }, 0)
+            }
+            T_GET_ID => self.get_id(mem, &data),
+            _ => (S_UNSUPP, 0),
+        };
+        if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
+            return 0;
+        }
+        written.saturating_add(1)
+    }
+
+    fn get_id(&self, mem: &GuestMemory, data: &[(GuestAddress, u32, bool)]) -> (u8, u32) {
+        let [(addr, len, true)] = data else {
+            return (S_IOERR, 0);
+        };
+        let mut id = [0u8; ID_LEN];
+        let text = format!("instar-{}", self.index);
+        id[..text.len()].copy_from_slice(text.as_bytes());
+        let n = (*len as usize).min(ID_LEN);
+        match mem.write_slice(&id[..n], *addr) {
+            Ok(()) => (S_OK, n as u32),
+            Err(_) => (S_IOERR, 0),
+        }
+    }
+
+    /// A read (`into_guest`) or write of the data descriptors at `sector`.
+    fn transfer(
+        &self,
+        mem: &GuestMemory,
+        sector: u64,
+        data: &[(GuestAddress, u32, bool)],
+        into_guest: bool,
+    ) -> (u8, u32) {
+        if data.is_empty() || data.len() > SEG_MAX as usize {
+            return (S_IOERR, 0);
+        }
+        let mut total: u64 = 0;
+        for &(_, len, write_only) in data {
+            // A read needs device-writable buffers, a write device-readable ones.
+            if write_only != into_guest || len > SIZE_MAX {
+                return (S_IOERR, 0);
+            }
+            total += len as u64;
+        }
+        let Some(start) = sector.checked_mul(SECTOR_SIZE) else {
+            return (S_IOERR, 0);
+        };
+        if !total.is_multiple_of(SECTOR_SIZE)
+            || start
+                .checked_add(total)
+                .is_none_or(|end| end > self.capacity_bytes)
+        {
+            return (S_IOERR, 0);
+        }
+        let mut pos = start;
+        for &(addr, len, _) in data {
+            let ok = if into_guest {
+                self.read_into(mem, addr, len as usize, pos)
+            } else {
+                self.write_from(mem, addr, len as usize, pos)
+            };
+            if !ok {
+                return (S_IOERR, 0);
+            }
+            pos += len as u64;
+        }
+        let written = if into_guest { total as u32 } else { 0 };
+        (S_OK, written)
+    }
+
+    /// pread `len` bytes at file offset `pos` into guest memory at `addr`; past the end
+    /// of the file the guest gets zeros.
+    fn read_into(&self, mem: &GuestMemory, addr: GuestAddress, len: usize, pos: u64) -> bool {
+        let Ok(slice) = mem.get_slice(addr, len) else {
+            return false;
+        };
+        let guard = slice.ptr_guard_mut();
+        let base = guard.as_ptr();
+        let mut done = 0usize;
+        while done < len {
+            let Ok(off) = i64::try_from(pos + done as u64) else {
+                return false;
+            };
+            // SAFETY: [base, base + len) is guest RAM checked by get_slice; the vCPU is
+            // stopped while the device runs, and the fd is this device's file.
+            let n = unsafe { libc::pread64(self.fd(), base.add(done).cast(), len - done, off) };
+            match n {
+                0 => {
+                    // End of file: the rest reads as zeros.
+                    // SAFETY: as above, within the checked slice.
+                    unsafe { std::ptr::write_bytes(base.add(done), 0, len - done) };
+                    done = len;
+                }
+                n if n > 0 => done += n as usize,
+                _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// pwrite `len` bytes from guest memory at `addr` to file offset `pos`.
+    fn write_from(&self, mem: &GuestMemory, addr: GuestAddress, len: usize, pos: u64) -> bool {
+        if !self.writable {
+            return false;
+        }
+        let Ok(slice) = mem.get_slice(addr, len) else {
+            return false;
+        };
+        let guard = slice.ptr_guard();
+        let base = guard.as_ptr();
+        let mut done = 0usize;
+        while done < len {
+            let Ok(off) = i64::try_from(pos + done as u64) else {
+                return false;
+            };
+            // SAFETY: [base, base + len) is guest RAM checked by get_slice; the fd is this
+            // device's file, opened for writing.
+            let n = unsafe { libc::pwrite64(self.fd(), base.add(done).cast(), len - done, off) };
+            match n {
+                n if n > 0 => done += n as usize,
+                n if n < 0
+                    && std::io::Error::last_os_error().kind()
+                        == std::io::ErrorKind::Interrupted => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
