@@ -1,0 +1,147 @@
+//! Calls into the sandbox, and checks of what comes back.
+//!
+//! The flow talks to a [`Guest`] so that it can be exercised without KVM; the real one
+//! runs one micro-VM per call.
+
+use std::fs::File;
+
+use instar_abi::{
+    Call, GuestError, ImageInfo, RebaseOutcome, Response, MAX_MESSAGE, MAX_REPORTED_NAME,
+};
+
+use crate::sanitize;
+
+/// One file attached to a VM as a virtio-blk device.
+#[derive(Debug, Clone, Copy)]
+pub struct Attached<'a> {
+    pub file: &'a File,
+    pub writable: bool,
+}
+
+/// Something that runs one call in a fresh sandbox.
+pub trait Guest {
+    /// Run `call` with `devices` attached (index = device number). `on_progress` receives
+    /// the guest's progress reports. `Err` is a sandbox failure, as text to print after
+    /// "instar: " (it may contain guest text and is escaped by the caller).
+    fn run(
+        &mut self,
+        call: &Call,
+        devices: &[Attached<'_>],
+        on_progress: &mut (dyn FnMut(u32) + Send),
+    ) -> Result<Response, String>;
+}
+
+/// A guest answer that breaks the protocol (wrong variant, impossible values).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("internal error: the sandbox returned {0}")]
+pub struct Unexpected(pub &'static str);
+
+/// What a call produced once validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer<T> {
+    Ok(T),
+    /// The guest refused, with its (sanitised) message.
+    Refused(Refusal),
+}
+
+/// A guest error, ready to print.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: instar_abi::ErrorKind,
+    /// Escaped and bounded.
+    pub message: String,
+}
+
+fn refusal(e: &GuestError) -> Refusal {
+    let bounded = &e.message.as_bytes()[..e.message.len().min(MAX_MESSAGE)];
+    let mut message = sanitize::escape_bytes(bounded, MAX_MESSAGE);
+    if e.message.len() > MAX_MESSAGE {
+        message.push_str("...");
+    }
+    Refusal {
+        kind: e.kind,
+        message,
+    }
+}
+
+fn name_ok(name: &Option<Vec<u8>>) -> bool {
+    name.as_ref().is_none_or(|n| n.len() <= MAX_REPORTED_NAME)
+}
+
+/// Check a probe answer: the right variant, names within bounds, and the format that was
+/// asked for (when one was).
+pub fn probe_answer(
+    response: Response,
+    wanted: Option<instar_abi::Format>,
+) -> Result<Answer<ImageInfo>, Unexpected> {
+    match response {
+        Response::Probe(info) => {
+            if wanted.is_some_and(|f| f != info.format) {
+                return Err(Unexpected("a probe of another format than requested"));
+            }
+            if !name_ok(&info.backing_file)
+                || !name_ok(&info.backing_format)
+                || !name_ok(&info.data_file)
+            {
+                return Err(Unexpected("an over-long name"));
+            }
+            Ok(Answer::Ok(info))
+        }
+        Response::Error(e) => Ok(Answer::Refused(refusal(&e))),
+        _ => Err(Unexpected("an answer of the wrong kind to a probe")),
+    }
+}
+
+/// Check a rebase answer.
+pub fn rebase_answer(response: Response) -> Result<Answer<RebaseOutcome>, Unexpected> {
+    match response {
+        Response::Rebase(outcome) => Ok(Answer::Ok(outcome)),
+        Response::Error(e) => Ok(Answer::Refused(refusal(&e))),
+        _ => Err(Unexpected("an answer of the wrong kind to a rebase")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use instar_abi::{ErrorKind, Format};
+
+    fn info(format: Format) -> ImageInfo {
+        ImageInfo {
+            format,
+            virtual_size: 1 << 20,
+            cluster_size: 65536,
+            version: 3,
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+        }
+    }
+
+    #[test]
+    fn probe_checks() {
+        assert_eq!(
+            probe_answer(Response::Probe(info(Format::Raw)), Some(Format::Qcow2)),
+            Err(Unexpected("a probe of another format than requested"))
+        );
+        let mut long = info(Format::Qcow2);
+        long.backing_file = Some(vec![b'a'; MAX_REPORTED_NAME + 1]);
+        assert!(probe_answer(Response::Probe(long), None).is_err());
+        assert!(probe_answer(Response::SelfTest(1), None).is_err());
+    }
+
+    #[test]
+    fn guest_messages_are_escaped_and_bounded() {
+        let e = GuestError {
+            kind: ErrorKind::Plain,
+            message: format!("bad\n\x1b]0;x{}", "y".repeat(3000)),
+        };
+        let Answer::Refused(r) = rebase_answer(Response::Error(e)).unwrap() else {
+            panic!("expected a refusal")
+        };
+        assert!(r.message.starts_with("bad\\x0a\\x1b]0;x"));
+        assert!(r.message.len() <= MAX_MESSAGE * 4 + 6);
+        assert!(r.message.ends_with("..."));
+        assert!(!r.message.contains('\n'));
+    }
+}

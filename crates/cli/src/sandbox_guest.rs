@@ -1,0 +1,30 @@
+//! The real [`Guest`]: one micro-VM per call, through [`crate::sandbox`].
+
+use instar_abi::{Call, Response};
+
+use crate::guest::{Attached, Guest};
+use crate::sandbox::{self, Device, Options};
+
+/// Runs each call in a fresh sandbox with default limits.
+#[derive(Debug, Default)]
+pub struct SandboxGuest {
+    pub options: Options,
+}
+
+impl Guest for SandboxGuest {
+    fn run(
+        &mut self,
+        call: &Call,
+        devices: &[Attached<'_>],
+        on_progress: &mut (dyn FnMut(u32) + Send),
+    ) -> Result<Response, String> {
+        let devices: Vec<Device<'_>> = devices
+            .iter()
+            .map(|d| Device {
+                file: d.file,
+                writable: d.writable,
+            })
+            .collect();
+        sandbox::run(call, &devices, &self.options, on_progress).map_err(|e| e.to_string())
+    }
+}

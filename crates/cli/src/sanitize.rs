@@ -1,0 +1,53 @@
+//! Making guest-supplied text safe to print or to put into JSON.
+//!
+//! Everything the sandbox returns is attacker-controlled (a crafted image can make the
+//! guest say anything). Before it reaches a terminal it is cut to a bound and every byte
+//! outside printable ASCII is shown as `\xNN`, so no escape sequence, newline or
+//! carriage return can reach the terminal or forge another line of output.
+
+/// Longest guest text instar prints (longer text is cut and marked with `...`).
+pub const MAX_SHOWN: usize = 1024;
+
+/// `bytes` with printable ASCII kept, `\` doubled, and everything else as `\xNN`;
+/// at most `max` input bytes are shown.
+pub fn escape_bytes(bytes: &[u8], max: usize) -> String {
+    let shown = &bytes[..bytes.len().min(max)];
+    let mut out = String::with_capacity(shown.len());
+    for &b in shown {
+        match b {
+            b'\\' => out.push_str("\\\\"),
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    if bytes.len() > max {
+        out.push_str("...");
+    }
+    out
+}
+
+/// [`escape_bytes`] for text, bounded by [`MAX_SHOWN`].
+pub fn escape_text(text: &str) -> String {
+    escape_bytes(text.as_bytes(), MAX_SHOWN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controls_and_non_ascii_are_escaped() {
+        assert_eq!(escape_text("ok: 'x'"), "ok: 'x'");
+        assert_eq!(escape_text("a\nb\r\x1b[2J"), "a\\x0ab\\x0d\\x1b[2J");
+        assert_eq!(escape_text("é\\"), "\\xc3\\xa9\\\\");
+        assert_eq!(escape_bytes(b"\xff\x00", 8), "\\xff\\x00");
+    }
+
+    #[test]
+    fn bounded() {
+        let long = "x".repeat(5000);
+        let s = escape_text(&long);
+        assert_eq!(s.len(), MAX_SHOWN + 3);
+        assert!(s.ends_with("..."));
+    }
+}
