@@ -7,9 +7,10 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `/dev/kvm` could not be opened.
-    #[error("cannot open /dev/kvm: {source} ({hint})")]
+    #[error("cannot open /dev/kvm: {reason} ({hint})")]
     KvmUnavailable {
-        source: io::Error,
+        /// The system's description of the error, e.g. "Permission denied".
+        reason: String,
         /// What to do about it.
         hint: &'static str,
     },
@@ -52,6 +53,32 @@ impl Error {
             }
             _ => "check that KVM is available and usable by this user",
         };
-        Error::KvmUnavailable { source, hint }
+        // io::Error's Display ends in " (os error N)", noise in a one-line message.
+        let text = source.to_string();
+        let reason = match text.find(" (os error") {
+            Some(i) => text[..i].to_string(),
+            None => text,
+        };
+        Error::KvmUnavailable { reason, hint }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_errors_are_one_clear_line() {
+        let e = Error::kvm_open(io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(
+            e.to_string(),
+            "cannot open /dev/kvm: Permission denied (add your user to the 'kvm' group)"
+        );
+        let e = Error::kvm_open(io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(
+            e.to_string(),
+            "cannot open /dev/kvm: No such file or directory (KVM is not available: enable \
+             virtualisation and load the kvm module)"
+        );
     }
 }

@@ -441,3 +441,271 @@ impl<'a> BlockDevice<'a> {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    const DESC: u64 = 0x10000;
+    const AVAIL: u64 = 0x11000;
+    const USED: u64 = 0x12000;
+    const BUF: u64 = 0x20000;
+    const F_WRITE: u16 = 2;
+    const F_NEXT: u16 = 1;
+
+    struct TempFile(std::path::PathBuf);
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    fn temp(tag: &str, contents: &[u8]) -> (TempFile, File) {
+        let path = std::env::temp_dir().join(format!("instar-vmm-{}-{tag}", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        f.write_all(contents).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        (TempFile(path), file)
+    }
+
+    /// A minimal split-queue driver, programming the device through its registers.
+    struct Driver<'a> {
+        mem: GuestMemory,
+        dev: BlockDevice<'a>,
+        next_desc: u16,
+        avail_idx: u16,
+    }
+
+    impl<'a> Driver<'a> {
+        fn new(file: &'a File, writable: bool) -> Self {
+            let mem = crate::memory::create(crate::memory::MIN_RAM).unwrap();
+            let len = file.metadata().unwrap().len();
+            let mut d = Driver {
+                mem,
+                dev: BlockDevice::new(3, Backing::Borrowed(file), len, writable),
+                next_desc: 0,
+                avail_idx: 0,
+            };
+            d.w(REG_STATUS, 1 | 2);
+            d.w(REG_DRIVER_FEATURES_SEL, 1);
+            d.w(REG_DRIVER_FEATURES, 1);
+            d.w(REG_QUEUE_SEL, 0);
+            d.w(REG_QUEUE_NUM, 16);
+            d.w(REG_QUEUE_DESC_LOW, DESC as u32);
+            d.w(REG_QUEUE_DRIVER_LOW, AVAIL as u32);
+            d.w(REG_QUEUE_DEVICE_LOW, USED as u32);
+            d.w(REG_QUEUE_READY, 1);
+            d
+        }
+        fn w(&mut self, reg: u64, v: u32) {
+            self.dev.mmio_write(reg, &v.to_le_bytes(), &self.mem);
+        }
+        fn r(&mut self, reg: u64) -> u32 {
+            let mut b = [0u8; 4];
+            self.dev.mmio_read(reg, &mut b);
+            u32::from_le_bytes(b)
+        }
+        /// Queue one chain without notifying.
+        fn add(&mut self, chain: &[(u64, u32, bool)]) {
+            let head = self.next_desc;
+            for (i, &(addr, len, write)) in chain.iter().enumerate() {
+                let idx = self.next_desc;
+                let last = i + 1 == chain.len();
+                let flags = if write { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+                let at = DESC + 16 * idx as u64;
+                self.mem.write_obj(addr, GuestAddress(at)).unwrap();
+                self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+                self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+                self.mem.write_obj(idx + 1, GuestAddress(at + 14)).unwrap();
+                self.next_desc += 1;
+            }
+            let slot = AVAIL + 4 + 2 * (self.avail_idx % 16) as u64;
+            self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail_idx += 1;
+            self.mem
+                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+        }
+        fn notify(&mut self) {
+            self.w(REG_QUEUE_NOTIFY, 0);
+        }
+        fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+        fn used_len(&self, i: u16) -> u32 {
+            self.mem
+                .read_obj(GuestAddress(USED + 4 + 8 * i as u64 + 4))
+                .unwrap()
+        }
+        fn header(&self, at: u64, t: u32, sector: u64) {
+            self.mem.write_obj(t, GuestAddress(at)).unwrap();
+            self.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+            self.mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+        }
+        fn status(&self, at: u64) -> u8 {
+            self.mem.read_obj(GuestAddress(at)).unwrap()
+        }
+        /// One request of `t` at `sector` with one data buffer at BUF.
+        fn request(&mut self, t: u32, sector: u64, data_len: u32, write_only: bool) -> (u8, u32) {
+            let hdr = BUF - 0x100;
+            let st = BUF - 0x10;
+            self.header(hdr, t, sector);
+            self.mem.write_obj(0xffu8, GuestAddress(st)).unwrap();
+            let before = self.used_idx();
+            self.add(&[(hdr, 16, false), (BUF, data_len, write_only), (st, 1, true)]);
+            self.notify();
+            assert_eq!(self.used_idx(), before.wrapping_add(1));
+            (self.status(st), self.used_len(before))
+        }
+    }
+
+    #[test]
+    fn registers_and_config() {
+        let (_t, file) = temp("regs", &[1u8; 700]);
+        let mut d = Driver::new(&file, false);
+        assert_eq!(d.r(REG_MAGIC), MAGIC);
+        assert_eq!(d.r(REG_VERSION), 2);
+        assert_eq!(d.r(REG_DEVICE_ID), 2);
+        d.w(REG_DEVICE_FEATURES_SEL, 0);
+        assert_ne!(d.r(REG_DEVICE_FEATURES) & F_RO as u32, 0);
+        d.w(REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(d.r(REG_DEVICE_FEATURES), 1, "VERSION_1");
+        // 700 bytes = 2 sectors.
+        assert_eq!(d.r(REG_CONFIG), 2);
+        assert_eq!(d.r(REG_CONFIG + 4), 0);
+        assert_eq!(d.r(REG_CONFIG + 8), SIZE_MAX);
+    }
+
+    #[test]
+    fn read_past_end_of_file_is_zeros_and_past_capacity_fails() {
+        let contents: Vec<u8> = (0..700u32).map(|i| (i % 251) as u8 + 1).collect();
+        let (_t, file) = temp("read", &contents);
+        let mut d = Driver::new(&file, false);
+        d.mem.write_slice(&[0xaa; 1024], GuestAddress(BUF)).unwrap();
+        assert_eq!(d.request(T_IN, 0, 1024, true), (S_OK, 1025));
+        let mut got = vec![0u8; 1024];
+        d.mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+        assert_eq!(&got[..700], &contents[..]);
+        assert!(got[700..].iter().all(|&b| b == 0));
+        // Sector 2 is past the capacity of a 700-byte read-only device.
+        assert_eq!(d.request(T_IN, 1, 1024, true).0, S_IOERR);
+        assert_eq!(d.request(T_IN, u64::MAX / 256, 512, true).0, S_IOERR);
+        // A read into device-readable memory is malformed.
+        assert_eq!(d.request(T_IN, 0, 512, false).0, S_IOERR);
+        // Not a whole number of sectors.
+        assert_eq!(d.request(T_IN, 0, 100, true).0, S_IOERR);
+    }
+
+    #[test]
+    fn read_only_device_refuses_writes() {
+        let (t, file) = temp("ro", &[7u8; 1024]);
+        let mut d = Driver::new(&file, false);
+        d.mem.write_slice(&[1u8; 512], GuestAddress(BUF)).unwrap();
+        assert_eq!(d.request(T_OUT, 0, 512, false), (S_IOERR, 1));
+        assert_eq!(std::fs::read(&t.0).unwrap(), vec![7u8; 1024]);
+    }
+
+    #[test]
+    fn writable_device_writes_and_extends() {
+        let (t, file) = temp("rw", &[7u8; 700]);
+        let mut d = Driver::new(&file, true);
+        d.mem.write_slice(&[9u8; 1024], GuestAddress(BUF)).unwrap();
+        assert_eq!(d.request(T_OUT, 4, 1024, false), (S_OK, 1));
+        let after = std::fs::read(&t.0).unwrap();
+        assert_eq!(after.len(), 6 * 512);
+        assert_eq!(&after[..700], &[7u8; 700][..]);
+        assert!(after[700..2048].iter().all(|&b| b == 0));
+        assert!(after[2048..].iter().all(|&b| b == 9));
+    }
+
+    #[test]
+    fn flush_and_get_id() {
+        let (_t, file) = temp("id", &[0u8; 512]);
+        let mut d = Driver::new(&file, true);
+        let hdr = BUF - 0x100;
+        let st = BUF - 0x10;
+        d.header(hdr, T_FLUSH, 0);
+        d.add(&[(hdr, 16, false), (st, 1, true)]);
+        d.notify();
+        assert_eq!(d.status(st), S_OK);
+        assert_eq!(d.request(T_GET_ID, 0, 20, true), (S_OK, 21));
+        let mut id = [0u8; 20];
+        d.mem.read_slice(&mut id, GuestAddress(BUF)).unwrap();
+        assert!(id.starts_with(b"instar-3\0"));
+        assert_eq!(d.request(99, 0, 512, true).0, S_UNSUPP);
+    }
+
+    #[test]
+    fn hostile_descriptors_fail_cleanly() {
+        let (_t, file) = temp("hostile", &[0u8; 4096]);
+        let mut d = Driver::new(&file, true);
+        // Data buffer outside guest RAM.
+        let hdr = BUF - 0x100;
+        let st = BUF - 0x10;
+        d.header(hdr, T_IN, 0);
+        d.add(&[
+            (hdr, 16, false),
+            (0xffff_f000_0000, 512, true),
+            (st, 1, true),
+        ]);
+        d.notify();
+        assert_eq!(d.status(st), S_IOERR);
+        // Buffer straddling the end of RAM.
+        let end = crate::memory::MIN_RAM - 256;
+        d.add(&[(hdr, 16, false), (end, 512, true), (st, 1, true)]);
+        d.notify();
+        assert_eq!(d.status(st), S_IOERR);
+        // Short header: nothing written, used length 0.
+        d.add(&[(hdr, 8, false), (st, 1, true)]);
+        let i = d.used_idx();
+        d.notify();
+        assert_eq!(d.used_len(i), 0);
+        // Status byte in device-readable memory.
+        d.add(&[(hdr, 16, false), (st, 1, false)]);
+        let i = d.used_idx();
+        d.notify();
+        assert_eq!(d.used_len(i), 0);
+        assert_eq!(d.used_idx(), i + 1);
+    }
+
+    #[test]
+    fn every_available_request_is_served_per_notify() {
+        let contents: Vec<u8> = (0..8192u32).map(|i| (i / 512) as u8).collect();
+        let (_t, file) = temp("batch", &contents);
+        let mut d = Driver::new(&file, false);
+        for k in 0..4u64 {
+            let hdr = BUF - 0x1000 + 0x100 * k;
+            d.header(hdr, T_IN, 4 * k);
+            d.add(&[
+                (hdr, 16, false),
+                (BUF + 0x1000 * k, 512, true),
+                (hdr + 0x40, 1, true),
+            ]);
+        }
+        d.notify();
+        assert_eq!(d.used_idx(), 4);
+        for k in 0..4u64 {
+            let b: u8 = d.mem.read_obj(GuestAddress(BUF + 0x1000 * k)).unwrap();
+            assert_eq!(b, 4 * k as u8);
+        }
+    }
+
+    #[test]
+    fn misprogrammed_queue_is_ignored() {
+        let (_t, file) = temp("badq", &[0u8; 512]);
+        let mut d = Driver::new(&file, false);
+        d.w(REG_STATUS, 0);
+        d.w(REG_QUEUE_DESC_LOW, 0xffff_0000);
+        d.w(REG_QUEUE_DESC_HIGH, 0xffff);
+        d.w(REG_QUEUE_DRIVER_LOW, AVAIL as u32);
+        d.w(REG_QUEUE_DEVICE_LOW, USED as u32);
+        d.w(REG_QUEUE_READY, 1);
+        d.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        d.notify();
+        assert_eq!(d.used_idx(), 0);
+    }
+}
