@@ -1,0 +1,460 @@
+//! Applying guest writes and write-zeroes requests to an existing qcow2 image, producing
+//! the same file bytes, file length and holes as QEMU's qcow2 driver (10.2) does for the
+//! same requests in the same order.
+//!
+//! This is the write half of a safe-mode rebase: the rebase issues data writes and
+//! write-zeroes requests (no unmap) in guest order, [`Writer`] turns each into the
+//! cluster allocations, L2/L1 updates and refcount changes QEMU would make.
+//!
+//! # Layout rules reproduced
+//!
+//! - Allocation is first fit from a free-cluster cursor that starts at cluster 0 when the
+//!   image is opened, only moves forward while scanning and drops back when a refcount
+//!   reaches 0 (QEMU's `free_cluster_index`).
+//! - A missing (or snapshot-shared) L2 table is allocated, or copied, before the data of
+//!   the request that needs it; one host-contiguous data run per chunk, extended in place
+//!   over COPIED clusters and continued at the next host cluster when it is free.
+//! - Refcount blocks are created self-describing where the scan puts them, the refcount
+//!   table grows by QEMU's generous rule, and the old table is freed.
+//! - Shared clusters (internal snapshots) are copied on write; the old cluster or table
+//!   is decremented after the new reference is in place.
+//!
+//! # Order of writes (crash consistency)
+//!
+//! Stopping after any single device write leaves an image that reads the same as before
+//! the request in flight, or after it; at worst clusters leak (refcount too high). The
+//! order per request is:
+//!
+//! 1. A new L2 table: its refcount (refblock write, flush), the table contents (flush),
+//!    then the 8-byte L1 entry (flush). A copied L2 table is decremented only afterwards.
+//! 2. A new refcount block: dirty L2 slices are written first (flush), then the block
+//!    (flush), then its 8-byte reftable entry (flush). Reftable growth writes the new
+//!    blocks (flush), the new table (flush), then header bytes 48..60 (flush), and only
+//!    then frees the old table.
+//! 3. Guest data (and copy-on-write padding) is written into clusters whose refcounts
+//!    are raised in the refcount cache but not yet referenced by any L2 entry.
+//! 4. L2 entries are updated in the L2 cache. Before any L2 slice reaches the device the
+//!    device is flushed (data durable) and, when refcounts were raised, the dirty
+//!    refcount blocks are written and flushed first.
+//! 5. Refcount decreases (old clusters of a copy-on-write, discards) are written only
+//!    after the L2 slices that dropped the reference.
+//! 6. [`Writer::finish`] writes the L2 cache, then the refcount cache, then flushes.
+//!
+//! With lazy refcounts the dirty bit is set in the header (8 bytes at offset 72, flushed)
+//! before the first L2 update and refcount blocks may lag behind L2 tables, exactly as in
+//! QEMU; [`Writer::finish`] clears the bit again (see [`Finish`]).
+//!
+//! Flush placement never changes the final bytes: caches only hold content that is
+//! eventually written in full, so the set of written ranges equals QEMU's.
+//!
+//! # What is recorded
+//!
+//! Every device operation is logged as an [`IoOp`]. Ranges QEMU would zero with
+//! `fallocate(FALLOC_FL_ZERO_RANGE)` (copy-on-write padding that reads as zero) are
+//! written as zeros to the device and logged as [`IoOp::ZeroRange`], so a host that wants
+//! QEMU's exact extent map can replay them as zero-range requests.
+
+mod alloc_path;
+mod cache;
+mod refcount;
+mod table;
+mod zero;
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use instar_blockdev::{BlockDev, IoError};
+
+use crate::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
+
+use cache::TableCache;
+
+/// Why a write could not be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    #[error("device I/O failed: {0}")]
+    Io(#[from] IoError),
+    #[error("corrupt image: {what} (offset {offset:#x})")]
+    Corrupt { what: &'static str, offset: u64 },
+    #[error("unsupported image: {0}")]
+    Unsupported(&'static str),
+    #[error("request {offset:#x}+{len:#x} is outside the virtual disk or misaligned")]
+    BadRequest { offset: u64, len: u64 },
+    #[error("refcount of cluster {0:#x} would overflow")]
+    RefcountOverflow(u64),
+    #[error("image would exceed the maximum qcow2 size")]
+    TooBig,
+}
+
+pub(crate) fn corrupt(what: &'static str, offset: u64) -> WriteError {
+    WriteError::Corrupt { what, offset }
+}
+
+/// One device operation, in issue order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    /// Bytes written with a plain write.
+    Write { offset: u64, len: u64 },
+    /// Bytes QEMU zeroes with `fallocate(ZERO_RANGE)`; written as zeros to the device.
+    ZeroRange { offset: u64, len: u64 },
+    /// A flush barrier (QEMU's `fdatasync`).
+    Flush,
+}
+
+/// Source of guest data below this image, for copy-on-write padding of partial clusters
+/// whose rest is unallocated here.
+pub trait BackingRead {
+    /// Fill `buf` with the backing chain's content at `guest_offset`; bytes past the
+    /// backing's end read as zeros.
+    fn read_backing(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError>;
+}
+
+/// Backing content for an image whose backing reads as zeros (or that has none).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ZeroBacking;
+
+impl BackingRead for ZeroBacking {
+    fn read_backing(&mut self, _guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// What [`Writer::finish`] leaves for the header rewrite that ends a rebase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finish {
+    /// `incompatible_features` as QEMU holds it when it closes the image: the value the
+    /// header rebuild must write. The dirty bit is cleared (QEMU's `qcow2_mark_clean`).
+    pub incompatible_features: u64,
+    /// The refcount table moved (header bytes 48..60 already rewritten on the device).
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    /// The session set the dirty bit (lazy refcounts): QEMU rewrites the whole header
+    /// cluster at close (`qcow2_update_header`); this writer only cleared the bit in
+    /// place, so the caller's header rebuild is what makes cluster 0 identical.
+    pub header_rewrite_needed: bool,
+}
+
+/// Largest request QEMU's block layer hands to a driver (`BDRV_REQUEST_MAX_BYTES`).
+const REQUEST_MAX_BYTES: u64 = (1 << 31) - 512;
+/// Bounce buffer of the write-zeroes fallback (`MAX_BOUNCE_BUFFER`).
+const MAX_BOUNCE_BUFFER: u64 = 16 << 20;
+/// Offset of `incompatible_features` in the header.
+const HDR_INCOMPAT_OFFSET: u64 = 72;
+/// Offset of `refcount_table_offset` (BE64) + `refcount_table_clusters` (BE32).
+const HDR_REFTABLE_OFFSET: u64 = 48;
+/// Highest host offset QEMU allocates (`QCOW_MAX_CLUSTER_OFFSET`).
+const MAX_CLUSTER_OFFSET: u64 = (1 << 56) - 1;
+/// Largest reftable QEMU accepts, in entries (`QCOW_MAX_REFTABLE_SIZE` / 8).
+const MAX_REFTABLE_ENTRIES: u64 = (8 << 20) / 8;
+/// Largest L2 cache QEMU uses by default before switching to 4 KiB slices.
+const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+/// Reftable entry bits that hold the offset.
+const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+
+/// Applies QEMU-identical writes to a qcow2 image on `D`.
+pub struct Writer<D: BlockDev, B: BackingRead = ZeroBacking> {
+    dev: D,
+    backing: B,
+    has_backing: bool,
+
+    cluster_bits: u32,
+    cluster_size: u64,
+    /// `bs->total_sectors * 512`.
+    disk_size: u64,
+    version: u32,
+    ext_l2: bool,
+    /// Subcluster size (cluster size without extended L2).
+    sc_bits: u32,
+    lazy_refcounts: bool,
+    incompat: u64,
+    incompat_at_open: u64,
+
+    l1_offset: u64,
+    l1: Vec<u64>,
+    /// Entries per L2 table and per L2 cache slice.
+    l2_entries: u64,
+    l2_slice_entries: u64,
+
+    refcount_order: u32,
+    /// log2 of refcounts per refcount block.
+    rb_bits: u32,
+    refcount_max: u64,
+    rt_offset: u64,
+    rt: Vec<u64>,
+    max_rt_index: Option<usize>,
+
+    /// QEMU's `free_cluster_index`.
+    fci: u64,
+
+    l2_cache: TableCache,
+    rb_cache: TableCache,
+
+    log: Vec<IoOp>,
+}
+
+impl<D: BlockDev> Writer<D, ZeroBacking> {
+    /// Open for writing. `has_backing` is whether QEMU would have the image's backing file
+    /// open: it changes how v2 images handle write-zeroes. Copy-on-write padding over
+    /// unallocated parts reads as zeros; use [`Writer::open_with_backing`] to supply the
+    /// backing content.
+    pub fn open(dev: D, header: &Header, has_backing: bool) -> Result<Self, WriteError> {
+        Self::open_inner(dev, header, ZeroBacking, has_backing)
+    }
+}
+
+impl<D: BlockDev, B: BackingRead> Writer<D, B> {
+    /// Open with a backing chain that supplies copy-on-write padding.
+    pub fn open_with_backing(dev: D, header: &Header, backing: B) -> Result<Self, WriteError> {
+        Self::open_inner(dev, header, backing, true)
+    }
+
+    fn open_inner(
+        mut dev: D,
+        h: &Header,
+        backing: B,
+        has_backing: bool,
+    ) -> Result<Self, WriteError> {
+        if !(9..=21).contains(&h.cluster_bits) {
+            return Err(corrupt("cluster_bits out of range", h.cluster_bits as u64));
+        }
+        if h.version != 2 && h.version != 3 {
+            return Err(WriteError::Unsupported("qcow2 version"));
+        }
+        if h.refcount_order > 6 {
+            return Err(corrupt("refcount_order out of range", h.refcount_order as u64));
+        }
+        if h.crypt_method != 0 {
+            return Err(WriteError::Unsupported("encrypted image"));
+        }
+        if h.data_file.is_some() || h.incompatible_features & crate::header::INCOMPAT_DATA_FILE != 0 {
+            return Err(WriteError::Unsupported("external data file"));
+        }
+        if h.incompatible_features & crate::header::INCOMPAT_CORRUPT != 0 {
+            return Err(corrupt("image is marked corrupt", 0));
+        }
+        if h.incompatible_features & INCOMPAT_DIRTY != 0 {
+            // QEMU repairs refcounts before writing to a dirty image.
+            return Err(WriteError::Unsupported("dirty image (needs a refcount repair)"));
+        }
+        let cluster_bits = h.cluster_bits;
+        let cs = 1u64 << cluster_bits;
+        let ext_l2 = h.extended_l2();
+        if ext_l2 && (h.version < 3 || cluster_bits < 14) {
+            return Err(corrupt("extended L2 with clusters below 16 KiB", cluster_bits as u64));
+        }
+        let entry_size = crate::entry::l2_entry_size(ext_l2);
+        let l2_entries = cs / entry_size;
+        let sc_bits = if ext_l2 { cluster_bits - 5 } else { cluster_bits };
+        let disk_size = h.size / 512 * 512;
+
+        // L2 cache geometry (read_cache_sizes): 4 KiB slices when 32 MiB cannot cover
+        // the whole disk.
+        let max_l2_entries = disk_size.div_ceil(cs);
+        let max_l2_cache = (max_l2_entries * entry_size).div_ceil(cs) * cs;
+        let slice_bytes = if DEFAULT_L2_CACHE_MAX < max_l2_cache { cs.min(4096) } else { cs };
+        let l2_slice_entries = slice_bytes / entry_size;
+
+        // L1 table.
+        let l1_offset = h.l1_table_offset;
+        let l1_bytes = (h.l1_size as u64).checked_mul(8).ok_or(corrupt("l1_size", 0))?;
+        if h.l1_size > 0 && (l1_offset % cs != 0 || l1_offset == 0) {
+            return Err(corrupt("L1 table offset", l1_offset));
+        }
+        if l1_bytes > 32 << 20 {
+            return Err(corrupt("L1 table too large", l1_bytes));
+        }
+        let needed_l1 = max_l2_entries.div_ceil(l2_entries);
+        if (h.l1_size as u64) < needed_l1 {
+            return Err(corrupt("L1 table smaller than the disk", h.l1_size as u64));
+        }
+        let mut raw = vec![0u8; l1_bytes as usize];
+        if !raw.is_empty() {
+            dev.read_at(l1_offset, &mut raw)?;
+        }
+        let l1: Vec<u64> = raw.chunks_exact(8).map(be64).collect();
+
+        // Refcount table.
+        let rt_offset = h.refcount_table_offset;
+        if rt_offset % cs != 0 || rt_offset == 0 {
+            return Err(corrupt("refcount table offset", rt_offset));
+        }
+        let rt_bytes = (h.refcount_table_clusters as u64) << cluster_bits;
+        if rt_bytes / 8 > MAX_REFTABLE_ENTRIES || rt_bytes == 0 {
+            return Err(corrupt("refcount table size", rt_bytes));
+        }
+        let mut raw = vec![0u8; rt_bytes as usize];
+        dev.read_at(rt_offset, &mut raw)?;
+        let rt: Vec<u64> = raw.chunks_exact(8).map(be64).collect();
+        let max_rt_index = rt.iter().rposition(|&e| e != 0);
+
+        let refcount_order = h.refcount_order;
+        let rb_bits = cluster_bits + 3 - refcount_order;
+        let refcount_max = if refcount_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << refcount_order)) - 1
+        };
+
+        Ok(Writer {
+            dev,
+            backing,
+            has_backing,
+            cluster_bits,
+            cluster_size: cs,
+            disk_size,
+            version: h.version,
+            ext_l2,
+            sc_bits,
+            lazy_refcounts: h.version >= 3 && h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
+            incompat: h.incompatible_features,
+            incompat_at_open: h.incompatible_features,
+            l1_offset,
+            l1,
+            l2_entries,
+            l2_slice_entries,
+            refcount_order,
+            rb_bits,
+            refcount_max,
+            rt_offset,
+            rt,
+            max_rt_index,
+            fci: 0,
+            l2_cache: TableCache::new(slice_bytes as usize),
+            rb_cache: TableCache::new(cs as usize),
+            log: Vec::new(),
+        })
+    }
+
+    /// Write guest data at `guest_offset` (QEMU's `qcow2_co_pwritev_part`).
+    pub fn write(&mut self, guest_offset: u64, data: &[u8]) -> Result<(), WriteError> {
+        self.check_request(guest_offset, data.len() as u64)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            // One driver call covers at most INT_MAX bytes.
+            let n = (data.len() - done).min(i32::MAX as usize);
+            self.pwritev(guest_offset + done as u64, &data[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write zeros over `[guest_offset, guest_offset + len)` without unmapping
+    /// (`blk_pwrite_zeroes(…, 0)`). The range must be (sub)cluster aligned, except that it
+    /// may end at the end of the virtual disk.
+    pub fn write_zeroes(&mut self, guest_offset: u64, len: u64) -> Result<(), WriteError> {
+        self.check_request(guest_offset, len)?;
+        let align = 1u64 << self.sc_bits;
+        let end = guest_offset + len;
+        if guest_offset % align != 0 || (end % align != 0 && end != self.disk_size) {
+            return Err(WriteError::BadRequest { offset: guest_offset, len });
+        }
+        self.pwrite_zeroes(guest_offset, len)
+    }
+
+    /// Write back every cache in QEMU's close order (L2 tables, then refcount blocks, then
+    /// a flush) and clear the lazy-refcounts dirty bit. Returns the device and what the
+    /// final header rewrite needs.
+    pub fn finish(mut self) -> Result<(D, Finish), WriteError> {
+        self.cache_flush(cache::Which::L2)?;
+        self.cache_flush(cache::Which::Refcount)?;
+        let dirty_set = self.incompat & INCOMPAT_DIRTY != 0 && self.incompat_at_open & INCOMPAT_DIRTY == 0;
+        if dirty_set {
+            self.incompat &= !INCOMPAT_DIRTY;
+            let v = self.incompat.to_be_bytes();
+            self.dev_write(HDR_INCOMPAT_OFFSET, &v)?;
+            self.dev_flush()?;
+        }
+        let fin = Finish {
+            incompatible_features: self.incompat,
+            refcount_table_offset: self.rt_offset,
+            refcount_table_clusters: ((self.rt.len() as u64 * 8) >> self.cluster_bits) as u32,
+            header_rewrite_needed: dirty_set,
+        };
+        Ok((self.dev, fin))
+    }
+
+    /// Every device operation so far, in order.
+    pub fn io_log(&self) -> &[IoOp] {
+        &self.log
+    }
+
+    /// Current L1 table (entries as on disk).
+    pub fn l1_table(&self) -> &[u64] {
+        &self.l1
+    }
+
+    /// The device, for reads between requests.
+    pub fn device(&mut self) -> &mut D {
+        &mut self.dev
+    }
+
+    fn check_request(&self, offset: u64, len: u64) -> Result<(), WriteError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.disk_size => Ok(()),
+            _ => Err(WriteError::BadRequest { offset, len }),
+        }
+    }
+
+    // ---- device access, logged ----
+
+    fn dev_write(&mut self, offset: u64, buf: &[u8]) -> Result<(), WriteError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.dev.write_at(offset, buf)?;
+        self.log.push(IoOp::Write { offset, len: buf.len() as u64 });
+        Ok(())
+    }
+
+    fn dev_zero_range(&mut self, offset: u64, len: u64) -> Result<(), WriteError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let zeros = vec![0u8; len as usize];
+        self.dev.write_at(offset, &zeros)?;
+        self.log.push(IoOp::ZeroRange { offset, len });
+        Ok(())
+    }
+
+    fn dev_flush(&mut self) -> Result<(), WriteError> {
+        self.dev.flush()?;
+        self.log.push(IoOp::Flush);
+        Ok(())
+    }
+
+    /// `bdrv_pwrite_sync`.
+    fn dev_write_sync(&mut self, offset: u64, buf: &[u8]) -> Result<(), WriteError> {
+        self.dev_write(offset, buf)?;
+        self.dev_flush()
+    }
+
+    fn offset_into_cluster(&self, off: u64) -> u64 {
+        off & (self.cluster_size - 1)
+    }
+
+    fn size_to_clusters(&self, bytes: u64) -> u64 {
+        bytes.div_ceil(self.cluster_size)
+    }
+
+    /// Lazy refcounts: set the dirty bit before the first L2 update (`qcow2_mark_dirty`).
+    fn mark_dirty(&mut self) -> Result<(), WriteError> {
+        if self.incompat & INCOMPAT_DIRTY != 0 {
+            return Ok(());
+        }
+        let v = (self.incompat | INCOMPAT_DIRTY).to_be_bytes();
+        self.dev_write_sync(HDR_INCOMPAT_OFFSET, &v)?;
+        self.incompat |= INCOMPAT_DIRTY;
+        Ok(())
+    }
+
+    fn need_accurate_refcounts(&self) -> bool {
+        self.incompat & INCOMPAT_DIRTY == 0
+    }
+}
+
+pub(crate) fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
