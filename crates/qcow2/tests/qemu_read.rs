@@ -322,6 +322,54 @@ fn runs_stop_at_l2_slice_ends() {
     assert_eq!(m.bytes, (32 << 10) - 1000);
     let m = img.block_status(100 << 10, 1 << 20).unwrap();
     assert_eq!((m.kind, m.bytes), (ClusterKind::UnallocatedPlain, 28 << 10));
+    // qemu-img rebase issues its requests on these run boundaries.
+    let ob = make(&q, &d, "ob.qcow2", "", "1M", &["write -P 1 0 100k"]);
+    let ov = d.path("ov.qcow2");
+    let (obs, ovs) = (ob.to_str().unwrap(), ov.to_str().unwrap());
+    run(
+        &q,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "-b",
+            obs,
+            "-F",
+            "qcow2",
+            ovs,
+            "1M",
+        ],
+    );
+    let mut ovl = open(&ov);
+    let runs: Vec<(u64, u64)> = (0..4)
+        .map(|i| i * 32768)
+        .map(|o| (o, ovl.block_status(o, 2 << 20).unwrap().bytes))
+        .collect();
+    assert_eq!(
+        runs,
+        [(0, 32768), (32768, 32768), (65536, 32768), (98304, 32768)]
+    );
+    let out = std::process::Command::new(&q)
+        .args(["--trace", "blk_co_pwritev", "rebase", "-b", "", ovs])
+        .output()
+        .unwrap();
+    let trace = String::from_utf8_lossy(&out.stderr);
+    let writes: Vec<(u64, u64)> = trace
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let o = w.iter().position(|&x| x == "offset")?;
+            Some((w[o + 1].parse().ok()?, w[o + 3].parse().ok()?))
+        })
+        .collect();
+    assert_eq!(
+        writes,
+        [(0, 32768), (32768, 32768), (65536, 32768), (98304, 4096)],
+        "{trace}"
+    );
     // Over 256 GiB with 64 KiB clusters the L2 cache cannot cover the disk: 4 KiB
     // slices of 512 entries, runs of at most 32 MiB.
     let f = make(
