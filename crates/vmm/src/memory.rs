@@ -2,8 +2,8 @@
 //! tables (see [`instar_abi::layout`]).
 
 use instar_abi::layout::{
-    DOORBELL_ADDR, GDT_ADDR, MAX_DEVICES, PAGE_TABLES_ADDR, PAGE_TABLES_END, VIRTIO_MMIO_BASE,
-    VIRTIO_MMIO_STRIDE,
+    DOORBELL_ADDR, GDT_ADDR, GUEST_LOAD_ADDR, MAX_DEVICES, PAGE_TABLES_ADDR, PAGE_TABLES_END,
+    VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -50,6 +50,8 @@ const PD_MMIO: u64 = PAGE_TABLES_ADDR + 0x4000;
 /// 4 KiB page table for the first 2 MiB, so that page 0 can stay unmapped.
 const PT_LOW: u64 = PAGE_TABLES_ADDR + 0x5000;
 const _: () = assert!(PT_LOW + 0x1000 <= PAGE_TABLES_END);
+/// Unmapped page right below the guest image.
+pub const STACK_GUARD: u64 = GUEST_LOAD_ADDR - 0x1000;
 
 /// Check a RAM size the caller asked for.
 pub fn check_ram_size(size: u64) -> Result<(), Error> {
@@ -91,9 +93,14 @@ pub fn write_tables(mem: &GuestMemory, ram_size: u64) -> Result<(), Error> {
     let mmio_gib = DOORBELL_ADDR / GIB;
     write_u64(mem, PDPT + 8 * mmio_gib, PD_MMIO | PTE_RW_USER)?;
 
-    // First 2 MiB in 4 KiB pages, page 0 left out so null dereferences fault.
+    // First 2 MiB in 4 KiB pages. Left out: page 0, so null dereferences fault, and
+    // the page below the guest image, the guard page under the guest's stack
+    // (guest/link.ld puts the stack at the start of the image).
     write_u64(mem, PD_RAM[0], PT_LOW | PTE_RW_USER)?;
     for page in 1..512u64 {
+        if page == STACK_GUARD >> 12 {
+            continue;
+        }
         write_u64(mem, PT_LOW + 8 * page, (page << 12) | PTE_RW_USER)?;
     }
     // The rest of RAM in 2 MiB pages.
@@ -139,6 +146,8 @@ mod tests {
         let read = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).unwrap();
         assert_eq!(read(PT_LOW), 0);
         assert_eq!(read(PT_LOW + 8), 0x1000 | PTE_RW_USER);
+        assert_eq!(read(PT_LOW + 8 * (STACK_GUARD >> 12)), 0);
+        assert_ne!(read(PT_LOW + 8 * (GUEST_LOAD_ADDR >> 12)), 0);
         // Last 2 MiB page of RAM, and nothing past it.
         let last = (size - MIB2) / MIB2;
         assert_eq!(

@@ -117,6 +117,17 @@ fn triple_fault_is_reported_with_rip() {
 }
 
 #[test]
+fn stack_guard_page_faults() {
+    if !kvm() {
+        return;
+    }
+    // A write just below the image (the top of the guard page) faults.
+    let code = [mov_rbx(LOAD - 8), STORE_EAX_AT_RBX.to_vec(), SPIN.to_vec()].concat();
+    let err = go(&elf(&code), &Config::default()).unwrap_err();
+    assert!(err.to_string().contains("triple fault"), "{err}");
+}
+
+#[test]
 fn stray_mmio_is_an_error() {
     if !kvm() {
         return;
