@@ -50,7 +50,8 @@ const REBASE_OPTIONS: &[OptDoc] = &[
         &['f'],
         "format",
         "FMT",
-        "Format of FILE (default: probed in the sandbox). Only qcow2 overlays can be rebased",
+        "Format of FILE (default: probed in the sandbox). qcow2 overlays can be rebased \
+         (and vmdk where the guest supports it); other formats are refused as qemu-img refuses them",
     ),
     opt(
         "image-opts",
@@ -88,8 +89,9 @@ const REBASE_OPTIONS: &[OptDoc] = &[
         &['F', 'B'],
         "backing-format",
         "FMT",
-        "Format of BACKING, recorded in the header; any QEMU driver name. \
-         Optional: when absent, BACKING's format is probed in the sandbox",
+        "Format of BACKING, recorded in the header; any QEMU 10.2 driver name. \
+         Optional: when absent, BACKING's format is probed in the sandbox. \
+         -B is QEMU 10.2's name for it",
     ),
     opt(
         "backing-cache",
@@ -240,9 +242,8 @@ pub fn rebase_command() -> Command {
         Arg::new("file")
             .value_name("FILE")
             .help("The image whose backing file is changed (a plain file name)")
-            .num_args(0..)
-            .value_parser(clap::value_parser!(OsString))
-            .action(ArgAction::Append),
+            .required(true)
+            .value_parser(clap::value_parser!(OsString)),
     )
 }
 
@@ -431,19 +432,15 @@ pub fn parse_rebase(args: &[OsString]) -> Result<Parsed<RebaseArgs>, UsageError>
     if let Some(e) = err {
         return Err(UsageError::Getopt { cmd, msg: e.0 });
     }
+    let [file] = files.as_slice() else {
+        return Err(usage(&cmd, "Expecting one image file name"));
+    };
     canonical.push(OsString::from("--"));
-    canonical.extend(files);
+    canonical.push(file.clone());
 
     let m = rebase_command()
         .try_get_matches_from(canonical)
         .map_err(|e| usage(&cmd, format!("internal error: {}", e.kind())))?;
-    let files: Vec<OsString> = m
-        .get_many::<OsString>("file")
-        .map(|v| v.cloned().collect())
-        .unwrap_or_default();
-    let [file] = files.as_slice() else {
-        return Err(usage(&cmd, "Expecting one image file name"));
-    };
     let flag = |id: &str| m.get_flag(id);
     let value = |id: &str| m.get_one::<OsString>(id).cloned();
     let unsafe_mode = flag("backing-unsafe");

@@ -53,14 +53,9 @@ pub struct Refusal {
 }
 
 fn refusal(e: &GuestError) -> Refusal {
-    let bounded = &e.message.as_bytes()[..e.message.len().min(MAX_MESSAGE)];
-    let mut message = sanitize::escape_bytes(bounded, MAX_MESSAGE);
-    if e.message.len() > MAX_MESSAGE {
-        message.push_str("...");
-    }
     Refusal {
         kind: e.kind,
-        message,
+        message: sanitize::escape_bytes(e.message.as_bytes(), MAX_MESSAGE),
     }
 }
 

@@ -8,14 +8,14 @@
 /// Longest guest text instar prints (longer text is cut and marked with `...`).
 pub const MAX_SHOWN: usize = 1024;
 
-/// `bytes` with printable ASCII kept, `\` doubled, and everything else as `\xNN`;
-/// at most `max` input bytes are shown.
+/// `bytes` with printable ASCII kept and everything else as `\xNN`; at most `max` input
+/// bytes are shown. Idempotent on its own output (which is all printable ASCII), so text
+/// the sandbox already escaped is not escaped twice.
 pub fn escape_bytes(bytes: &[u8], max: usize) -> String {
     let shown = &bytes[..bytes.len().min(max)];
     let mut out = String::with_capacity(shown.len());
     for &b in shown {
         match b {
-            b'\\' => out.push_str("\\\\"),
             0x20..=0x7e => out.push(b as char),
             _ => out.push_str(&format!("\\x{b:02x}")),
         }
@@ -39,7 +39,9 @@ mod tests {
     fn controls_and_non_ascii_are_escaped() {
         assert_eq!(escape_text("ok: 'x'"), "ok: 'x'");
         assert_eq!(escape_text("a\nb\r\x1b[2J"), "a\\x0ab\\x0d\\x1b[2J");
-        assert_eq!(escape_text("é\\"), "\\xc3\\xa9\\\\");
+        assert_eq!(escape_text("é\\"), "\\xc3\\xa9\\");
+        let once = escape_text("a\nb");
+        assert_eq!(escape_text(&once), once);
         assert_eq!(escape_bytes(b"\xff\x00", 8), "\\xff\\x00");
     }
 
