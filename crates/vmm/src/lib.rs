@@ -11,9 +11,10 @@
 //!   `iretq`; all Rust code runs at CPL3. The VMM therefore builds a GDT with user
 //!   code/data descriptors and page tables with the U/S bit on every entry.
 //! - Guest RAM is anonymous `MAP_NORESERVE` memory (default
-//!   [`instar_abi::layout::DEFAULT_RAM_SIZE`]): untouched pages cost nothing. Page 0 is
-//!   unmapped; RAM and the MMIO window are identity-mapped. The memory map is in
-//!   [`instar_abi::layout`].
+//!   [`instar_abi::layout::DEFAULT_RAM_SIZE`]): untouched pages cost nothing. RAM and
+//!   the MMIO window are identity-mapped, except page 0 (null dereferences fault) and
+//!   the page below the guest image (the guard under the guest's stack, which
+//!   guest/link.ld puts first). The memory map is in [`instar_abi::layout`].
 //! - No interrupt controller, timer or IDT: the guest polls, and any CPU exception ends
 //!   as a triple fault, reported with the guest's RIP.
 //! - The guest talks to the host through MMIO only (kvm-pvm turns `out` at CPL3 into
