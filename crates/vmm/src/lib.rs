@@ -104,7 +104,8 @@ pub struct Outcome {
 /// Boot `guest_elf`, give it `call` and `devices`, and wait for its answer.
 ///
 /// `call.device_sizes` is replaced by the lengths of the device files. `on_progress`
-/// gets the guest's progress reports (hundredths of a percent, at most 10000); it runs
+/// gets the guest's progress reports (the count of copy-loop steps so far, see
+/// `DOORBELL_PROGRESS`); it runs
 /// on the sandbox's confined thread and may only write to stdout or stderr.
 pub fn run(
     guest_elf: &[u8],

@@ -257,7 +257,7 @@ pub fn run_on_this_thread(
                                     }
                                 }
                                 DOORBELL_PROGRESS => {
-                                    on_progress(arg.min(10_000));
+                                    on_progress(arg);
                                     Step::Continue
                                 }
                                 DOORBELL_WRITE_PHASE => {
