@@ -7,6 +7,7 @@
 //! - [`image`]: a read-only image: guest offset → kind and run length, reads.
 //! - [`compress`]: compressed clusters (zlib, zstd).
 //! - [`refcount`]: reading refcounts.
+//! - [`writer`]: applying writes and write-zeroes exactly as QEMU's qcow2 driver does.
 //!
 //! Everything works on an [`instar_blockdev::BlockDev`]; nothing here does I/O of its own.
 
@@ -20,5 +21,6 @@ pub mod header;
 pub mod image;
 pub mod map;
 pub mod refcount;
+pub mod writer;
 
 pub use header::{ChangeBackingError, Header, OpenError, OpenMode};
