@@ -286,7 +286,7 @@ pub fn check_format(
         Format::Bochs => ok_if(score(format, &buf) > 0, ProbeError::NotBochs),
         Format::Cloop => {
             let block_size = be32(&buf, 128);
-            if block_size % 512 != 0 {
+            if !block_size.is_multiple_of(512) {
                 Err(ProbeError::CloopBlockSizeAlign(block_size))
             } else if block_size == 0 {
                 Err(ProbeError::CloopBlockSizeZero)

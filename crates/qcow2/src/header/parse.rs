@@ -129,6 +129,9 @@ pub enum OpenError {
     /// the rewritten header does not fit.
     #[error("Could not update qcow2 header: No space left on device")]
     HeaderUpdateNoSpace,
+    /// The block layer's check after the driver opened the image.
+    #[error("Could not refresh total sector count: File too large")]
+    SizeTooLarge,
 }
 
 /// `qcow2_validate_table`.
@@ -382,6 +385,9 @@ impl Header {
             && header.rebuild().is_err()
         {
             return Err(OpenError::HeaderUpdateNoSpace);
+        }
+        if header.virtual_size() > super::io::BDRV_MAX_LENGTH {
+            return Err(OpenError::SizeTooLarge);
         }
         Ok(header)
     }

@@ -1,0 +1,168 @@
+//! `Request::Probe` against `qemu-img info`: format, virtual size, cluster size,
+//! backing file, backing format and data file agree.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use instar_abi::{Format, ImageInfo, ProbeRequest, Request, Response};
+
+fn probe(path: &Path, format: Option<Format>) -> Response {
+    run_guest(
+        path,
+        Request::Probe(ProbeRequest {
+            dev: 0,
+            format,
+            writable: false,
+        }),
+    )
+}
+
+/// The value of a `key: value` line of `qemu-img info`.
+fn field(info: &str, key: &str) -> Option<String> {
+    info.lines().find_map(|l| {
+        l.trim_start()
+            .strip_prefix(key)
+            .map(|v| v.trim().to_string())
+    })
+}
+
+fn check(q: &Path, dir: &Path, file: &str) {
+    let out = std::process::Command::new(q)
+        .args(["info", "-U", file])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = String::from_utf8_lossy(&out.stdout).into_owned();
+    let Response::Probe(got) = probe(&dir.join(file), None) else {
+        panic!("{file}: probe failed")
+    };
+    let ImageInfo {
+        format,
+        virtual_size,
+        cluster_size,
+        backing_file,
+        backing_format,
+        data_file,
+        ..
+    } = got;
+    let name = |v: Option<Vec<u8>>| v.map(|b| String::from_utf8(b).unwrap());
+    assert_eq!(
+        Some(format.name().to_string()),
+        field(&info, "file format:"),
+        "{file}"
+    );
+    let size = field(&info, "virtual size:").unwrap();
+    assert!(
+        size.ends_with(&format!("({virtual_size} bytes)")),
+        "{file}: {size} vs {virtual_size}"
+    );
+    if cluster_size != 0 {
+        assert_eq!(
+            Some(cluster_size.to_string()),
+            field(&info, "cluster_size:"),
+            "{file}"
+        );
+    }
+    let qemu_backing =
+        field(&info, "backing file:").map(|b| b.split(" (actual path").next().unwrap().to_string());
+    assert_eq!(name(backing_file), qemu_backing, "{file}");
+    assert_eq!(
+        name(backing_format),
+        field(&info, "backing file format:"),
+        "{file}"
+    );
+    assert_eq!(name(data_file), field(&info, "data file:"), "{file}");
+}
+
+#[test]
+fn probe_reports_what_qemu_img_info_shows() {
+    let Some(q) = qemu_img() else { return };
+    let dir = scratch("probe");
+    let make = |args: &[&str]| ok(&dir, &q, args);
+    make(&["create", "-q", "-f", "qcow2", "plain.qcow2", "3M"]);
+    make(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096,compat=0.10",
+        "v2.qcow2",
+        "1000000",
+    ]);
+    make(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=d.raw",
+        "df.qcow2",
+        "1M",
+    ]);
+    make(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "plain.qcow2",
+        "-F",
+        "qcow2",
+        "ovl.qcow2",
+    ]);
+    make(&["create", "-q", "-f", "vmdk", "base.vmdk", "2M"]);
+    make(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        "child.vmdk",
+    ]);
+    make(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        "flat.vmdk",
+        "1M",
+    ]);
+    std::fs::write(dir.join("odd.raw"), vec![1u8; 1000]).unwrap();
+    for f in [
+        "plain.qcow2",
+        "v2.qcow2",
+        "df.qcow2",
+        "ovl.qcow2",
+        "base.vmdk",
+        "child.vmdk",
+        "flat.vmdk",
+        "odd.raw",
+    ] {
+        check(&q, &dir, f);
+    }
+    // Formats instar does not read are still named.
+    make(&["create", "-q", "-f", "vdi", "x.vdi", "1M"]);
+    let Response::Probe(info) = probe(&dir.join("x.vdi"), None) else {
+        panic!()
+    };
+    assert_eq!(info.format, Format::Vdi);
+    // An explicit format is checked: a raw file is not qcow2.
+    let Response::Error(e) = probe(&dir.join("odd.raw"), Some(Format::Qcow2)) else {
+        panic!()
+    };
+    assert_eq!(e.message, "Image is not in qcow2 format");
+    let _ = std::fs::remove_dir_all(&dir);
+}
