@@ -773,3 +773,75 @@ fn persistent_bitmaps_refused() {
         "bitmap",
     );
 }
+
+#[test]
+fn v2_name_does_not_fit_512_byte_cluster() {
+    let name: &'static str = Box::leak("x".repeat(417).into_boxed_str());
+    same_error(
+        "v2-no-space",
+        &|fx| {
+            fx.create(
+                "qcow2",
+                "ovl.qcow2",
+                "1M",
+                &["-o", "compat=0.10,cluster_size=512"],
+            )
+        },
+        &["-u", "-b", name, "-F", "qcow2", "ovl.qcow2"],
+        None,
+    );
+}
+
+#[test]
+fn overlay_is_a_directory() {
+    same_error(
+        "dir-overlay",
+        &|fx| std::fs::create_dir(fx.path("d.qcow2")).expect("mkdir"),
+        &["-u", "-b", "base.qcow2", "-F", "qcow2", "d.qcow2"],
+        None,
+    );
+}
+
+#[test]
+fn empty_file_overlay() {
+    // Probed as raw: the WARNING block, then `Operation not supported`.
+    same_error(
+        "empty-overlay",
+        &|fx| fx.write("e.img", b""),
+        &["-u", "-b", "base.qcow2", "-F", "qcow2", "e.img"],
+        None,
+    );
+}
+
+#[test]
+fn encrypted_overlay_without_key() {
+    // qemu-img needs the LUKS secret to open an encrypted qcow2 even in unsafe mode. The
+    // 10.2 reference build has no crypto library, so the image is made with 10.0.
+    let Some((refs, _)) = setup() else {
+        return;
+    };
+    let Some(maker) = refs.others.iter().find(|q| q.label == "10.0") else {
+        eprintln!("skipping: qemu-img 10.0 (with crypto) not found");
+        return;
+    };
+    let maker = maker.clone();
+    same_error(
+        "encrypted",
+        &move |fx| {
+            Fx::new(fx.dir.clone(), &maker).img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "--object",
+                "secret,id=s0,data=123456",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=s0",
+                "enc.qcow2",
+                "1M",
+            ]);
+        },
+        &["-u", "-b", "base.qcow2", "-F", "qcow2", "enc.qcow2"],
+        None,
+    );
+}

@@ -123,7 +123,10 @@ fn run_case(c: &Case) {
                 break;
             }
             if subject.is_instar() {
-                let want = if detaches(step) {
+                let quiet = step.iter().any(|a| a == "-q" || a == "--quiet");
+                let want = if quiet {
+                    ""
+                } else if detaches(step) {
                     "Image detached.\n"
                 } else {
                     "Image rebased.\n"
@@ -1021,4 +1024,90 @@ fn long_options_and_backing_format_alias() {
             panic!("{shown}: overlay differs from qemu-img 10.2's: {d}");
         }
     }
+}
+
+#[test]
+fn probed_vmdk_backing() {
+    run_case(&Case {
+        name: "vmdk-backing",
+        overlay: "ovl.qcow2",
+        probe: true,
+        version_notes: &[],
+        build: &|fx| {
+            chain(fx, &[]);
+            fx.create("vmdk", "base.vmdk", "1M", &[]);
+            vec![s(&["-u", "-b", "base.vmdk", "-F", "vmdk"])]
+        },
+        post: None,
+    });
+}
+
+#[test]
+fn probed_empty_raw_backing() {
+    // An empty file probes as raw.
+    run_case(&Case {
+        name: "empty-raw-backing",
+        overlay: "ovl.qcow2",
+        probe: true,
+        version_notes: &[],
+        build: &|fx| {
+            chain(fx, &[]);
+            fx.write("empty.img", b"");
+            vec![s(&["-u", "-b", "empty.img", "-F", "raw"])]
+        },
+        post: None,
+    });
+}
+
+#[test]
+fn overlay_through_symlink() {
+    // The file named on the command line is a symlink; the header of its target changes.
+    run_case(&Case {
+        name: "symlink-overlay",
+        overlay: "link.qcow2",
+        probe: true,
+        version_notes: &[],
+        build: &|fx| {
+            chain(fx, &[]);
+            std::os::unix::fs::symlink("ovl.qcow2", fx.path("link.qcow2")).expect("symlink");
+            vec![s(&["-u", "-b", "base2.qcow2", "-F", "qcow2"])]
+        },
+        post: None,
+    });
+}
+
+#[test]
+fn v2_name_exactly_fills_512_byte_cluster() {
+    // v2 with -F: header 72 bytes, backing-format extension, end marker, name at 96;
+    // 416 bytes fill the cluster.
+    run_case(&Case {
+        name: "v2-fits-512",
+        overlay: "ovl.qcow2",
+        probe: true,
+        version_notes: &[],
+        build: &|fx| {
+            fx.create("qcow2", "base.qcow2", "1M", &[]);
+            fx.create(
+                "qcow2",
+                "ovl.qcow2",
+                "1M",
+                &["-o", "compat=0.10,cluster_size=512"],
+            );
+            let name = fx.long_name(416, "base.qcow2");
+            vec![vec![
+                "-u".into(),
+                "-b".into(),
+                name,
+                "-F".into(),
+                "qcow2".into(),
+            ]]
+        },
+        post: Some(&|_, dir| {
+            let b = std::fs::read(dir.join("ovl.qcow2")).map_err(|e| e.to_string())?;
+            match (be64(&b, off::BACKING_OFFSET), be32(&b, off::BACKING_SIZE)) {
+                (96, 416) => Ok(()),
+                other => Err(format!("backing offset/size {other:?}, expected (96, 416)")),
+            }
+        }),
+    });
 }
