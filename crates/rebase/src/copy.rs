@@ -123,10 +123,10 @@ impl Plan {
 /// `on_step` is called with the running count of non-skipped steps.
 pub fn plan(
     geom: Geometry,
-    overlay: &mut dyn OverlayStatus,
-    mut in_chain: Option<&mut dyn ChainStatus>,
-    mut old: Option<&mut dyn Content>,
-    mut new: Option<&mut dyn Content>,
+    overlay: &mut (dyn OverlayStatus + '_),
+    mut in_chain: Option<&mut (dyn ChainStatus + '_)>,
+    mut old: Option<&mut (dyn Content + '_)>,
+    mut new: Option<&mut (dyn Content + '_)>,
     on_step: &mut dyn FnMut(u32),
 ) -> Result<Plan, CopyError> {
     let size = geom.size;
@@ -221,8 +221,8 @@ pub fn plan(
 /// Pass 2: send the planned requests to `sink`, re-reading the old content for data.
 pub fn execute(
     ops: &[Op],
-    mut old: Option<&mut dyn Content>,
-    sink: &mut dyn Sink,
+    mut old: Option<&mut (dyn Content + '_)>,
+    sink: &mut (dyn Sink + '_),
 ) -> Result<(), CopyError> {
     let old_size = old.as_ref().map_or(0, |c| c.size());
     let mut buf = Vec::new();

@@ -8,6 +8,7 @@ extern crate alloc;
 
 pub mod copy;
 mod probe;
+mod safe;
 mod unsafe_rebase;
 mod vmdk_info;
 
@@ -21,8 +22,9 @@ pub(crate) const IO_ERROR: &str = "Input/output error";
 
 /// Callbacks into the guest runtime (doorbells).
 pub trait Hooks {
-    /// Progress in hundredths of a percent (0..=10000).
-    fn progress(&mut self, hundredths: u32);
+    /// Safe mode: `steps` copy-loop steps so far were not skipped (see
+    /// `instar_abi::layout::DOORBELL_PROGRESS`).
+    fn progress(&mut self, steps: u32);
     /// Every check has passed; the first write to the overlay follows.
     fn write_phase(&mut self);
 }
@@ -35,7 +37,7 @@ pub fn handle(call: &Call, devs: &mut [&mut dyn BlockDev], hooks: &mut dyn Hooks
         Request::Rebase(req) if req.unsafe_mode => {
             unsafe_rebase::rebase(req, devs, hooks).map(Response::Rebase)
         }
-        Request::Rebase(_) => Err(plain("safe-mode rebase is not implemented yet")),
+        Request::Rebase(req) => safe::rebase(req, devs, hooks).map(Response::Rebase),
         Request::SelfTest(_) => Err(plain("self-test requests are handled by the guest runtime")),
     };
     result.unwrap_or_else(Response::Error)

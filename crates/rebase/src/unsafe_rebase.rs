@@ -5,7 +5,7 @@ use alloc::string::{String, ToString};
 use instar_abi::{ErrorKind, Format, GuestError, RebaseOutcome, RebaseRequest};
 use instar_blockdev::BlockDev;
 use instar_chain::probe::check_format;
-use instar_qcow2::{ChangeBackingError, OpenMode};
+use instar_qcow2::{ChangeBackingError, Header, OpenMode};
 
 use crate::probe::{open_error, qcow2_info};
 use crate::{device, Hooks, IO_ERROR};
@@ -13,7 +13,7 @@ use crate::{device, Hooks, IO_ERROR};
 /// The overlay is always device 0.
 const OVERLAY: u8 = 0;
 
-fn change_error(message: &str) -> GuestError {
+pub(crate) fn change_error(message: &str) -> GuestError {
     GuestError {
         kind: ErrorKind::ChangeBacking,
         message: String::from(message),
@@ -22,7 +22,7 @@ fn change_error(message: &str) -> GuestError {
 
 /// qemu-img's mapping of the errno from `bdrv_change_backing_file`: `EINVAL` with a
 /// name but no format reads "backing format must be specified".
-fn map_change_error(err: ChangeBackingError, has_format: bool) -> GuestError {
+pub(crate) fn map_change_error(err: ChangeBackingError, has_format: bool) -> GuestError {
     match err {
         ChangeBackingError::NoSpace => change_error("No space left in the file header"),
         ChangeBackingError::NameTooLong | ChangeBackingError::DataFileRaw if !has_format => {
@@ -32,6 +32,29 @@ fn map_change_error(err: ChangeBackingError, has_format: bool) -> GuestError {
             change_error("Invalid argument")
         }
     }
+}
+
+/// Refuse images that a read-write open by QEMU would change beyond cluster 0.
+pub(crate) fn check_rewritable(header: &Header) -> Result<(), GuestError> {
+    // A read-write open by QEMU would rewrite more than cluster 0 for these.
+    if header.has_bitmaps() {
+        return Err(open_error(
+            OVERLAY,
+            String::from(
+                "instar does not rebase images with persistent bitmaps (QEMU would rewrite them)",
+            ),
+        ));
+    }
+    if header.dirty() {
+        return Err(open_error(
+            OVERLAY,
+            String::from(
+                "instar does not rebase images with the dirty bit set (QEMU would repair them on open); \
+                 run 'qemu-img check -r all' on the image first",
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn rebase(
@@ -67,24 +90,7 @@ pub(crate) fn rebase(
     }
 
     let (mut header, _) = qcow2_info(dev, OpenMode::ReadWrite, OVERLAY)?;
-    // A read-write open by QEMU would rewrite more than cluster 0 for these.
-    if header.has_bitmaps() {
-        return Err(open_error(
-            OVERLAY,
-            String::from(
-                "instar does not rebase images with persistent bitmaps (QEMU would rewrite them)",
-            ),
-        ));
-    }
-    if header.dirty() {
-        return Err(open_error(
-            OVERLAY,
-            String::from(
-                "instar does not rebase images with the dirty bit set (QEMU would repair them on open); \
-                 run 'qemu-img check -r all' on the image first",
-            ),
-        ));
-    }
+    check_rewritable(&header)?;
     if name.is_some() && format.is_none() {
         return Err(change_error("backing format must be specified"));
     }
