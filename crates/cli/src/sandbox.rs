@@ -49,6 +49,10 @@ pub struct Options {
     pub ram_size: u64,
     /// How long the guest may run without any I/O or progress report.
     pub watchdog: Duration,
+    /// Test-only fault injection (crash-consistency tests): stop the VM right after this
+    /// many completed writes, failing with [`SandboxError::StoppedAfterWrites`]. The
+    /// `instar` binary never sets it; `None` by default.
+    pub stop_after_writes: Option<u64>,
 }
 
 impl Default for Options {
@@ -57,6 +61,7 @@ impl Default for Options {
         Options {
             ram_size: c.ram_size,
             watchdog: c.watchdog,
+            stop_after_writes: c.stop_after_writes,
         }
     }
 }
@@ -88,6 +93,7 @@ pub fn run_detailed(
     let config = instar_vmm::Config {
         ram_size: opts.ram_size,
         watchdog: opts.watchdog,
+        stop_after_writes: opts.stop_after_writes,
     };
     instar_vmm::run(GUEST_ELF, call, &devices, &config, on_progress)
 }

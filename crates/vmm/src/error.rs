@@ -35,6 +35,10 @@ pub enum Error {
     /// The watchdog ended a guest that made no progress.
     #[error("internal error in sandbox: the guest made no progress for {0:?}")]
     Watchdog(Duration),
+    /// Fault injection ([`crate::Config::stop_after_writes`]): the guest was stopped
+    /// right after this many writes reached the device files.
+    #[error("sandbox stopped after {0} writes (fault injection)")]
+    StoppedAfterWrites(u64),
     /// `KVM_RUN` itself failed.
     #[error("internal error in sandbox: KVM_RUN failed: {0}")]
     Run(io::Error),

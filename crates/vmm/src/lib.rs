@@ -43,6 +43,16 @@
 //!   thread exit. Anything else kills the process with SIGSYS. The progress callback
 //!   runs in that thread, so it may only write to stdout/stderr.
 //! - No privileges are needed beyond read/write access to `/dev/kvm`.
+//!
+//! # Fault injection
+//!
+//! [`Config::stop_after_writes`] exists for crash-consistency tests only: with `Some(k)`
+//! the VM is stopped at once after the k-th write request (`VIRTIO_BLK_T_OUT`, summed
+//! over all devices; a flush, a read or a refused write does not count) has reached its
+//! file, and [`run`] returns [`Error::StoppedAfterWrites`]. The guest never sees that
+//! write complete, and nothing after it runs, as if the host process had died right
+//! after the `pwrite`. `Some(0)` stops at the first write request, before it is written.
+//! The `instar` binary always runs with `None`; only a caller of the library can set it.
 
 mod elf;
 mod error;
@@ -78,6 +88,9 @@ pub struct Config {
     pub ram_size: u64,
     /// How long the guest may run without a VM exit before it is stopped.
     pub watchdog: Duration,
+    /// Fault injection for crash-consistency tests (see the crate docs): stop the VM
+    /// right after this many completed writes. `None` (the default) never stops.
+    pub stop_after_writes: Option<u64>,
 }
 
 /// The default watchdog limit.
@@ -88,6 +101,7 @@ impl Default for Config {
         Config {
             ram_size: instar_abi::layout::DEFAULT_RAM_SIZE,
             watchdog: DEFAULT_WATCHDOG,
+            stop_after_writes: None,
         }
     }
 }
@@ -99,6 +113,8 @@ pub struct Outcome {
     pub response: Response,
     /// Whether the guest rang the WRITE_PHASE doorbell (it started writing).
     pub write_phase: bool,
+    /// Write requests that reached the device files (see [`Config::stop_after_writes`]).
+    pub writes: u64,
 }
 
 /// Boot `guest_elf`, give it `call` and `devices`, and wait for its answer.
@@ -137,6 +153,7 @@ pub fn run(
     Ok(Outcome {
         response,
         write_phase: raw.write_phase,
+        writes: raw.writes,
     })
 }
 

@@ -6,6 +6,10 @@
 //! `pread64`/`pwrite64` straight between the file and guest memory. There are no
 //! interrupts: the guest polls the used ring, and a notify is answered by completing
 //! every available request before the vCPU resumes.
+//!
+//! Completed writes are counted in a [`WriteCount`] shared by all devices of a VM; with
+//! a limit set (fault injection for crash-consistency tests), the device that completes
+//! the limit-th write stops serving requests at once and the VM is stopped.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -77,6 +81,25 @@ pub const SEG_MAX: u32 = 128;
 pub const WRITABLE_CAPACITY: u64 = 1 << 50;
 /// GET_ID answer length.
 const ID_LEN: usize = 20;
+
+/// Completed write requests (`VIRTIO_BLK_T_OUT` that reached the file) across the
+/// devices of one VM, and the fault-injection limit.
+#[derive(Debug, Clone, Default)]
+pub struct WriteCount {
+    /// Writes that reached the file so far.
+    pub done: u64,
+    /// Stop the VM once this many writes are done (`Some(0)`: before the first one).
+    pub stop_after: Option<u64>,
+    /// Set when the limit was hit: the device served nothing after that write, and the
+    /// VM must not resume.
+    pub stopped: bool,
+}
+
+impl WriteCount {
+    fn limit_reached(&self) -> bool {
+        self.stop_after.is_some_and(|k| self.done >= k)
+    }
+}
 
 /// The file behind a device: borrowed from the caller, or a read-only reopen of it.
 pub enum Backing<'a> {
@@ -212,7 +235,13 @@ impl<'a> BlockDevice<'a> {
     }
 
     /// An MMIO write at `offset` within this device's window.
-    pub fn mmio_write(&mut self, offset: u64, data: &[u8], mem: &GuestMemory) {
+    pub fn mmio_write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        mem: &GuestMemory,
+        writes: &mut WriteCount,
+    ) {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
@@ -249,7 +278,7 @@ impl<'a> BlockDevice<'a> {
             REG_QUEUE_DRIVER_HIGH if q0 => self.queue.set_avail_ring_address(None, Some(v)),
             REG_QUEUE_DEVICE_LOW if q0 => self.queue.set_used_ring_address(Some(v), None),
             REG_QUEUE_DEVICE_HIGH if q0 => self.queue.set_used_ring_address(None, Some(v)),
-            REG_QUEUE_NOTIFY if v == 0 => self.process_queue(mem),
+            REG_QUEUE_NOTIFY if v == 0 => self.process_queue(mem, writes),
             REG_INTERRUPT_ACK => {}
             REG_STATUS => {
                 if v == 0 {
@@ -262,8 +291,8 @@ impl<'a> BlockDevice<'a> {
         }
     }
 
-    /// Complete every available request.
-    pub fn process_queue(&mut self, mem: &GuestMemory) {
+    /// Complete every available request, or stop as soon as the write limit is hit.
+    pub fn process_queue(&mut self, mem: &GuestMemory, writes: &mut WriteCount) {
         if self.broken || !self.queue.ready() {
             return;
         }
@@ -272,7 +301,12 @@ impl<'a> BlockDevice<'a> {
             let descs: Vec<(GuestAddress, u32, bool)> = chain
                 .map(|d| (d.addr(), d.len(), d.is_write_only()))
                 .collect();
-            let used = self.handle_request(mem, &descs);
+            let used = self.handle_request(mem, &descs, writes);
+            if writes.stopped {
+                // As if the host died right after the write reached the file: the
+                // guest never sees it complete.
+                return;
+            }
             if self.queue.add_used(mem, head, used).is_err() {
                 self.broken = true;
                 return;
@@ -281,7 +315,12 @@ impl<'a> BlockDevice<'a> {
     }
 
     /// Serve one request; returns the number of bytes written to guest memory.
-    fn handle_request(&self, mem: &GuestMemory, descs: &[(GuestAddress, u32, bool)]) -> u32 {
+    fn handle_request(
+        &self,
+        mem: &GuestMemory,
+        descs: &[(GuestAddress, u32, bool)],
+        writes: &mut WriteCount,
+    ) -> u32 {
         // Header (device-readable) first, status byte (device-writable) last.
         let (Some(&(hdr_addr, hdr_len, false)), Some(&(st_addr, st_len, true))) =
             (descs.first(), descs.last())
@@ -307,7 +346,20 @@ impl<'a> BlockDevice<'a> {
         let (status, written) = match req_type {
             T_IN => self.transfer(mem, sector, &data, true),
             T_OUT if !self.writable => (S_IOERR, 0),
-            T_OUT => self.transfer(mem, sector, &data, false),
+            T_OUT => {
+                if writes.limit_reached() {
+                    // Only `Some(0)` gets here: stop before the first write.
+                    writes.stopped = true;
+                    (S_IOERR, 0)
+                } else {
+                    let r = self.transfer(mem, sector, &data, false);
+                    if r.0 == S_OK {
+                        writes.done += 1;
+                        writes.stopped = writes.limit_reached();
+                    }
+                    r
+                }
+            }
             T_FLUSH => {
                 // SAFETY: fdatasync on a file descriptor this device owns or borrows.
                 let r = unsafe { libc::fdatasync(self.fd()) };
@@ -316,6 +368,9 @@ impl<'a> BlockDevice<'a> {
             T_GET_ID => self.get_id(mem, &data),
             _ => (S_UNSUPP, 0),
         };
+        if writes.stopped {
+            return 0;
+        }
         if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
             return 0;
         }
@@ -478,6 +533,7 @@ mod tests {
         dev: BlockDevice<'a>,
         next_desc: u16,
         avail_idx: u16,
+        writes: WriteCount,
     }
 
     impl<'a> Driver<'a> {
@@ -489,6 +545,7 @@ mod tests {
                 dev: BlockDevice::new(3, Backing::Borrowed(file), len, writable),
                 next_desc: 0,
                 avail_idx: 0,
+                writes: WriteCount::default(),
             };
             d.w(REG_STATUS, 1 | 2);
             d.w(REG_DRIVER_FEATURES_SEL, 1);
@@ -502,7 +559,8 @@ mod tests {
             d
         }
         fn w(&mut self, reg: u64, v: u32) {
-            self.dev.mmio_write(reg, &v.to_le_bytes(), &self.mem);
+            self.dev
+                .mmio_write(reg, &v.to_le_bytes(), &self.mem, &mut self.writes);
         }
         fn r(&mut self, reg: u64) -> u32 {
             let mut b = [0u8; 4];
@@ -692,6 +750,101 @@ mod tests {
             let b: u8 = d.mem.read_obj(GuestAddress(BUF + 0x1000 * k)).unwrap();
             assert_eq!(b, 4 * k as u8);
         }
+    }
+
+    /// Queue a write of `fill` bytes at `sector`, a flush, and another write, all in one
+    /// notify; return the statuses' addresses.
+    fn queue_write(d: &mut Driver<'_>, slot: u64, t: u32, sector: u64, fill: u8) -> u64 {
+        let hdr = BUF - 0x1000 + 0x100 * slot;
+        let st = hdr + 0x40;
+        let buf = BUF + 0x1000 * slot;
+        d.header(hdr, t, sector);
+        d.mem.write_obj(0xffu8, GuestAddress(st)).unwrap();
+        if t == T_FLUSH {
+            d.add(&[(hdr, 16, false), (st, 1, true)]);
+        } else {
+            d.mem.write_slice(&[fill; 512], GuestAddress(buf)).unwrap();
+            d.add(&[(hdr, 16, false), (buf, 512, false), (st, 1, true)]);
+        }
+        st
+    }
+
+    #[test]
+    fn write_limit_stops_right_after_the_kth_write() {
+        // Writes of sectors 0, 1, 2 with a flush between the first two, in one notify.
+        let plan = [
+            (T_OUT, 0, 1u8),
+            (T_FLUSH, 0, 0),
+            (T_OUT, 1, 2),
+            (T_OUT, 2, 3),
+        ];
+        for k in 0..=4u64 {
+            let (t, file) = temp(&format!("limit{k}"), &[0u8; 2048]);
+            let mut d = Driver::new(&file, true);
+            d.writes.stop_after = Some(k);
+            let st: Vec<u64> = plan
+                .iter()
+                .enumerate()
+                .map(|(i, &(ty, sector, fill))| queue_write(&mut d, i as u64, ty, sector, fill))
+                .collect();
+            d.notify();
+            let written = k.min(3);
+            assert_eq!(d.writes.done, written, "k={k}");
+            assert_eq!(d.writes.stopped, k <= 3, "k={k}");
+            let after = std::fs::read(&t.0).unwrap();
+            for s in 0..4u64 {
+                let want = if s < written { s as u8 + 1 } else { 0 };
+                let got = &after[(s * 512) as usize..][..512];
+                assert!(got.iter().all(|&b| b == want), "k={k} sector {s}");
+            }
+            // The stopping write and everything after it never complete.
+            let used = d.used_idx() as u64;
+            let completed = match k {
+                0 => 0,
+                1 => 0,
+                2 => 2,
+                3 => 3,
+                _ => 4,
+            };
+            assert_eq!(used, completed, "k={k}");
+            let last_status: u8 = d.status(st[3]);
+            assert_eq!(last_status, if k > 3 { S_OK } else { 0xff }, "k={k}");
+        }
+    }
+
+    #[test]
+    fn refused_and_failed_writes_and_flushes_do_not_count() {
+        let (t, file) = temp("nocount", &[5u8; 1024]);
+        let mut d = Driver::new(&file, false);
+        d.writes.stop_after = Some(1);
+        d.mem.write_slice(&[1u8; 512], GuestAddress(BUF)).unwrap();
+        assert_eq!(d.request(T_OUT, 0, 512, false), (S_IOERR, 1));
+        assert_eq!(d.writes.done, 0);
+        assert!(!d.writes.stopped);
+        assert_eq!(std::fs::read(&t.0).unwrap(), vec![5u8; 1024]);
+
+        let mut d = Driver::new(&file, true);
+        d.writes.stop_after = Some(1);
+        // Misaligned, and beyond the capacity: refused, not counted.
+        assert_eq!(d.request(T_OUT, 0, 100, false).0, S_IOERR);
+        assert_eq!(d.request(T_OUT, u64::MAX / 512, 512, false).0, S_IOERR);
+        let st = queue_write(&mut d, 0, T_FLUSH, 0, 0);
+        d.notify();
+        assert_eq!(d.status(st), S_OK);
+        assert_eq!((d.writes.done, d.writes.stopped), (0, false));
+        // Reads neither.
+        assert_eq!(d.request(T_IN, 0, 512, true).0, S_OK);
+        assert_eq!((d.writes.done, d.writes.stopped), (0, false));
+    }
+
+    #[test]
+    fn without_a_limit_writes_are_only_counted() {
+        let (_t, file) = temp("count", &[0u8; 512]);
+        let mut d = Driver::new(&file, true);
+        for _ in 0..5 {
+            assert_eq!(d.request(T_OUT, 0, 512, false).0, S_OK);
+        }
+        assert_eq!((d.writes.done, d.writes.stopped), (5, false));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 
 use crate::memory::{self, GuestMemory};
-use crate::virtio_blk::{Backing, BlockDevice};
+use crate::virtio_blk::{Backing, BlockDevice, WriteCount};
 use crate::watchdog::Watchdog;
 use crate::{seccomp, Config, Device, Error};
 
@@ -30,6 +30,7 @@ pub enum RawExit {
 pub struct RawOutcome {
     pub exit: RawExit,
     pub write_phase: bool,
+    pub writes: u64,
 }
 
 const CR0_PE: u64 = 1;
@@ -227,6 +228,10 @@ pub fn run_on_this_thread(
     // Everything the loop needs is allocated before the filter goes on.
     let mut response = vec![0u8; RESPONSE_SIZE];
     let mut write_phase = false;
+    let mut writes = WriteCount {
+        stop_after: config.stop_after_writes,
+        ..WriteCount::default()
+    };
     seccomp::apply(&program)?;
 
     let exit = loop {
@@ -270,7 +275,10 @@ pub fn run_on_this_thread(
                         Err(_) => Step::Fault(format!("doorbell write of {} bytes", data.len())),
                     }
                 } else if let Some((dev, off)) = virtio_target(&mut blk, addr) {
-                    dev.mmio_write(off, data, &mem);
+                    dev.mmio_write(off, data, &mem, &mut writes);
+                    if writes.stopped {
+                        return Err(Error::StoppedAfterWrites(writes.done));
+                    }
                     Step::Continue
                 } else {
                     Step::Fault(format!("write to unmapped address {addr:#x}"))
@@ -305,7 +313,11 @@ pub fn run_on_this_thread(
             Step::Fault(what) => return Err(fault_at(&vcpu, &what)),
         }
     };
-    Ok(RawOutcome { exit, write_phase })
+    Ok(RawOutcome {
+        exit,
+        write_phase,
+        writes: writes.done,
+    })
 }
 
 /// The device whose MMIO window holds `addr`, and the offset inside it.
