@@ -772,6 +772,41 @@ fn persistent_bitmaps_refused() {
         &["-u", "-b", "base.qcow2", "-F", "qcow2", "ovl.qcow2"],
         "bitmap",
     );
+    // A stale bitmaps extension (autoclear bit 0 clear, as left by a program without
+    // bitmap support): qemu-img warns, drops the extension and leaks the bitmap clusters;
+    // instar refuses it like any image with a bitmaps extension.
+    let stale = |fx: &Fx| {
+        build(fx);
+        fx.edit("ovl.qcow2", |b| {
+            let v = be64(b, off::AUTOCLEAR) & !1;
+            put64(b, off::AUTOCLEAR, v);
+        });
+    };
+    instar_refuses(
+        "stale-bitmaps",
+        &stale,
+        &["-u", "-b", "base.qcow2", "-F", "qcow2", "ovl.qcow2"],
+        "bitmap",
+    );
+}
+
+#[test]
+fn raw_file_forced_as_qcow2() {
+    same_error(
+        "raw-as-qcow2",
+        &|fx| fx.create("raw", "r.img", "1M", &[]),
+        &[
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "r.img",
+        ],
+        None,
+    );
 }
 
 #[test]

@@ -1111,3 +1111,19 @@ fn v2_name_exactly_fills_512_byte_cluster() {
         }),
     });
 }
+
+#[test]
+fn unknown_compatible_bit_kept() {
+    run_case(&Case {
+        name: "compat-bit",
+        overlay: "ovl.qcow2",
+        probe: true,
+        version_notes: &[],
+        build: &|fx| {
+            chain(fx, &[]);
+            fx.edit("ovl.qcow2", |b| put64(b, off::COMPATIBLE, 1 << 5));
+            vec![s(&["-u", "-b", "base2.qcow2", "-F", "qcow2"])]
+        },
+        post: None,
+    });
+}

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use instar_blockdev::{IoError, MemDev};
 use instar_qcow2::header::{Header, OpenMode};
-use instar_qcow2::writer::{BackingRead, IoOp, Writer};
+use instar_qcow2::writer::{BackingRead, Finish, IoOp, Writer};
 
 const DEFAULT_BIN: &str = "/root/.cache/instar/qemu/10.2.2/bin";
 
@@ -98,7 +98,13 @@ struct Scenario {
 }
 
 impl Scenario {
-    fn new(name: &str, compat: &'static str, cluster_size: u64, refcount_bits: u32, size: u64) -> Self {
+    fn new(
+        name: &str,
+        compat: &'static str,
+        cluster_size: u64,
+        refcount_bits: u32,
+        size: u64,
+    ) -> Self {
         Scenario {
             name: name.into(),
             compat,
@@ -128,7 +134,9 @@ impl BackingRead for RawBacking {
 
 fn data_map(p: &Path) -> String {
     let script = "import os,sys\nfd=os.open(sys.argv[1],os.O_RDONLY)\nsize=os.fstat(fd).st_size\noff=0\nout=[]\nwhile off<size:\n    try:\n        d=os.lseek(fd,off,os.SEEK_DATA)\n    except OSError:\n        break\n    h=os.lseek(fd,d,os.SEEK_HOLE)\n    out.append('%x-%x'%(d,h))\n    off=h\nprint(' '.join(out))\n";
-    run(Command::new("python3").arg("-c").arg(script).arg(p)).trim().to_string()
+    run(Command::new("python3").arg("-c").arg(script).arg(p))
+        .trim()
+        .to_string()
 }
 
 /// Copy `src` to `dst` keeping exactly the source's data/hole map.
@@ -157,11 +165,14 @@ fn qemu_io_session(q: &Qemu, img: &Path, reqs: &[Req]) {
     }
     c.arg(img);
     let out = run(&mut c);
-    assert!(!out.contains("error") && !out.contains("failed"), "qemu-io: {out}");
+    assert!(
+        !out.contains("error") && !out.contains("failed"),
+        "qemu-io: {out}"
+    );
 }
 
 /// Run one scenario; panics with a description of the first difference.
-fn check(q: &Qemu, sc: &Scenario) {
+fn check(q: &Qemu, sc: &Scenario) -> (Header, Finish) {
     let dir = scratch(&sc.name);
     let img = dir.join("img.qcow2");
     let mut backing_bytes = None;
@@ -186,13 +197,20 @@ fn check(q: &Qemu, sc: &Scenario) {
     run(&mut c);
     qemu_io_session(q, &img, &sc.setup);
     if sc.snapshot {
-        run(Command::new(&q.img).args(["snapshot", "-c", "snap1"]).arg(&img));
+        run(Command::new(&q.img)
+            .args(["snapshot", "-c", "snap1"])
+            .arg(&img));
     }
     let a = dir.join("a.qcow2");
     let b = dir.join("b.qcow2");
     sparse_copy(&img, &a);
     sparse_copy(&img, &b);
-    assert_eq!(data_map(&img), data_map(&b), "{}: cp changed the hole map", sc.name);
+    assert_eq!(
+        data_map(&img),
+        data_map(&b),
+        "{}: cp changed the hole map",
+        sc.name
+    );
 
     // QEMU.
     qemu_io_session(q, &a, &sc.reqs);
@@ -200,25 +218,33 @@ fn check(q: &Qemu, sc: &Scenario) {
     // Writer.
     let mut dev = MemDev::new(fs::read(&b).unwrap());
     let hdr = Header::read(&mut dev, OpenMode::ReadWrite).unwrap();
-    let (dev, log) = match backing_bytes {
+    let (dev, log, fin) = match backing_bytes {
         Some(bytes) => {
             let mut w = Writer::open_with_backing(dev, &hdr, RawBacking(bytes)).unwrap();
             apply(&mut w, &sc.reqs, &sc.name);
             let log = w.io_log().to_vec();
-            (w.finish().unwrap().0, log)
+            let (d, fin) = w.finish().unwrap();
+            (d, log, fin)
         }
         None => {
             let mut w = Writer::open(dev, &hdr, false).unwrap();
             apply(&mut w, &sc.reqs, &sc.name);
             let log = w.io_log().to_vec();
             let (d, fin) = w.finish().unwrap();
-            assert_eq!(fin.incompatible_features, hdr.incompatible_features);
-            (d, log)
+            (d, log, fin)
         }
     };
+    assert_eq!(fin.incompatible_features, hdr.incompatible_features);
     let mut log = log;
     // finish() may have written more.
-    log.extend(dev.writes[log.iter().filter(|o| !matches!(o, IoOp::Flush)).count()..].iter().map(|&(o, l)| IoOp::Write { offset: o, len: l as u64 }));
+    log.extend(
+        dev.writes[log.iter().filter(|o| !matches!(o, IoOp::Flush)).count()..]
+            .iter()
+            .map(|&(o, l)| IoOp::Write {
+                offset: o,
+                len: l as u64,
+            }),
+    );
 
     // Replay the writer's device operations onto the sparse copy, so the file system
     // sees the same write pattern.
@@ -228,7 +254,8 @@ fn check(q: &Qemu, sc: &Scenario) {
             match *op {
                 IoOp::Write { offset, len } => {
                     let s = offset as usize;
-                    f.write_all_at(&dev.data[s..s + len as usize], offset).unwrap();
+                    f.write_all_at(&dev.data[s..s + len as usize], offset)
+                        .unwrap();
                 }
                 IoOp::ZeroRange { offset, len } => {
                     run(Command::new("fallocate")
@@ -242,7 +269,11 @@ fn check(q: &Qemu, sc: &Scenario) {
     }
     let qa = fs::read(&a).unwrap();
     let qb = fs::read(&b).unwrap();
-    assert_eq!(qb, dev.data, "{}: replay differs from the in-memory result", sc.name);
+    assert_eq!(
+        qb, dev.data,
+        "{}: replay differs from the in-memory result",
+        sc.name
+    );
     if qa != dev.data {
         let first = qa.iter().zip(dev.data.iter()).position(|(x, y)| x != y);
         panic!(
@@ -255,11 +286,26 @@ fn check(q: &Qemu, sc: &Scenario) {
         );
     }
     let (ma, mb) = (data_map(&a), data_map(&b));
-    assert_eq!(ma, mb, "{}: data/hole maps differ in {}", sc.name, dir.display());
+    assert_eq!(
+        ma,
+        mb,
+        "{}: data/hole maps differ in {}",
+        sc.name,
+        dir.display()
+    );
     let out = run(Command::new(&q.img).args(["check", "-f", "qcow2"]).arg(&b));
-    assert!(out.contains("No errors were found"), "{}: qemu-img check: {out}", sc.name);
-    assert!(!out.contains("leaked"), "{}: qemu-img check: {out}", sc.name);
+    assert!(
+        out.contains("No errors were found"),
+        "{}: qemu-img check: {out}",
+        sc.name
+    );
+    assert!(
+        !out.contains("leaked"),
+        "{}: qemu-img check: {out}",
+        sc.name
+    );
     let _ = fs::remove_dir_all(&dir);
+    (hdr, fin)
 }
 
 fn apply<B: BackingRead>(w: &mut Writer<MemDev, B>, reqs: &[Req], name: &str) {
@@ -289,7 +335,12 @@ const M: u64 = 1024 * 1024;
 fn writer_fresh_64k() {
     let Some(q) = qemu() else { return };
     let mut s = Scenario::new("fresh64k", "1.1", 64 * K, 16, 64 * M);
-    s.reqs = vec![w(0, 128 * K, 0x55), z(M, 64 * K), w(3 * M, 64 * K, 0x66), w(64 * K, 64 * K, 0x77)];
+    s.reqs = vec![
+        w(0, 128 * K, 0x55),
+        z(M, 64 * K),
+        w(3 * M, 64 * K, 0x66),
+        w(64 * K, 64 * K, 0x77),
+    ];
     check(&q, &s);
 }
 
@@ -298,11 +349,38 @@ fn writer_small_clusters_refblocks_and_reftable_growth() {
     let Some(q) = qemu() else { return };
     for bits in [16u32, 64] {
         let mut s = Scenario::new(&format!("grow512-{bits}"), "1.1", 512, bits, 64 * M);
-        s.reqs = vec![w(0, 64 * K, 1), w(64 * K, M, 2), w(4 * M, 3 * M, 3), z(16 * M, M), w(20 * M, 2 * M, 4)];
+        s.reqs = vec![
+            w(0, 64 * K, 1),
+            w(64 * K, M, 2),
+            w(4 * M, 3 * M, 3),
+            z(16 * M, M),
+            w(20 * M, 2 * M, 4),
+        ];
         check(&q, &s);
     }
+    // Worked examples D and the second growth: the reftable moves twice.
     let mut s = Scenario::new("grow512-8M", "1.1", 512, 16, 64 * M);
     s.reqs = vec![w(0, 8 * M, 1)];
+    let (h, fin) = check(&q, &s);
+    assert_eq!(
+        (h.refcount_table_offset, fin.refcount_table_offset),
+        (512, 0x820200)
+    );
+    assert_eq!(fin.refcount_table_clusters, 2);
+    let mut s = Scenario::new("grow512-24M", "1.1", 512, 16, 64 * M);
+    s.reqs = vec![
+        w(0, 64 * K, 1),
+        w(64 * K, 8 * M, 2),
+        w(8 * M + 64 * K, 16 * M, 3),
+    ];
+    let (_, fin) = check(&q, &s);
+    assert_eq!(fin.refcount_table_clusters, 4);
+    // Worked example E: the retried L2 allocation lands in the freed old reftable.
+    let mut s = Scenario::new("l2-in-old-reftable", "1.1", 512, 16, 64 * M);
+    s.reqs = vec![w(0, 7864320, 1)];
+    for k in 0..344 {
+        s.reqs.push(w(16 * M + k * 32 * K, 512, 2));
+    }
     check(&q, &s);
 }
 
@@ -311,7 +389,12 @@ fn writer_refcount_widths() {
     let Some(q) = qemu() else { return };
     for bits in [1u32, 2, 4, 8, 16, 32, 64] {
         let mut s = Scenario::new(&format!("rc{bits}"), "1.1", 4 * K, bits, 32 * M);
-        s.reqs = vec![w(0, 256 * K, 1), w(M, 2 * M, 2), z(4 * M, 64 * K), w(8 * M, 4 * K, 3)];
+        s.reqs = vec![
+            w(0, 256 * K, 1),
+            w(M, 2 * M, 2),
+            z(4 * M, 64 * K),
+            w(8 * M, 4 * K, 3),
+        ];
         check(&q, &s);
     }
 }
@@ -319,7 +402,12 @@ fn writer_refcount_widths() {
 #[test]
 fn writer_v2_zeroes() {
     let Some(q) = qemu() else { return };
-    let reqs = vec![w(0, 128 * K, 1), z(64 * K, 192 * K), z(M, M), w(2 * M, 64 * K, 2)];
+    let reqs = vec![
+        w(0, 128 * K, 1),
+        z(64 * K, 192 * K),
+        z(M, M),
+        w(2 * M, 64 * K, 2),
+    ];
     let mut s = Scenario::new("v2-nobacking", "0.10", 64 * K, 16, 64 * M);
     s.reqs = reqs.clone();
     check(&q, &s);
@@ -333,7 +421,13 @@ fn writer_v2_zeroes() {
 fn writer_v3_zeroes_zero_alloc() {
     let Some(q) = qemu() else { return };
     let mut s = Scenario::new("v3zero", "1.1", 64 * K, 16, 64 * M);
-    s.reqs = vec![w(0, 128 * K, 1), z(64 * K, 192 * K), z(M, M), w(64 * K, 64 * K, 2), w(2 * M, 64 * K, 3)];
+    s.reqs = vec![
+        w(0, 128 * K, 1),
+        z(64 * K, 192 * K),
+        z(M, M),
+        w(64 * K, 64 * K, 2),
+        w(2 * M, 64 * K, 3),
+    ];
     check(&q, &s);
     let mut s = Scenario::new("v3zero-backing", "1.1", 64 * K, 16, 64 * M);
     s.backing = Some(2 * M);
@@ -380,6 +474,24 @@ fn writer_unaligned_disk_end() {
 }
 
 #[test]
+fn writer_l2_slices() {
+    let Some(q) = qemu() else { return };
+    // 300 GiB with 64 KiB clusters: the L2 cache uses 4 KiB slices.
+    let mut s = Scenario::new("slices", "1.1", 64 * K, 16, 300 << 30);
+    s.reqs = vec![
+        w(0, 64 * K, 1),
+        w(30 * M, 4 * M, 2),
+        w(200 << 30, 64 * M, 3),
+        z(100 << 30, 64 * M),
+    ];
+    check(&q, &s);
+    let mut s = Scenario::new("slices-extl2", "1.1", 64 * K, 16, 300 << 30);
+    s.extended_l2 = true;
+    s.reqs = vec![w(15 * M, 2 * M, 2), z(16 * M - 2 * K, 4 * K)];
+    check(&q, &s);
+}
+
+#[test]
 fn writer_two_mib_clusters() {
     let Some(q) = qemu() else { return };
     let mut s = Scenario::new("c2m", "1.1", 2 * M, 16, 64 * M);
@@ -393,13 +505,23 @@ fn writer_internal_snapshot() {
     let mut s = Scenario::new("snap", "1.1", 64 * K, 16, 64 * M);
     s.setup = vec![w(0, 256 * K, 1), w(M, 64 * K, 2)];
     s.snapshot = true;
-    s.reqs = vec![w(64 * K, 64 * K, 3), w(512 * K, 64 * K, 4), w(M, 64 * K, 5), z(128 * K, 64 * K), w(0, 128 * K, 6)];
+    s.reqs = vec![
+        w(64 * K, 64 * K, 3),
+        w(512 * K, 64 * K, 4),
+        w(M, 64 * K, 5),
+        z(128 * K, 64 * K),
+        w(0, 128 * K, 6),
+    ];
     check(&q, &s);
     let mut s = Scenario::new("snap-extl2", "1.1", 64 * K, 16, 64 * M);
     s.extended_l2 = true;
     s.setup = vec![w(0, 2 * K, 1), w(8 * K, 4 * K, 1), w(M, 64 * K, 2)];
     s.snapshot = true;
-    s.reqs = vec![w(4 * K, 2 * K, 3), w(M + 2 * K, 2 * K, 4), z(M + 8 * K, 2 * K)];
+    s.reqs = vec![
+        w(4 * K, 2 * K, 3),
+        w(M + 2 * K, 2 * K, 4),
+        z(M + 8 * K, 2 * K),
+    ];
     check(&q, &s);
     let mut s = Scenario::new("snap-v2-512", "0.10", 512, 16, 8 * M);
     s.setup = vec![w(0, 256 * K, 1)];
@@ -507,5 +629,121 @@ fn writer_random_sessions() {
     for f in &failures {
         let _ = writeln!(err, "{f}");
     }
-    assert!(failures.is_empty(), "{} of {n} random cases failed", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {n} random cases failed",
+        failures.len()
+    );
+}
+
+/// A device that keeps every write's bytes, to rebuild the file as it was after any
+/// prefix of the writer's operations.
+struct Journal {
+    inner: MemDev,
+    writes: Vec<(u64, Vec<u8>)>,
+}
+
+impl instar_blockdev::BlockDev for Journal {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), IoError> {
+        self.writes.push((offset, buf.to_vec()));
+        self.inner.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        Ok(())
+    }
+}
+
+/// Stopping after any single device write must leave an image `qemu-img check` accepts
+/// (leaked clusters allowed, exit code 3; corruption not).
+#[test]
+fn writer_crash_consistency() {
+    let Some(q) = qemu() else { return };
+    type Case = (&'static str, &'static str, u32, Vec<Req>, Vec<Req>);
+    let cases: [Case; 2] = [
+        (
+            "crash-v3",
+            "1.1",
+            64,
+            vec![w(0, 64 * K, 1)],
+            vec![
+                w(0, 4 * K, 2),
+                w(M, 2 * M, 3),
+                z(32 * K, 8 * K),
+                w(6 * M, 2 * K, 4),
+            ],
+        ),
+        (
+            "crash-v2",
+            "0.10",
+            16,
+            vec![w(0, 64 * K, 1)],
+            vec![
+                w(M, 64 * K, 3),
+                z(0, 128 * K),
+                z(M, 32 * K),
+                w(2 * M, 8 * K, 5),
+            ],
+        ),
+    ];
+    for (name, compat, bits, setup, reqs) in cases {
+        let dir = scratch(name);
+        let img = dir.join("img.qcow2");
+        run(Command::new(&q.img)
+            .args(["create", "-q", "-f", "qcow2", "-o"])
+            .arg(format!(
+                "compat={compat},cluster_size=512,refcount_bits={bits}"
+            ))
+            .arg(&img)
+            .arg((8 * M).to_string()));
+        qemu_io_session(&q, &img, &setup);
+        run(Command::new(&q.img).args(["snapshot", "-c", "s"]).arg(&img));
+        let orig = fs::read(&img).unwrap();
+        let mut dev = Journal {
+            inner: MemDev::new(orig.clone()),
+            writes: vec![],
+        };
+        let hdr = Header::read(&mut dev, OpenMode::ReadWrite).unwrap();
+        let mut wr = Writer::open(dev, &hdr, false).unwrap();
+        for r in &reqs {
+            match *r {
+                Req::Write { off, len, pat } => wr.write(off, &vec![pat; len as usize]).unwrap(),
+                Req::Zero { off, len } => wr.write_zeroes(off, len).unwrap(),
+            }
+        }
+        let (dev, _) = wr.finish().unwrap();
+        assert!(
+            dev.writes.len() > 20,
+            "{name}: too few writes to be meaningful"
+        );
+        let crashed = dir.join("crashed.qcow2");
+        let mut state = orig;
+        for (i, (off, bytes)) in dev.writes.iter().enumerate() {
+            let end = *off as usize + bytes.len();
+            if state.len() < end {
+                state.resize(end, 0);
+            }
+            state[*off as usize..end].copy_from_slice(bytes);
+            fs::write(&crashed, &state).unwrap();
+            let out = Command::new(&q.img)
+                .args(["check", "-f", "qcow2"])
+                .arg(&crashed)
+                .output()
+                .unwrap();
+            let code = out.status.code();
+            assert!(
+                code == Some(0) || code == Some(3),
+                "{name}: after write {i} of {} ({off:#x}+{:#x}) qemu-img check says {code:?}: {}",
+                dev.writes.len(),
+                bytes.len(),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

@@ -109,7 +109,7 @@ pub(crate) fn rebase<'a>(
             write_align: image.subcluster_size(),
         };
         let mut overlay_status = OverlayAlloc(&mut image);
-        let mut old_content = (old_len > 0).then(|| OldContent(&old));
+        let mut old_content = (old_len > 0).then_some(OldContent(&old));
         let mut in_chain = new_from.map(|k| InChain(&old, k));
         let mut new_content: Option<Box<dyn Content + '_>> = match new_from {
             Some(k) => Some(Box::new(InChainContent(&old, k))),
@@ -132,7 +132,7 @@ pub(crate) fn rebase<'a>(
     // QEMU opens the overlay with its old backing; v2 write-zeroes then fall back to
     // writing zero data. A v2 overlay without a backing file would lose content in
     // QEMU (its zero write becomes a no-op discard): instar writes zero data there too.
-    let old_content = (old_len > 0).then(|| OldContent(&old));
+    let old_content = (old_len > 0).then_some(OldContent(&old));
     let (written_end, finish) = if old_len > 0 || header.version < 3 {
         let writer = Writer::open_with_backing(&mut *overlay, &header, CowBacking(&old));
         write_plan(writer, &plan.ops, old_content)?

@@ -8,7 +8,9 @@ use alloc::vec::Vec;
 use instar_blockdev::BlockDev;
 
 use super::cache::Which;
-use super::table::{sub_alloc_range, sub_zero_range, ClusterType, ScType, SliceRef, BITMAP_ALL_ALLOC};
+use super::table::{
+    sub_alloc_range, sub_zero_range, ClusterType, ScType, SliceRef, BITMAP_ALL_ALLOC,
+};
 use super::{corrupt, BackingRead, WriteError, Writer, REQUEST_MAX_BYTES};
 use crate::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED};
 
@@ -64,7 +66,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     }
 
     /// `qcow2_alloc_host_offset`: the longest host-contiguous chunk from `offset`.
-    fn alloc_host_offset(&mut self, offset: u64, bytes: u64) -> Result<(u64, u64, Vec<Meta>), WriteError> {
+    fn alloc_host_offset(
+        &mut self,
+        offset: u64,
+        bytes: u64,
+    ) -> Result<(u64, u64, Vec<Meta>), WriteError> {
         let mut start = offset;
         let mut remaining = bytes;
         let mut cluster_offset: Option<u64> = None;
@@ -72,13 +78,14 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         let mut metas = Vec::new();
         while remaining > 0 {
             let mut cur = remaining;
-            let progressed = if self.handle_copied(start, &mut cluster_offset, &mut cur, &mut metas)? {
-                true
-            } else if cur == 0 {
-                false
-            } else {
-                self.handle_alloc(start, &mut cluster_offset, &mut cur, &mut metas)?
-            };
+            let progressed =
+                if self.handle_copied(start, &mut cluster_offset, &mut cur, &mut metas)? {
+                    true
+                } else if cur == 0 {
+                    false
+                } else {
+                    self.handle_alloc(start, &mut cluster_offset, &mut cur, &mut metas)?
+                };
             if !progressed {
                 break;
             }
@@ -101,7 +108,12 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
     /// Entries from `s` that can be written by one request: all needing a new
     /// allocation, or all COPIED and host-contiguous.
-    fn count_single_write(&mut self, nb: u64, s: SliceRef, new_alloc: bool) -> Result<u64, WriteError> {
+    fn count_single_write(
+        &mut self,
+        nb: u64,
+        s: SliceRef,
+        new_alloc: bool,
+    ) -> Result<u64, WriteError> {
         let (first, _) = self.l2_get(s, 0)?;
         let mut expected = first & L2E_OFFSET_MASK;
         for i in 0..nb {
@@ -224,7 +236,9 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
         let (e, b) = self.l2_get(s, 0)?;
         let sc = self.sc_of(guest);
-        let t = self.sc_type(e, b, sc).ok_or(corrupt("invalid L2 entry", e))?;
+        let t = self
+            .sc_type(e, b, sc)
+            .ok_or(corrupt("invalid L2 entry", e))?;
         let sc_start = (sc as u64) << self.sc_bits;
         let cow_start_from = match (keep_old, t) {
             (false, ScType::Compressed) => 0,
@@ -244,7 +258,9 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
         let (e, b) = self.l2_get(s, nb - 1)?;
         let sc = self.sc_of(guest + bytes - 1);
-        let t = self.sc_type(e, b, sc).ok_or(corrupt("invalid L2 entry", e))?;
+        let t = self
+            .sc_type(e, b, sc)
+            .ok_or(corrupt("invalid L2 entry", e))?;
         let cow_end_to = match (keep_old, t) {
             (false, ScType::Compressed) => cow_end_from.div_ceil(cs) * cs,
             (false, ScType::Normal | ScType::ZeroAlloc | ScType::UnallocatedAlloc) => {
@@ -255,9 +271,13 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                 }
                 to
             }
-            (false, ScType::ZeroPlain | ScType::UnallocatedPlain) => cow_end_from.div_ceil(sc_size) * sc_size,
+            (false, ScType::ZeroPlain | ScType::UnallocatedPlain) => {
+                cow_end_from.div_ceil(sc_size) * sc_size
+            }
             (true, ScType::Normal) => cow_end_from,
-            (true, ScType::ZeroAlloc | ScType::UnallocatedAlloc) => cow_end_from.div_ceil(sc_size) * sc_size,
+            (true, ScType::ZeroAlloc | ScType::UnallocatedAlloc) => {
+                cow_end_from.div_ceil(sc_size) * sc_size
+            }
             (true, _) => return Err(corrupt("in-place write into an unallocated cluster", e)),
         };
 
@@ -275,7 +295,13 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
     /// `qcow2_co_pwritev_task`: zero-fill padding that reads as zero, write the data
     /// (merged with its padding when it lines up), then link every allocation.
-    fn write_chunk(&mut self, host: u64, guest: u64, data: &[u8], mut metas: Vec<Meta>) -> Result<(), WriteError> {
+    fn write_chunk(
+        &mut self,
+        host: u64,
+        guest: u64,
+        data: &[u8],
+        mut metas: Vec<Meta>,
+    ) -> Result<(), WriteError> {
         // QEMU keeps the list newest first.
         metas.reverse();
         for m in metas.iter_mut() {
@@ -355,7 +381,13 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         let si = self.slice_index(g);
         let slice_off = l2_off + es * (self.l2_index(g) - si);
         self.cache_get(Which::L2, slice_off)?;
-        self.l2_get(SliceRef { offset: slice_off, index: si }, 0)
+        self.l2_get(
+            SliceRef {
+                offset: slice_off,
+                index: si,
+            },
+            0,
+        )
     }
 
     /// Guest content at `g` as the image reads it now (the source of copy-on-write).
@@ -367,7 +399,10 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             let n = ((sc_size - (p & (sc_size - 1))) as usize).min(buf.len() - done);
             let (e, b) = self.lookup(p)?;
             let part = &mut buf[done..done + n];
-            match self.sc_type(e, b, self.sc_of(p)).ok_or(corrupt("invalid L2 entry", e))? {
+            match self
+                .sc_type(e, b, self.sc_of(p))
+                .ok_or(corrupt("invalid L2 entry", e))?
+            {
                 ScType::Normal => {
                     let host = (e & L2E_OFFSET_MASK) + self.offset_into_cluster(p);
                     self.dev.read_at(host, part)?;
@@ -381,7 +416,9 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                     }
                 }
                 ScType::Compressed => {
-                    return Err(WriteError::Unsupported("copy-on-write of a compressed cluster"))
+                    return Err(WriteError::Unsupported(
+                        "copy-on-write of a compressed cluster",
+                    ))
                 }
             }
             done += n;

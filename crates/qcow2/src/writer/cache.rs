@@ -63,13 +63,15 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         if self.cache(w).tables.contains_key(&offset) {
             return Ok(());
         }
-        if offset == 0 || offset % (self.cache(w).table_size as u64) != 0 {
+        if offset == 0 || !offset.is_multiple_of(self.cache(w).table_size as u64) {
             return Err(corrupt("metadata table offset", offset));
         }
         let size = self.cache(w).table_size;
         let mut data = vec![0u8; size];
         self.dev.read_at(offset, &mut data)?;
-        self.cache(w).tables.insert(offset, Table { data, dirty: false });
+        self.cache(w)
+            .tables
+            .insert(offset, Table { data, dirty: false });
         Ok(())
     }
 

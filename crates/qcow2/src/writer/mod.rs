@@ -222,12 +222,16 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             return Err(WriteError::Unsupported("qcow2 version"));
         }
         if h.refcount_order > 6 {
-            return Err(corrupt("refcount_order out of range", h.refcount_order as u64));
+            return Err(corrupt(
+                "refcount_order out of range",
+                h.refcount_order as u64,
+            ));
         }
         if h.crypt_method != 0 {
             return Err(WriteError::Unsupported("encrypted image"));
         }
-        if h.data_file.is_some() || h.incompatible_features & crate::header::INCOMPAT_DATA_FILE != 0 {
+        if h.data_file.is_some() || h.incompatible_features & crate::header::INCOMPAT_DATA_FILE != 0
+        {
             return Err(WriteError::Unsupported("external data file"));
         }
         if h.incompatible_features & crate::header::INCOMPAT_CORRUPT != 0 {
@@ -235,30 +239,45 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         }
         if h.incompatible_features & INCOMPAT_DIRTY != 0 {
             // QEMU repairs refcounts before writing to a dirty image.
-            return Err(WriteError::Unsupported("dirty image (needs a refcount repair)"));
+            return Err(WriteError::Unsupported(
+                "dirty image (needs a refcount repair)",
+            ));
         }
         let cluster_bits = h.cluster_bits;
         let cs = 1u64 << cluster_bits;
         let ext_l2 = h.extended_l2();
         if ext_l2 && (h.version < 3 || cluster_bits < 14) {
-            return Err(corrupt("extended L2 with clusters below 16 KiB", cluster_bits as u64));
+            return Err(corrupt(
+                "extended L2 with clusters below 16 KiB",
+                cluster_bits as u64,
+            ));
         }
         let entry_size = crate::entry::l2_entry_size(ext_l2);
         let l2_entries = cs / entry_size;
-        let sc_bits = if ext_l2 { cluster_bits - 5 } else { cluster_bits };
+        let sc_bits = if ext_l2 {
+            cluster_bits - 5
+        } else {
+            cluster_bits
+        };
         let disk_size = h.size / 512 * 512;
 
         // L2 cache geometry (read_cache_sizes): 4 KiB slices when 32 MiB cannot cover
         // the whole disk.
         let max_l2_entries = disk_size.div_ceil(cs);
         let max_l2_cache = (max_l2_entries * entry_size).div_ceil(cs) * cs;
-        let slice_bytes = if DEFAULT_L2_CACHE_MAX < max_l2_cache { cs.min(4096) } else { cs };
+        let slice_bytes = if DEFAULT_L2_CACHE_MAX < max_l2_cache {
+            cs.min(4096)
+        } else {
+            cs
+        };
         let l2_slice_entries = slice_bytes / entry_size;
 
         // L1 table.
         let l1_offset = h.l1_table_offset;
-        let l1_bytes = (h.l1_size as u64).checked_mul(8).ok_or(corrupt("l1_size", 0))?;
-        if h.l1_size > 0 && (l1_offset % cs != 0 || l1_offset == 0) {
+        let l1_bytes = (h.l1_size as u64)
+            .checked_mul(8)
+            .ok_or(corrupt("l1_size", 0))?;
+        if h.l1_size > 0 && (!l1_offset.is_multiple_of(cs) || l1_offset == 0) {
             return Err(corrupt("L1 table offset", l1_offset));
         }
         if l1_bytes > 32 << 20 {
@@ -276,7 +295,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
         // Refcount table.
         let rt_offset = h.refcount_table_offset;
-        if rt_offset % cs != 0 || rt_offset == 0 {
+        if !rt_offset.is_multiple_of(cs) || rt_offset == 0 {
             return Err(corrupt("refcount table offset", rt_offset));
         }
         let rt_bytes = (h.refcount_table_clusters as u64) << cluster_bits;
@@ -346,8 +365,13 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         self.check_request(guest_offset, len)?;
         let align = 1u64 << self.sc_bits;
         let end = guest_offset + len;
-        if guest_offset % align != 0 || (end % align != 0 && end != self.disk_size) {
-            return Err(WriteError::BadRequest { offset: guest_offset, len });
+        if !guest_offset.is_multiple_of(align)
+            || (!end.is_multiple_of(align) && end != self.disk_size)
+        {
+            return Err(WriteError::BadRequest {
+                offset: guest_offset,
+                len,
+            });
         }
         self.pwrite_zeroes(guest_offset, len)
     }
@@ -358,7 +382,8 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     pub fn finish(mut self) -> Result<(D, Finish), WriteError> {
         self.cache_flush(cache::Which::L2)?;
         self.cache_flush(cache::Which::Refcount)?;
-        let dirty_set = self.incompat & INCOMPAT_DIRTY != 0 && self.incompat_at_open & INCOMPAT_DIRTY == 0;
+        let dirty_set =
+            self.incompat & INCOMPAT_DIRTY != 0 && self.incompat_at_open & INCOMPAT_DIRTY == 0;
         if dirty_set {
             self.incompat &= !INCOMPAT_DIRTY;
             let v = self.incompat.to_be_bytes();
@@ -403,7 +428,10 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             return Ok(());
         }
         self.dev.write_at(offset, buf)?;
-        self.log.push(IoOp::Write { offset, len: buf.len() as u64 });
+        self.log.push(IoOp::Write {
+            offset,
+            len: buf.len() as u64,
+        });
         Ok(())
     }
 

@@ -62,7 +62,7 @@ pub(crate) fn set_refcount(block: &mut [u8], index: u64, order: u32, value: u64)
 /// plus the refcount structures themselves (generous: 50 % more table).
 pub(crate) fn refblocks_needed(clusters: u64, cluster_size: u64, order: u32) -> u64 {
     let per_table_cluster = cluster_size / 8;
-    let per_block = cluster_size * 8 >> order;
+    let per_block = (cluster_size * 8) >> order;
     let mut clusters = clusters;
     let mut generous = true;
     let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
@@ -107,7 +107,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         self.cache_get(Which::Refcount, off)?;
         let order = self.refcount_order;
         let idx = cluster & (self.rb_entries() - 1);
-        Ok(get_refcount(&self.table(Which::Refcount, off)?.data, idx, order))
+        Ok(get_refcount(
+            &self.table(Which::Refcount, off)?.data,
+            idx,
+            order,
+        ))
     }
 
     /// `alloc_clusters_noref`: first run of `n` free clusters at or after the cursor.
@@ -200,7 +204,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             tbl.dirty = true;
             let rc = get_refcount(&tbl.data, idx, order);
             let new = if decrease {
-                rc.checked_sub(1).ok_or(corrupt("refcount below zero", c << 0))?
+                rc.checked_sub(1).ok_or(corrupt("refcount below zero", c))?
             } else {
                 match rc.checked_add(1) {
                     Some(v) if v <= max => v,
@@ -226,7 +230,12 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         Ok(Flow::Done)
     }
 
-    fn update_refcount_undo(&mut self, start: u64, n: u64, decrease: bool) -> Result<(), WriteError> {
+    fn update_refcount_undo(
+        &mut self,
+        start: u64,
+        n: u64,
+        decrease: bool,
+    ) -> Result<(), WriteError> {
         match self.update_refcount(start, n, !decrease)? {
             Flow::Done => Ok(()),
             Flow::Again => Err(corrupt("refcount undo needed a new block", start)),
@@ -283,7 +292,12 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
     /// `qcow2_refcount_area` (generous, no additional clusters): new refcount blocks and
     /// a new refcount table at cluster `meta_start`, covering themselves.
-    fn refcount_area(&mut self, meta_start: u64, new_index: u64, new_off: u64) -> Result<(), WriteError> {
+    fn refcount_area(
+        &mut self,
+        meta_start: u64,
+        new_index: u64,
+        new_off: u64,
+    ) -> Result<(), WriteError> {
         let cs = self.cluster_size;
         let order = self.refcount_order;
         let total = refblocks_needed(meta_start, cs, order);
@@ -299,10 +313,16 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         let table_clusters = table_size * 8 / cs;
 
         let mut new_table = vec![0u64; table_size as usize];
-        let keep = self.max_rt_index.map_or(0, |m| m + 1).min(table_size as usize);
+        let keep = self
+            .max_rt_index
+            .map_or(0, |m| m + 1)
+            .min(table_size as usize);
         new_table[..keep].copy_from_slice(&self.rt[..keep]);
         if new_index >= total {
-            return Err(corrupt("new refcount block outside the new table", new_index));
+            return Err(corrupt(
+                "new refcount block outside the new table",
+                new_index,
+            ));
         }
         new_table[new_index as usize] = new_off;
 

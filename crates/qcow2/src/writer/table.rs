@@ -5,9 +5,7 @@ use instar_blockdev::BlockDev;
 
 use super::cache::Which;
 use super::{corrupt, BackingRead, WriteError, Writer};
-use crate::entry::{
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
-};
+use crate::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ClusterType {
@@ -40,7 +38,11 @@ pub(crate) fn sub_alloc_range(from: u32, to: u32) -> u64 {
     if to <= from {
         return 0;
     }
-    let span = if to - from >= 32 { 0xffff_ffffu64 } else { (1u64 << (to - from)) - 1 };
+    let span = if to - from >= 32 {
+        0xffff_ffffu64
+    } else {
+        (1u64 << (to - from)) - 1
+    };
     span << from
 }
 
@@ -144,11 +146,21 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         let t = self.table(Which::L2, s.offset)?;
         let p = (s.index + i) as usize * es;
         let e = super::be64(&t.data[p..]);
-        let b = if ext { super::be64(&t.data[p + 8..]) } else { 0 };
+        let b = if ext {
+            super::be64(&t.data[p + 8..])
+        } else {
+            0
+        };
         Ok((e, b))
     }
 
-    pub(crate) fn l2_set(&mut self, s: SliceRef, i: u64, e: u64, bitmap: Option<u64>) -> Result<(), WriteError> {
+    pub(crate) fn l2_set(
+        &mut self,
+        s: SliceRef,
+        i: u64,
+        e: u64,
+        bitmap: Option<u64>,
+    ) -> Result<(), WriteError> {
         let es = self.l2_esize() as usize;
         let ext = self.ext_l2;
         let t = self.table(Which::L2, s.offset)?;
@@ -205,7 +217,10 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         let slice_index = self.slice_index(guest);
         let slice_off = l2_off + es * (l2_index - slice_index);
         self.cache_get(Which::L2, slice_off)?;
-        Ok(SliceRef { offset: slice_off, index: slice_index })
+        Ok(SliceRef {
+            offset: slice_off,
+            index: slice_index,
+        })
     }
 
     /// `l2_allocate`: a new table (zeros, or a copy of the old one), written before the

@@ -66,7 +66,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         let mut end = offset + bytes;
         let head = end.min(off.div_ceil(cs) * cs) - off;
         off += head;
-        let tail = if end >= self.disk_size { 0 } else { end - off.max(end & !(cs - 1)) };
+        let tail = if end >= self.disk_size {
+            0
+        } else {
+            end - off.max(end & !(cs - 1))
+        };
         end -= tail;
         let sc_size = 1u64 << self.sc_bits;
         if head != 0 && !self.zero_l2_subclusters(off - head, head.div_ceil(sc_size))? {
