@@ -775,7 +775,7 @@ fn persistent_bitmaps_refused() {
     // A stale bitmaps extension (autoclear bit 0 clear, as left by a program without
     // bitmap support): qemu-img warns, drops the extension and leaks the bitmap clusters;
     // instar refuses it like any image with a bitmaps extension.
-    let stale = |fx: &Fx| {
+    let stale = move |fx: &Fx| {
         build(fx);
         fx.edit("ovl.qcow2", |b| {
             let v = be64(b, off::AUTOCLEAR) & !1;
