@@ -28,8 +28,8 @@ use instar_blockdev::BlockDev;
 struct DoorbellHooks;
 
 impl instar_rebase::Hooks for DoorbellHooks {
-    fn progress(&mut self, hundredths: u32) {
-        runtime::ring(DOORBELL_PROGRESS, hundredths.min(10_000));
+    fn progress(&mut self, steps: u32) {
+        runtime::ring(DOORBELL_PROGRESS, steps);
     }
     fn write_phase(&mut self) {
         runtime::ring(DOORBELL_WRITE_PHASE, 0);
