@@ -122,7 +122,12 @@ pub(crate) fn rebase<'a>(
             in_chain.as_mut().map(|c| c as &mut dyn ChainStatus),
             old_content.as_mut().map(|c| c as &mut dyn Content),
             new_content.as_deref_mut(),
-            &mut |steps| hooks.progress(steps),
+            // Each report is a VM exit: only when `-p` asked for it.
+            &mut |steps| {
+                if req.progress {
+                    hooks.progress(steps)
+                }
+            },
         )
         .map_err(copy_error)?
     };
