@@ -1,0 +1,538 @@
+//! Crash consistency of safe-mode rebase: the sandbox is stopped right after its k-th
+//! write (the VMM's test-only `stop_after_writes` fault injection, reached through
+//! `instar::sandbox::Options`; the `instar` binary never sets it), for every k from 0 to
+//! the number of writes n of a full run. After each stop the overlay must pass
+//! `qemu-img check` (leaks allowed, no corruption; with lazy refcounts, an image left
+//! dirty must be repairable by the check QEMU runs when it opens it) and read exactly as
+//! before the rebase (`qemu-img compare` with a copy of the original overlay, which still
+//! names the old backing: the stopped overlay names the old backing until the final
+//! header write and the new one after it, and reads the same either way).
+//!
+//! The rebase runs in-process through `instar::cli::run` with a [`Guest`] that passes
+//! the limit to the sandbox. Without /dev/kvm or qemu-img 10.2 the tests print a note and
+//! pass, unless INSTAR_REQUIRE_KVM=1 / INSTAR_REQUIRE_QEMU=1.
+
+mod qemu;
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use instar::guest::{Attached, Guest};
+use instar::sandbox::{self, Device, Options, SandboxError};
+use instar_abi::{Call, Request, Response, SelfTest};
+use qemu::{Fx, Qemu, Scratch};
+
+/// Whether KVM can be used here; otherwise explain (or fail under INSTAR_REQUIRE_KVM=1).
+fn kvm() -> bool {
+    match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("INSTAR_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("INSTAR_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
+            }
+            eprintln!("note: skipping a KVM test: /dev/kvm cannot be opened ({e})");
+            false
+        }
+    }
+}
+
+/// The real sandbox, with a write limit on every VM it starts.
+#[derive(Default)]
+struct StoppingGuest {
+    stop_after: Option<u64>,
+    /// Writes of each VM that completed.
+    writes: Vec<u64>,
+    /// The write count of a VM stopped by the limit.
+    stopped: Option<u64>,
+}
+
+impl Guest for StoppingGuest {
+    fn run(
+        &mut self,
+        call: &Call,
+        devices: &[Attached<'_>],
+        on_progress: &mut (dyn FnMut(u32) + Send),
+    ) -> Result<Response, String> {
+        let devices: Vec<Device<'_>> = devices
+            .iter()
+            .map(|d| Device {
+                file: d.file,
+                writable: d.writable,
+            })
+            .collect();
+        let opts = Options {
+            stop_after_writes: self.stop_after,
+            ..Options::default()
+        };
+        match sandbox::run_detailed(call, &devices, &opts, on_progress) {
+            Ok(o) => {
+                self.writes.push(o.writes);
+                Ok(o.response)
+            }
+            Err(e) => {
+                if let SandboxError::StoppedAfterWrites(n) = e {
+                    self.stopped = Some(n);
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+/// `instar rebase ARGS FILE` in-process; returns the exit status and the guest's record.
+fn rebase(args: &[&str], file: &Path, stop_after: Option<u64>) -> (i32, StoppingGuest) {
+    let mut argv: Vec<OsString> = vec!["rebase".into()];
+    argv.extend(args.iter().map(OsString::from));
+    argv.push(file.into());
+    let mut guest = StoppingGuest {
+        stop_after,
+        ..StoppingGuest::default()
+    };
+    let status = instar::cli::run(&argv, &mut guest);
+    (status, guest)
+}
+
+fn qemu_img(q: &Qemu, args: &[&str], cwd: &Path) -> qemu::Output {
+    qemu::run(&q.img, args, cwd)
+}
+
+/// Bit 0 of the qcow2 incompatible features: refcounts may be stale (lazy refcounts).
+fn dirty(image: &[u8]) -> bool {
+    image.len() >= 80 && image[75] & 1 != 0 && image[4..8] == [0, 0, 0, 3]
+}
+
+/// Whether `qemu-img check` accepts the image: clean, or leaks only. An image whose
+/// dirty bit is set may have stale refcounts, which QEMU repairs when it opens it; such
+/// an image must come out of `qemu-img check -r all` (on a copy) with no error left.
+fn check(q: &Qemu, dir: &Path, name: &str) -> Result<&'static str, String> {
+    let out = qemu_img(q, &["check", "-f", "qcow2", name], dir);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    let leaks_only = out.status == 3 && text.contains("leaked clusters") && !text.contains("ERROR");
+    if out.status == 0 {
+        return Ok("clean");
+    }
+    if leaks_only {
+        return Ok("leaks");
+    }
+    let bytes = fs::read(dir.join(name)).map_err(|e| e.to_string())?;
+    if !dirty(&bytes) {
+        return Err(format!("qemu-img check: exit {}\n{text}", out.status));
+    }
+    let copy = format!("{name}.repair");
+    fs::write(dir.join(&copy), &bytes).map_err(|e| e.to_string())?;
+    let fixed = qemu_img(q, &["check", "-r", "all", "-f", "qcow2", &copy], dir);
+    let again = qemu_img(q, &["check", "-f", "qcow2", &copy], dir);
+    let _ = fs::remove_file(dir.join(&copy));
+    if fixed.status == 0 && again.status == 0 {
+        Ok("dirty, repaired on open")
+    } else {
+        Err(format!(
+            "dirty image not repairable: qemu-img check exit {}\n{text}\n\
+             check -r all: exit {}\n{}{}",
+            out.status, fixed.status, fixed.stdout, fixed.stderr
+        ))
+    }
+}
+
+/// `qemu-img compare` of the original overlay (over the old backing) with `name`.
+fn same_content(q: &Qemu, dir: &Path, name: &str) -> Result<(), String> {
+    let out = qemu_img(
+        q,
+        &["compare", "-f", "qcow2", "-F", "qcow2", "orig.qcow2", name],
+        dir,
+    );
+    if out.status == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "qemu-img compare: exit {}\n{}{}",
+            out.status, out.stdout, out.stderr
+        ))
+    }
+}
+
+const REBASE_ARGS: [&str; 4] = ["-b", "new.qcow2", "-F", "qcow2"];
+
+/// What one scenario found.
+struct Summary {
+    writes: u64,
+    clean: usize,
+    leaks: usize,
+    repaired: usize,
+}
+
+/// Build the fixture (old.qcow2, new.qcow2, ovl.qcow2) with `build`, run the rebase in
+/// full, then once per k in 0..=n with a stop after write k.
+fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) -> Option<Summary> {
+    if !kvm() {
+        return None;
+    }
+    let refs = qemu::refs()?;
+    let q = &refs.v10_2;
+    let scratch = Scratch::new(&format!("crash-{}", name));
+    let fx = Fx::new(scratch.fixture(), q);
+    build(&fx);
+    fs::copy(fx.path("ovl.qcow2"), fx.path("orig.qcow2")).expect("copy the overlay");
+    let original = fx.read("ovl.qcow2");
+
+    // The full run: how many writes, and a sane end state.
+    let dir = scratch.copy("full");
+    let (status, guest) = rebase(&REBASE_ARGS, &dir.join("ovl.qcow2"), None);
+    assert_eq!(status, 0, "{}: the full rebase failed", name);
+    let writing: Vec<u64> = guest.writes.iter().copied().filter(|&w| w > 0).collect();
+    assert_eq!(
+        writing.len(),
+        1,
+        "{}: exactly one VM must write (writes per VM: {:?})",
+        name,
+        guest.writes
+    );
+    let n = writing[0];
+    assert_eq!(check(q, &dir, "ovl.qcow2"), Ok("clean"), "{}", name);
+    same_content(q, &dir, "ovl.qcow2").unwrap_or_else(|e| panic!("{}: {e}", name));
+
+    let dir = scratch.copy("crash");
+    let work = dir.join("ovl.qcow2");
+    let mut failures = Vec::new();
+    let mut sum = Summary {
+        writes: n,
+        clean: 0,
+        leaks: 0,
+        repaired: 0,
+    };
+    for k in 0..=n {
+        fs::write(&work, &original).expect("reset the overlay");
+        let (status, guest) = rebase(&REBASE_ARGS, &work, Some(k));
+        if status != 1 || guest.stopped != Some(k) {
+            failures.push(format!(
+                "k={k}: expected a stop after {k} writes, got exit {status}, stopped {:?}",
+                guest.stopped
+            ));
+            continue;
+        }
+        if k == 0 {
+            let now = fs::read(&work).expect("read the overlay");
+            if now != original {
+                failures.push("k=0: the overlay changed without any write".into());
+            }
+        }
+        match check(q, &dir, "ovl.qcow2") {
+            Ok("clean") => sum.clean += 1,
+            Ok("leaks") => sum.leaks += 1,
+            Ok(_) => sum.repaired += 1,
+            Err(e) => failures.push(format!("k={k}: {e}")),
+        }
+        if let Err(e) = same_content(q, &dir, "ovl.qcow2") {
+            failures.push(format!("k={k}: {e}"));
+        }
+        if !failures.is_empty() && std::env::var_os("INSTAR_KEEP_SCRATCH").is_some() {
+            let keep = scratch.root().join(format!("failed-k{k}.qcow2"));
+            let _ = fs::copy(&work, keep);
+        }
+    }
+    eprintln!(
+        "{}: {n} writes; stops after k=0..={n}: {} clean, {} with leaks, {} dirty and \
+         repairable, {} failures",
+        name,
+        sum.clean,
+        sum.leaks,
+        sum.repaired,
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{}: {} of {} stop points fail:\n{}",
+        name,
+        failures.len(),
+        n + 1,
+        failures.join("\n")
+    );
+    Some(sum)
+}
+
+// ---------------------------------------------------------------------------------------
+// Fixtures
+
+/// A 4 MiB old backing with a few clusters of data, and a new one that keeps some of
+/// them, changes some, drops some and adds some.
+fn backings(fx: &Fx) {
+    fx.create("qcow2", "old.qcow2", "4M", &[]);
+    fx.io(
+        "qcow2",
+        "old.qcow2",
+        &[
+            "write -P 0x11 0 64k",
+            "write -P 0x12 128k 128k",
+            "write -P 0x13 1M 64k",
+            "write -P 0x14 3076k 4k",
+            "write -P 0x15 3584k 192k",
+        ],
+    );
+    fx.create("qcow2", "new.qcow2", "4M", &[]);
+    fx.io(
+        "qcow2",
+        "new.qcow2",
+        &[
+            // Same as old.
+            "write -P 0x11 0 64k",
+            "write -P 0x14 3076k 4k",
+            // Changed, partly.
+            "write -P 0x12 128k 64k",
+            "write -P 0x22 192k 64k",
+            // Only in the new backing: the overlay must get zeros there.
+            "write -P 0x25 2M 64k",
+            // Changed in one sector of a cluster.
+            "write -P 0x15 3584k 192k",
+            "write -P 0x26 3648k 512",
+        ],
+    );
+}
+
+/// The overlay's own data: whole clusters, a partial cluster over a changed range, and
+/// data over a range the rebase would otherwise copy.
+fn overlay_data(fx: &Fx) {
+    fx.io(
+        "qcow2",
+        "ovl.qcow2",
+        &[
+            "write -P 0x31 64k 64k",
+            "write -P 0x32 196k 4k",
+            "write -P 0x33 1M 64k",
+            "write -P 0x34 3M 8k",
+        ],
+    );
+}
+
+/// The overlay over old.qcow2 (`old`) or without a backing file, with `opts`.
+fn overlay(fx: &Fx, old: bool, opts: &str) {
+    let mut o = Vec::new();
+    if old {
+        o.extend_from_slice(&["-b", "old.qcow2", "-F", "qcow2"]);
+    }
+    o.extend_from_slice(&["-o", opts]);
+    fx.create("qcow2", "ovl.qcow2", "4M", &o);
+}
+
+fn clusters_64k(fx: &Fx, old: bool, opts: &str) {
+    backings(fx);
+    overlay(fx, old, opts);
+    overlay_data(fx);
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// 512-byte clusters: an L2 table maps 32 KiB and a refcount block covers 128 KiB of
+/// file, so the differences spread over the disk need new L2 tables and the copied data
+/// needs new refcount blocks.
+fn clusters_512(fx: &Fx, old: bool, opts: &str) {
+    fx.create("qcow2", "old.qcow2", "4M", &[]);
+    fx.create("qcow2", "new.qcow2", "4M", &[]);
+    let mut old_cmds = Vec::new();
+    let mut new_cmds = Vec::new();
+    for i in 0..24u64 {
+        let at = i * 160 * 1024 + 512 * (i % 5);
+        old_cmds.push(format!("write -P {} {at} 8k", 0x40 + i));
+        if i % 3 != 0 {
+            new_cmds.push(format!("write -P {} {} 2k", 0x80 + i, at + 1024));
+        } else {
+            new_cmds.push(format!("write -P {} {at} 8k", 0x40 + i));
+        }
+    }
+    fx.io("qcow2", "old.qcow2", &strs(&old_cmds));
+    fx.io("qcow2", "new.qcow2", &strs(&new_cmds));
+    overlay(fx, old, &format!("cluster_size=512{opts}"));
+    fx.io(
+        "qcow2",
+        "ovl.qcow2",
+        &["write -P 0x61 0 1k", "write -P 0x62 1000k 3k"],
+    );
+}
+
+fn run_scenario(name: &'static str, build: impl Fn(&Fx)) -> Option<Summary> {
+    crash_every_write(name, &build)
+}
+
+#[test]
+#[ignore = "needs safe mode over an existing backing file in the CLI"]
+fn crash_64k_clusters() {
+    run_scenario("64k", |fx| clusters_64k(fx, true, "cluster_size=64k"));
+}
+
+#[test]
+#[ignore = "needs safe mode over an existing backing file in the CLI"]
+fn crash_512_byte_clusters() {
+    let Some(sum) = run_scenario("512", |fx| clusters_512(fx, true, "")) else {
+        return;
+    };
+    // The scenario is meant to allocate L2 tables and refcount blocks: many writes.
+    assert!(sum.writes >= 20, "only {} writes", sum.writes);
+}
+
+#[test]
+#[ignore = "needs safe mode over an existing backing file in the CLI"]
+fn crash_lazy_refcounts() {
+    run_scenario("lazy", |fx| {
+        clusters_64k(fx, true, "cluster_size=64k,lazy_refcounts=on")
+    });
+}
+
+#[test]
+#[ignore = "needs safe mode over an existing backing file in the CLI"]
+fn crash_v2_overlay() {
+    run_scenario("v2", |fx| {
+        clusters_64k(fx, true, "cluster_size=64k,compat=0.10")
+    });
+}
+
+#[test]
+#[ignore = "needs safe mode over an existing backing file in the CLI"]
+fn crash_v2_512_byte_clusters() {
+    run_scenario("v2-512", |fx| clusters_512(fx, true, ",compat=0.10"));
+}
+
+// Without an old backing the old content outside the overlay's data is zeros, so the
+// rebase writes zeros where the new backing has data: zero flags in v3 L2 tables, zero
+// data clusters in v2 images.
+
+#[test]
+fn crash_without_old_backing() {
+    run_scenario("no-old", |fx| clusters_64k(fx, false, "cluster_size=64k"));
+}
+
+#[test]
+fn crash_without_old_backing_512_byte_clusters() {
+    run_scenario("no-old-512", |fx| clusters_512(fx, false, ""));
+}
+
+#[test]
+fn crash_without_old_backing_v2() {
+    run_scenario("no-old-v2", |fx| {
+        clusters_64k(fx, false, "cluster_size=64k,compat=0.10")
+    });
+}
+
+#[test]
+fn crash_without_old_backing_v2_512_byte_clusters() {
+    run_scenario("no-old-v2-512", |fx| {
+        clusters_512(fx, false, ",compat=0.10")
+    });
+}
+
+#[test]
+fn crash_without_old_backing_lazy_refcounts() {
+    run_scenario("no-old-lazy", |fx| {
+        clusters_512(fx, false, ",lazy_refcounts=on")
+    });
+}
+
+/// The acceptance rule itself: refcounts above the references are leaks and pass, a
+/// referenced cluster with refcount 0 is corruption and fails.
+#[test]
+fn check_accepts_leaks_and_rejects_corruption() {
+    let Some(refs) = qemu::refs() else {
+        return;
+    };
+    let q = &refs.v10_2;
+    let scratch = Scratch::new("crash-check");
+    let fx = Fx::new(scratch.fixture(), q);
+    fx.create("qcow2", "img.qcow2", "1M", &["-o", "cluster_size=64k"]);
+    fx.io("qcow2", "img.qcow2", &["write -P 1 0 64k"]);
+    assert_eq!(check(q, &fx.dir, "img.qcow2"), Ok("clean"));
+    // The data cluster: L1[0] -> L2[0]; its 16-bit refcount in the first block.
+    let img = fx.read("img.qcow2");
+    let l1 = qemu::be64(&img, 40) as usize;
+    let l2 = (qemu::be64(&img, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let data = qemu::be64(&img, l2) & 0x00ff_ffff_ffff_fe00;
+    let reftable = qemu::be64(&img, 48) as usize;
+    let block = qemu::be64(&img, reftable) as usize;
+    assert_eq!(qemu::be16(&img, block + 2 * (data >> 16) as usize), 1);
+    let set_refcount = |cluster: u64, v: u16| {
+        let mut b = img.clone();
+        // One more cluster at the end, so that a refcount can leak inside the file.
+        b.resize(b.len().next_multiple_of(65536) + 65536, 0);
+        let at = block + 2 * cluster as usize;
+        b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+        fx.write("img.qcow2", &b);
+        check(q, &fx.dir, "img.qcow2")
+    };
+    let last = img.len().div_ceil(65536) as u64;
+    assert_eq!(set_refcount(last, 1), Ok("leaks"));
+    let e = set_refcount(data >> 16, 0).unwrap_err();
+    assert!(e.contains("ERROR"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The fault injection itself, with the guest's one-sector write self-test.
+
+/// A scratch file, removed on drop.
+struct TempImage(PathBuf);
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn stop_after_writes_stops_the_sandbox_at_the_write() {
+    if !kvm() {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("instar-crash-selftest-{}", std::process::id()));
+    let img = TempImage(path);
+    let before = vec![0x5au8; 4096];
+    let call = Call {
+        device_sizes: vec![],
+        request: Request::SelfTest(SelfTest::Write { dev: 0 }),
+    };
+    let pattern = b"INSTAR-SELFTEST\n".repeat(32);
+    for stop in [None, Some(0), Some(1), Some(2)] {
+        fs::write(&img.0, &before).unwrap();
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img.0)
+            .unwrap();
+        let devs = [Device {
+            file: &file,
+            writable: true,
+        }];
+        let opts = Options {
+            stop_after_writes: stop,
+            ..Options::default()
+        };
+        let r = sandbox::run_detailed(&call, &devs, &opts, &mut |_| {});
+        let after = fs::read(&img.0).unwrap();
+        match stop {
+            Some(0) => {
+                let e = r.unwrap_err();
+                assert!(matches!(e, SandboxError::StoppedAfterWrites(0)), "{e:?}");
+                assert_eq!(
+                    e.to_string(),
+                    "sandbox stopped after 0 writes (fault injection)"
+                );
+                assert_eq!(after, before, "nothing written");
+            }
+            Some(1) => {
+                let e = r.unwrap_err();
+                assert!(matches!(e, SandboxError::StoppedAfterWrites(1)), "{e:?}");
+                assert_eq!(&after[..512], &pattern[..], "the write landed");
+                assert_eq!(&after[512..], &before[512..]);
+            }
+            // The self-test writes once: a limit above that never triggers.
+            _ => {
+                let o = r.unwrap();
+                assert_eq!(o.response, Response::SelfTest(0));
+                assert_eq!(o.writes, 1);
+                assert_eq!(&after[..512], &pattern[..]);
+            }
+        }
+    }
+}
