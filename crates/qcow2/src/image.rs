@@ -106,6 +106,10 @@ pub struct Qcow2Image<D> {
     encrypted: bool,
     /// The last decompressed cluster: (where its compressed data lies, data).
     decompressed: Option<(CompressedExtent, Vec<u8>)>,
+    /// The last L2 slice read: (its file offset, its bytes). Every status call inside
+    /// one slice would otherwise be a device read (a VM exit in the sandbox). The
+    /// image is read-only, so the copy never goes stale.
+    slice: Option<(u64, Vec<u8>)>,
 }
 
 impl<D: BlockDev> Qcow2Image<D> {
@@ -185,6 +189,7 @@ impl<D: BlockDev> Qcow2Image<D> {
             compression,
             encrypted: header.crypt_method != 0,
             decompressed: None,
+            slice: None,
         })
     }
 
@@ -299,8 +304,7 @@ impl<D: BlockDev> Qcow2Image<D> {
                 len: cs,
             });
         }
-        let mut raw = vec![0u8; len as usize];
-        self.dev.read_at(table_off, &mut raw)?;
+        let raw = self.slice_bytes(l2_offset, l2_index, esize, table_off, len)?;
         let entries: Vec<(u64, u64)> = raw
             .chunks_exact(esize as usize)
             .map(|c| {
@@ -404,6 +408,35 @@ impl<D: BlockDev> Qcow2Image<D> {
             }
         }
         Ok(count)
+    }
+
+    /// The `len` bytes of L2 entries at `table_off` (inside the slice that holds entry
+    /// `l2_index` of the table at `l2_offset`), from the slice cache or the device.
+    fn slice_bytes(
+        &mut self,
+        l2_offset: u64,
+        l2_index: u64,
+        esize: u64,
+        table_off: u64,
+        len: u64,
+    ) -> Result<&[u8], ImageError> {
+        let slice_start = l2_offset + (l2_index & !(self.slice_entries - 1)) * esize;
+        if self.slice.as_ref().is_none_or(|(off, _)| *off != slice_start) {
+            // Entries past the end of the file read as zeros, as the block layer's do;
+            // the caller already refused a run that needs them.
+            let mut buf = vec![0u8; (self.slice_entries * esize) as usize];
+            self.dev.read_zero_padded(slice_start, &mut buf)?;
+            self.slice = Some((slice_start, buf));
+        }
+        let start = (table_off - slice_start) as usize;
+        self.slice
+            .as_ref()
+            .and_then(|(_, buf)| buf.get(start..start + len as usize))
+            .ok_or(ImageError::OutsideImage {
+                what: "L2 table",
+                offset: l2_offset,
+                len,
+            })
     }
 
     /// Read guest bytes of this layer only: data and compressed clusters are read,
