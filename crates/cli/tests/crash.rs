@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 
 use instar::guest::{Attached, Guest};
 use instar::sandbox::{self, Device, Options, SandboxError};
-use instar_abi::{Call, Request, Response, SelfTest};
+use instar_abi::{
+    Call, ChainImage, Format, NewBacking, RebaseRequest, Request, Response, SelfTest,
+};
 use qemu::{Fx, Qemu, Scratch};
 
 /// Whether KVM can be used here; otherwise explain (or fail under INSTAR_REQUIRE_KVM=1).
@@ -97,13 +99,108 @@ fn rebase(args: &[&str], file: &Path, stop_after: Option<u64>) -> (i32, Stopping
     (status, guest)
 }
 
+/// The same safe rebase as `instar rebase -b new.qcow2 -F qcow2 ovl.qcow2` with
+/// ovl.qcow2 over old.qcow2, as one request straight to the sandbox (the overlay, the old
+/// chain, the new chain), followed by the CLI's cut to the reported length. Returns 0 on
+/// success, 1 otherwise, like the CLI.
+fn rebase_request(dir: &Path, stop_after: Option<u64>) -> (i32, StoppingGuest) {
+    let open = |name: &str, write: bool| {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(dir.join(name))
+            .unwrap_or_else(|e| panic!("open {name}: {e}"))
+    };
+    let (ovl, old, new) = (
+        open("ovl.qcow2", true),
+        open("old.qcow2", false),
+        open("new.qcow2", false),
+    );
+    let start_len = ovl.metadata().expect("stat").len();
+    let call = Call {
+        device_sizes: vec![],
+        request: Request::Rebase(RebaseRequest {
+            overlay_format: Format::Qcow2,
+            unsafe_mode: false,
+            new_backing: Some(NewBacking {
+                name: b"new.qcow2".to_vec(),
+                format: Some(b"qcow2".to_vec()),
+            }),
+            old_chain: vec![ChainImage {
+                dev: 1,
+                format: Format::Qcow2,
+            }],
+            new_chain: vec![ChainImage {
+                dev: 2,
+                format: Format::Qcow2,
+            }],
+            in_chain: None,
+            progress: false,
+        }),
+    };
+    let devices = [
+        Attached {
+            file: &ovl,
+            writable: true,
+        },
+        Attached {
+            file: &old,
+            writable: false,
+        },
+        Attached {
+            file: &new,
+            writable: false,
+        },
+    ];
+    let mut guest = StoppingGuest {
+        stop_after,
+        ..StoppingGuest::default()
+    };
+    let status = match guest.run(&call, &devices, &mut |_| {}) {
+        Ok(Response::Rebase(outcome)) => {
+            if let Some(len) = outcome.overlay_len {
+                let target = len.max(start_len);
+                if target < ovl.metadata().expect("stat").len() {
+                    ovl.set_len(target).expect("truncate");
+                }
+            }
+            0
+        }
+        Ok(other) => {
+            eprintln!("the rebase request failed: {other:?}");
+            1
+        }
+        Err(e) => {
+            eprintln!("the rebase request failed: {e}");
+            1
+        }
+    };
+    (status, guest)
+}
+
+/// How a scenario's rebase is run.
+#[derive(Clone, Copy)]
+enum Via {
+    /// `instar::cli::run` with `-b new.qcow2 -F qcow2`.
+    Cli,
+    /// [`rebase_request`].
+    Request,
+}
+
+fn rebase_via(via: Via, dir: &Path, stop_after: Option<u64>) -> (i32, StoppingGuest) {
+    match via {
+        Via::Cli => rebase(&REBASE_ARGS, &dir.join("ovl.qcow2"), stop_after),
+        Via::Request => rebase_request(dir, stop_after),
+    }
+}
+
 fn qemu_img(q: &Qemu, args: &[&str], cwd: &Path) -> qemu::Output {
     qemu::run(&q.img, args, cwd)
 }
 
 /// Bit 0 of the qcow2 incompatible features: refcounts may be stale (lazy refcounts).
 fn dirty(image: &[u8]) -> bool {
-    image.len() >= 80 && image[75] & 1 != 0 && image[4..8] == [0, 0, 0, 3]
+    image.len() >= 80 && image[79] & 1 != 0 && image[4..8] == [0, 0, 0, 3]
 }
 
 /// Whether `qemu-img check` accepts the image: clean, or leaks only. An image whose
@@ -168,7 +265,7 @@ struct Summary {
 
 /// Build the fixture (old.qcow2, new.qcow2, ovl.qcow2) with `build`, run the rebase in
 /// full, then once per k in 0..=n with a stop after write k.
-fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) -> Option<Summary> {
+fn crash_every_write(name: &str, via: Via, build: &dyn Fn(&Fx)) -> Option<Summary> {
     if !kvm() {
         return None;
     }
@@ -182,7 +279,7 @@ fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) -> Option<Summary> {
 
     // The full run: how many writes, and a sane end state.
     let dir = scratch.copy("full");
-    let (status, guest) = rebase(&REBASE_ARGS, &dir.join("ovl.qcow2"), None);
+    let (status, guest) = rebase_via(via, &dir, None);
     assert_eq!(status, 0, "{}: the full rebase failed", name);
     let writing: Vec<u64> = guest.writes.iter().copied().filter(|&w| w > 0).collect();
     assert_eq!(
@@ -207,7 +304,7 @@ fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) -> Option<Summary> {
     };
     for k in 0..=n {
         fs::write(&work, &original).expect("reset the overlay");
-        let (status, guest) = rebase(&REBASE_ARGS, &work, Some(k));
+        let (status, guest) = rebase_via(via, &dir, Some(k));
         if status != 1 || guest.stopped != Some(k) {
             failures.push(format!(
                 "k={k}: expected a stop after {k} writes, got exit {status}, stopped {:?}",
@@ -230,9 +327,9 @@ fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) -> Option<Summary> {
         if let Err(e) = same_content(q, &dir, "ovl.qcow2") {
             failures.push(format!("k={k}: {e}"));
         }
-        if !failures.is_empty() && std::env::var_os("INSTAR_KEEP_SCRATCH").is_some() {
-            let keep = scratch.root().join(format!("failed-k{k}.qcow2"));
-            let _ = fs::copy(&work, keep);
+        if std::env::var_os("INSTAR_KEEP_SCRATCH").is_some() {
+            // Every stop's image, to see what each write changed.
+            let _ = fs::copy(&work, scratch.root().join(format!("stop-{k}.qcow2")));
         }
     }
     eprintln!(
@@ -332,6 +429,11 @@ fn strs(v: &[String]) -> Vec<&str> {
 /// file, so the differences spread over the disk need new L2 tables and the copied data
 /// needs new refcount blocks.
 fn clusters_512(fx: &Fx, old: bool, opts: &str) {
+    clusters_512_with(fx, old, opts, &[]);
+}
+
+/// [`clusters_512`] with more overlay data written by `extra` qemu-io commands.
+fn clusters_512_with(fx: &Fx, old: bool, opts: &str, extra: &[&str]) {
     fx.create("qcow2", "old.qcow2", "4M", &[]);
     fx.create("qcow2", "new.qcow2", "4M", &[]);
     let mut old_cmds = Vec::new();
@@ -348,53 +450,76 @@ fn clusters_512(fx: &Fx, old: bool, opts: &str) {
     fx.io("qcow2", "old.qcow2", &strs(&old_cmds));
     fx.io("qcow2", "new.qcow2", &strs(&new_cmds));
     overlay(fx, old, &format!("cluster_size=512{opts}"));
-    fx.io(
-        "qcow2",
-        "ovl.qcow2",
-        &["write -P 0x61 0 1k", "write -P 0x62 1000k 3k"],
-    );
+    let mut cmds = vec!["write -P 0x61 0 1k", "write -P 0x62 1000k 3k"];
+    cmds.extend_from_slice(extra);
+    fx.io("qcow2", "ovl.qcow2", &cmds);
 }
 
 fn run_scenario(name: &'static str, build: impl Fn(&Fx)) -> Option<Summary> {
-    crash_every_write(name, &build)
+    crash_every_write(name, Via::Cli, &build)
+}
+
+/// Scenarios over an old backing: straight to the sandbox until the CLI's safe mode
+/// takes an overlay that has a backing file.
+fn run_scenario_with_old(name: &'static str, build: impl Fn(&Fx)) -> Option<Summary> {
+    crash_every_write(name, Via::Request, &build)
 }
 
 #[test]
-#[ignore = "needs safe mode over an existing backing file in the CLI"]
 fn crash_64k_clusters() {
-    run_scenario("64k", |fx| clusters_64k(fx, true, "cluster_size=64k"));
+    run_scenario_with_old("64k", |fx| clusters_64k(fx, true, "cluster_size=64k"));
 }
 
 #[test]
-#[ignore = "needs safe mode over an existing backing file in the CLI"]
 fn crash_512_byte_clusters() {
-    let Some(sum) = run_scenario("512", |fx| clusters_512(fx, true, "")) else {
+    let Some(sum) = run_scenario_with_old("512", |fx| clusters_512(fx, true, "")) else {
         return;
     };
     // The scenario is meant to allocate L2 tables and refcount blocks: many writes.
     assert!(sum.writes >= 20, "only {} writes", sum.writes);
 }
 
+/// 64-bit refcounts: a 512-byte refcount block covers 64 clusters and the one-cluster
+/// refcount table 2 MiB of file. The overlay's own data fills the file to just below
+/// 2 MiB, so the copied clusters need a larger refcount table.
 #[test]
-#[ignore = "needs safe mode over an existing backing file in the CLI"]
+fn crash_refcount_table_growth() {
+    let Some(sum) = run_scenario_with_old("512-reftable", |fx| {
+        clusters_512_with(
+            fx,
+            true,
+            ",refcount_bits=64",
+            &["write -P 0x63 2048k 1950k"],
+        );
+        let ovl = fx.read("ovl.qcow2");
+        let reftable_clusters = qemu::be32(&ovl, 56);
+        assert_eq!(
+            reftable_clusters, 1,
+            "the fixture's refcount table already grew"
+        );
+    }) else {
+        return;
+    };
+    assert!(sum.writes >= 20, "only {} writes", sum.writes);
+}
+
+#[test]
 fn crash_lazy_refcounts() {
-    run_scenario("lazy", |fx| {
+    run_scenario_with_old("lazy", |fx| {
         clusters_64k(fx, true, "cluster_size=64k,lazy_refcounts=on")
     });
 }
 
 #[test]
-#[ignore = "needs safe mode over an existing backing file in the CLI"]
 fn crash_v2_overlay() {
-    run_scenario("v2", |fx| {
+    run_scenario_with_old("v2", |fx| {
         clusters_64k(fx, true, "cluster_size=64k,compat=0.10")
     });
 }
 
 #[test]
-#[ignore = "needs safe mode over an existing backing file in the CLI"]
 fn crash_v2_512_byte_clusters() {
-    run_scenario("v2-512", |fx| clusters_512(fx, true, ",compat=0.10"));
+    run_scenario_with_old("v2-512", |fx| clusters_512(fx, true, ",compat=0.10"));
 }
 
 // Without an old backing the old content outside the overlay's data is zeros, so the
@@ -433,7 +558,8 @@ fn crash_without_old_backing_lazy_refcounts() {
 }
 
 /// The acceptance rule itself: refcounts above the references are leaks and pass, a
-/// referenced cluster with refcount 0 is corruption and fails.
+/// referenced cluster with refcount 0 is corruption and fails, unless the image is
+/// marked dirty.
 #[test]
 fn check_accepts_leaks_and_rejects_corruption() {
     let Some(refs) = qemu::refs() else {
@@ -466,6 +592,14 @@ fn check_accepts_leaks_and_rejects_corruption() {
     assert_eq!(set_refcount(last, 1), Ok("leaks"));
     let e = set_refcount(data >> 16, 0).unwrap_err();
     assert!(e.contains("ERROR"), "{e}");
+    // The same with the dirty bit set: stale refcounts that QEMU repairs on open.
+    let mut b = fx.read("img.qcow2");
+    b[79] |= 1;
+    fx.write("img.qcow2", &b);
+    assert_eq!(
+        check(q, &fx.dir, "img.qcow2"),
+        Ok("dirty, repaired on open")
+    );
 }
 
 // ---------------------------------------------------------------------------------------
