@@ -145,6 +145,15 @@ const REBASE_OPTIONS: &[OptDoc] = &[
         "human (default): one line, \"Image rebased.\" or \"Image detached.\"; \
          json: one JSON object describing the result",
     ),
+    opt(
+        "allow-dir",
+        &[],
+        "allow-dir",
+        "DIR",
+        "Safe mode: also allow backing files named inside images to live in DIR (and \
+         below it). Repeatable. By default only FILE's directory tree and the directory \
+         tree of the -b file are allowed (see docs/path-policy.md)",
+    ),
 ];
 
 fn rebase_specs() -> Vec<OptSpec> {
@@ -232,7 +241,11 @@ pub fn rebase_command() -> Command {
                 .num_args(1)
                 .allow_hyphen_values(true)
                 .value_parser(clap::value_parser!(OsString))
-                .action(ArgAction::Set)
+                .action(if s.id == "allow-dir" {
+                    ArgAction::Append
+                } else {
+                    ArgAction::Set
+                })
         } else {
             arg.action(ArgAction::SetTrue)
         };
@@ -299,6 +312,8 @@ pub struct RebaseArgs {
     pub cache: OsString,
     pub backing_cache: OsString,
     pub output: OutputFormat,
+    /// `--allow-dir`, in command-line order.
+    pub allow_dirs: Vec<OsString>,
 }
 
 /// What the command line asks for.
@@ -470,6 +485,10 @@ pub fn parse_rebase(args: &[OsString]) -> Result<Parsed<RebaseArgs>, UsageError>
             Some(v) if v == "json" => OutputFormat::Json,
             _ => OutputFormat::Human,
         },
+        allow_dirs: m
+            .get_many::<OsString>("allow-dir")
+            .map(|v| v.cloned().collect())
+            .unwrap_or_default(),
     }))
 }
 
@@ -547,6 +566,23 @@ mod tests {
         assert_eq!(a.backing_format.as_deref(), Some("raw".as_ref()));
         assert_eq!(a.cache, "writeback");
         assert_eq!(a.output, OutputFormat::Human);
+        assert!(a.allow_dirs.is_empty());
+    }
+
+    #[test]
+    fn allow_dir_repeats() {
+        let a = run(&[
+            "--allow-dir",
+            "/a",
+            "-b",
+            "x",
+            "--allow-dir=b c",
+            "--allow",
+            "-u",
+            "o",
+        ]);
+        assert_eq!(a.allow_dirs, os(&["/a", "b c", "-u"]));
+        assert!(!a.unsafe_mode);
     }
 
     #[test]

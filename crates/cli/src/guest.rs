@@ -6,9 +6,11 @@
 use std::fs::File;
 
 use instar_abi::{
-    Call, GuestError, ImageInfo, RebaseOutcome, Response, MAX_MESSAGE, MAX_REPORTED_NAME,
+    Call, ErrorKind, Format, GuestError, ImageInfo, ProbeRequest, RebaseOutcome, Request, Response,
+    MAX_MESSAGE, MAX_REPORTED_NAME,
 };
 
+use crate::files::ImageFile;
 use crate::sanitize;
 
 /// One file attached to a VM as a virtio-blk device.
@@ -84,6 +86,42 @@ pub fn probe_answer(
         }
         Response::Error(e) => Ok(Answer::Refused(refusal(&e))),
         _ => Err(Unexpected("an answer of the wrong kind to a probe")),
+    }
+}
+
+/// Probe one opened file in its own VM, attached read-only (even the overlay: a probe
+/// never writes); `writable` validates it as a read-write open would. `Err` is the text
+/// to print after "instar: ".
+pub fn probe(
+    guest: &mut dyn Guest,
+    image: &ImageFile,
+    format: Option<Format>,
+    writable: bool,
+) -> Result<Answer<ImageInfo>, String> {
+    let call = Call {
+        device_sizes: vec![image.len],
+        request: Request::Probe(ProbeRequest {
+            dev: 0,
+            format,
+            writable,
+        }),
+    };
+    let devices = [Attached {
+        file: &image.file,
+        writable: false,
+    }];
+    let response = guest
+        .run(&call, &devices, &mut |_| {})
+        .map_err(|e| sanitize::escape_text(&e))?;
+    probe_answer(response, format).map_err(|e| e.to_string())
+}
+
+/// The text of a guest refusal about a file whose messages start with `prefix`
+/// (`Could not open 'X': …`); plain messages stand alone.
+pub fn refusal_text(prefix: &str, r: &Refusal) -> String {
+    match r.kind {
+        ErrorKind::Plain => r.message.clone(),
+        _ => format!("{prefix}{}", r.message),
     }
 }
 

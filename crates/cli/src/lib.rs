@@ -3,6 +3,7 @@
 pub mod sandbox;
 
 pub mod args;
+pub mod chain;
 pub mod cli;
 pub mod drivers;
 pub mod files;
@@ -10,6 +11,7 @@ pub mod getopt;
 pub mod guest;
 pub mod locks;
 pub mod paths;
+pub mod policy;
 pub mod progress;
 pub mod rebase_cmd;
 pub mod report;

@@ -40,6 +40,62 @@ pub fn combine(base: &[u8], name: &[u8]) -> Vec<u8> {
     out
 }
 
+/// QEMU's directory part of an image's filename (`bdrv_dirname` for a plain file):
+/// everything up to and including the last `/`, or nothing.
+pub fn dirname(filename: &[u8]) -> &[u8] {
+    let len = filename
+        .iter()
+        .rposition(|&c| c == b'/')
+        .map_or(0, |slash| slash + 1);
+    &filename[..len]
+}
+
+/// QEMU's `bdrv_make_absolute_filename`: `None` for an empty name; protocol and absolute
+/// names as they are; anything else appended to the directory of `relative_to`.
+pub fn make_absolute(relative_to: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    if name.is_empty() {
+        return None;
+    }
+    if has_protocol(name) || name.first() == Some(&b'/') {
+        return Some(name.to_vec());
+    }
+    let mut out = dirname(relative_to).to_vec();
+    out.extend_from_slice(name);
+    Some(out)
+}
+
+/// `path` made absolute against `cwd` (when relative) and normalised textually: empty
+/// and `.` components dropped, `..` removing the component before it (never going above
+/// `/`). No symlink is looked at; this is the "lexical" view of a name.
+pub fn normalise(cwd: &[u8], path: &[u8]) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    let joined: Vec<&[u8]> = if path.first() == Some(&b'/') {
+        path.split(|&c| c == b'/').collect()
+    } else {
+        cwd.split(|&c| c == b'/')
+            .chain(path.split(|&c| c == b'/'))
+            .collect()
+    };
+    for part in joined {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    let mut out = Vec::with_capacity(path.len() + cwd.len() + 1);
+    for p in &parts {
+        out.push(b'/');
+        out.extend_from_slice(p);
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    out
+}
+
 /// Why a backing name cannot be turned into a local path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -98,6 +154,26 @@ mod tests {
         assert_eq!(combine(b"sub/ovl.qcow2", b"../b.qcow2"), b"sub/../b.qcow2");
         assert_eq!(combine(b"/a/b/ovl", b"/abs/b"), b"/abs/b");
         assert_eq!(combine(b"/ovl", b"b"), b"/b");
+    }
+
+    #[test]
+    fn dirname_and_make_absolute() {
+        assert_eq!(dirname(b"top.qcow2"), b"");
+        assert_eq!(dirname(b"sub/top.qcow2"), b"sub/");
+        assert_eq!(dirname(b"/a//b"), b"/a//");
+        assert_eq!(make_absolute(b"sub/top", b""), None);
+        assert_eq!(make_absolute(b"sub/top", b"b").unwrap(), b"sub/b");
+        assert_eq!(make_absolute(b"sub/top", b"/b").unwrap(), b"/b");
+        assert_eq!(make_absolute(b"sub/top", b"nbd:x").unwrap(), b"nbd:x");
+    }
+
+    #[test]
+    fn normalise_is_lexical() {
+        assert_eq!(normalise(b"/w", b"a/./b//c"), b"/w/a/b/c");
+        assert_eq!(normalise(b"/w/d", b"../../../x"), b"/x");
+        assert_eq!(normalise(b"/w", b"/etc/../etc/passwd"), b"/etc/passwd");
+        assert_eq!(normalise(b"/", b".."), b"/");
+        assert_eq!(normalise(b"/w", b""), b"/w");
     }
 
     #[test]

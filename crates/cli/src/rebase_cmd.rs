@@ -2,29 +2,34 @@
 //!
 //! 1. cache modes; `-f`; FILE opened read-write, locked for writing, probed in the sandbox;
 //! 2. `-F` validated (after the open, as qemu-img does); the overlay format checked;
-//! 3. the new backing: its name checked, and opened, locked for reading and probed when
-//!    it must be (safe mode, or no `-F`);
+//!    in safe mode, the old chain below it ([`crate::chain`], under the path policy);
+//! 3. the new backing: its name checked; in safe mode QEMU's in-chain decision, else the
+//!    file opened, locked for reading and probed (safe mode, or no `-F`), and in safe mode
+//!    its own chain followed;
 //! 4. one VM with FILE writable as device 0, then the old chain, then the new chain;
 //! 5. FILE cut to the length the guest reports.
 //!
 //! Every refusal happens before step 4, and the guest itself writes nothing unless the
 //! whole change can be made, so an error leaves FILE unchanged.
 
+use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 
 use instar_abi::{
-    Call, ChainImage, ErrorKind, Format, ImageInfo, NewBacking, ProbeRequest, RebaseRequest,
-    RebaseStats, Request, MAX_BACKING_NAME,
+    Call, ChainImage, ErrorKind, Format, ImageInfo, NewBacking, RebaseRequest, RebaseStats,
+    Request, MAX_BACKING_NAME,
 };
 
 use crate::args::RebaseArgs;
+use crate::chain::{self, Link, Opened, Top, Walk, BACKING_PREFIX};
 use crate::drivers::{self, DriverName};
 use crate::files::{self, ImageFile};
 use crate::guest::{self, Answer, Attached, Guest, Refusal};
 use crate::locks::{self, LockError};
 use crate::paths;
+use crate::policy::{self, Allowed, FileId, Refused};
 use crate::progress::{Progress, StepCounter};
 use crate::sanitize;
 
@@ -161,26 +166,14 @@ fn probe(
     format: Option<Format>,
     writable: bool,
 ) -> Result<Answer<ImageInfo>, Failure> {
-    let call = Call {
-        device_sizes: vec![image.len],
-        request: Request::Probe(ProbeRequest {
-            dev: 0,
-            format,
-            writable,
-        }),
-    };
-    // The probe never writes: even the overlay is attached read-only.
-    let devices = [Attached {
-        file: &image.file,
-        writable: false,
-    }];
-    let response = guest
-        .run(&call, &devices, &mut |_| {})
-        .map_err(sandbox_failure)?;
-    guest::probe_answer(response, format).map_err(|e| Failure {
-        text: e.to_string(),
+    guest::probe(guest, image, format, writable).map_err(plain_failure)
+}
+
+fn plain_failure(text: String) -> Failure {
+    Failure {
+        text,
         at_change: false,
-    })
+    }
 }
 
 /// The overlay formats instar hands to the guest for a rebase; every other one is
@@ -196,6 +189,46 @@ struct NewChain {
     chain: Vec<Format>,
     /// What is written into the header: name verbatim, format.
     record: Option<(OsString, String)>,
+    /// The `-b` image is `old_chain[i]` (QEMU's in-chain optimisation).
+    in_chain: Option<u8>,
+}
+
+/// What safe mode knows about the overlay's side when it turns to the new backing.
+struct SafeCtx<'a> {
+    cwd: &'a [u8],
+    allowed: &'a Allowed,
+    overlay_id: FileId,
+    /// The overlay and the old chain, for the in-chain decision.
+    links: Vec<Link>,
+    old: &'a [Opened],
+}
+
+/// The current directory as bytes (backing names are resolved against it, as the kernel
+/// resolves them).
+fn current_dir() -> Result<Vec<u8>, Failure> {
+    std::env::current_dir()
+        .map(|d| d.into_os_string().into_vec())
+        .map_err(|e| {
+            plain_failure(format!(
+                "Could not determine the current directory: {}",
+                files::strerror(files::errno_of(&e))
+            ))
+        })
+}
+
+/// The allowed directories: `--allow-dir` first (checked before anything is opened).
+fn allowed_from_args(args: &RebaseArgs, cwd: &[u8]) -> Result<Allowed, Failure> {
+    let mut allowed = Allowed::new();
+    for dir in &args.allow_dirs {
+        allowed.add(cwd, dir.as_bytes()).map_err(|e| {
+            plain_failure(format!(
+                "Could not use --allow-dir '{}': {}",
+                lossy(dir),
+                files::strerror(files::errno_of(&e))
+            ))
+        })?;
+    }
+    Ok(allowed)
 }
 
 /// Run `instar rebase` with `args`; progress (if any) goes through `progress`.
@@ -237,6 +270,8 @@ pub fn rebase(
             }
         },
     };
+    let cwd = current_dir()?;
+    let mut allowed = allowed_from_args(args, &cwd)?;
     if paths::has_protocol(args.file.as_bytes()) {
         let e = paths::PathError::Protocol {
             protocol: String::from_utf8_lossy(paths::protocol_of(args.file.as_bytes()))
@@ -249,6 +284,11 @@ pub fn rebase(
         .or_else(|e| fail(format!("{}{e}", Role::Overlay.prefix(&ctx))))?;
     locks::lock_image(&overlay.file, locks::OVERLAY)
         .map_err(|e| lock_failure(&ctx, Role::Overlay, &ctx.file, e))?;
+    let overlay_id = overlay
+        .file
+        .metadata()
+        .map(|m| FileId::of(&m))
+        .map_err(|e| stat_failure(Role::Overlay.prefix(&ctx), &e))?;
     let info = match probe(guest, &overlay, wanted, true)? {
         Answer::Ok(info) => info,
         Answer::Refused(r) => return Err(refusal_failure(&ctx, Role::Overlay, &r)),
@@ -264,6 +304,32 @@ pub fn rebase(
         );
     }
 
+    let mode = if args.unsafe_mode {
+        Mode::Unsafe
+    } else {
+        Mode::Safe
+    };
+
+    // Safe mode: QEMU opens the overlay with its whole backing chain.
+    let mut old: Vec<Opened> = Vec::new();
+    if mode == Mode::Safe {
+        add_default_dirs(args, &cwd, &mut allowed);
+        let mut seen = HashSet::from([overlay_id]);
+        let mut walk = Walk {
+            guest: &mut *guest,
+            allowed: &allowed,
+            cwd: &cwd,
+            lock: true,
+            prefix: Role::Overlay.prefix(&ctx),
+            already: 0,
+        };
+        let top = Top {
+            filename: args.file.as_bytes(),
+            info: &info,
+        };
+        old = chain::walk(&mut walk, top, &mut seen).map_err(plain_failure)?;
+    }
+
     // -F, checked after the overlay is open, as qemu-img orders it.
     let backing_format = match args.backing_format.as_deref().map(lossy) {
         None => None,
@@ -277,40 +343,70 @@ pub fn rebase(
         _ => {}
     }
 
-    let mode = if args.unsafe_mode {
-        Mode::Unsafe
-    } else {
-        Mode::Safe
-    };
-    let new = new_backing(&ctx, guest, backing_format.as_deref(), mode)?;
+    let safe = (mode == Mode::Safe).then(|| SafeCtx {
+        cwd: &cwd,
+        allowed: &allowed,
+        overlay_id,
+        links: std::iter::once(Link {
+            filename: args.file.as_bytes().to_vec(),
+            backing: info.backing_file.clone(),
+        })
+        .chain(old.iter().map(|o| Link {
+            filename: o.filename.clone(),
+            backing: o.info.backing_file.clone(),
+        }))
+        .collect(),
+        old: &old,
+    });
+    let new = new_backing(&ctx, guest, backing_format.as_deref(), safe.as_ref())?;
 
-    // Safe mode needs the old chain; its discovery (with the path policy for names found
-    // in images) is not there yet, so only overlays without a backing file go ahead.
-    if mode == Mode::Safe && info.backing_file.is_some() {
-        return fail(
-            "Safe mode with an existing backing file is not supported yet; \
-             use -u (unsafe mode) to change only the backing file name",
-        );
-    }
-
-    // One VM: the overlay writable, then (safe mode) the new chain read-only.
+    // One VM: the overlay writable, then (safe mode) the old chain and the new chain
+    // read-only. `prefixes[dev]` is how a guest error about that device begins.
     let mut devices = vec![Attached {
         file: &overlay.file,
         writable: true,
     }];
     let mut device_sizes = vec![overlay.len];
+    let mut prefixes = vec![Role::Overlay.prefix(&ctx)];
+    let mut old_chain = Vec::new();
     let mut new_chain = Vec::new();
-    for (image, &format) in new.images.iter().zip(&new.chain) {
-        let dev = u8::try_from(devices.len()).map_err(|_| Failure {
-            text: "Backing chain too long".into(),
-            at_change: false,
-        })?;
-        new_chain.push(ChainImage { dev, format });
+    let old_devices = old.iter().enumerate().map(|(k, o)| {
+        let prefix = format!(
+            "{}{}",
+            Role::Overlay.prefix(&ctx),
+            BACKING_PREFIX.repeat(k + 1)
+        );
+        (&o.image, o.format, prefix, true)
+    });
+    let new_devices = new
+        .images
+        .iter()
+        .zip(&new.chain)
+        .enumerate()
+        .map(|(j, (image, &format))| {
+            let prefix = format!(
+                "{}{}",
+                Role::NewBacking.prefix(&ctx),
+                BACKING_PREFIX.repeat(j)
+            );
+            (image, format, prefix, false)
+        });
+    for (image, format, prefix, is_old) in old_devices.chain(new_devices) {
+        // At most 1 + 2 × MAX_CHAIN devices; the sandbox takes 64.
+        let dev = u8::try_from(devices.len())
+            .map_err(|_| plain_failure("internal error: too many devices".into()))?;
+        let entry = ChainImage { dev, format };
+        if is_old {
+            old_chain.push(entry);
+        } else {
+            new_chain.push(entry);
+        }
         devices.push(Attached {
             file: &image.file,
             writable: false,
         });
         device_sizes.push(image.len);
+        prefixes.push(prefix);
     }
     let request = RebaseRequest {
         overlay_format: info.format,
@@ -319,9 +415,9 @@ pub fn rebase(
             name: name.as_bytes().to_vec(),
             format: Some(format.as_bytes().to_vec()),
         }),
-        old_chain: Vec::new(),
+        old_chain,
         new_chain,
-        in_chain: None,
+        in_chain: new.in_chain,
         progress: args.progress && mode == Mode::Safe,
     };
     let call = Call {
@@ -341,11 +437,12 @@ pub fn rebase(
     })? {
         Answer::Ok(o) => o,
         Answer::Refused(r) => {
-            let role = match r.kind {
-                ErrorKind::Open { dev } if dev > 0 => Role::NewBacking,
-                _ => Role::Overlay,
-            };
-            return Err(refusal_failure(&ctx, role, &r));
+            if let ErrorKind::Open { dev } = r.kind {
+                if let Some(prefix) = prefixes.get(usize::from(dev)) {
+                    return Err(plain_failure(guest::refusal_text(prefix, &r)));
+                }
+            }
+            return Err(refusal_failure(&ctx, Role::Overlay, &r));
         }
     };
     finish_overlay(&ctx, &overlay, outcome.overlay_len)?;
@@ -357,18 +454,33 @@ pub fn rebase(
     })
 }
 
-/// Decide what the header will name, opening the new backing file when it must be.
+/// Add the default allowed directories: FILE's directory, and the directory of the `-b`
+/// file as resolved against it (when it exists; a missing one fails later with QEMU's
+/// text). Both are trusted because the user named them.
+fn add_default_dirs(args: &RebaseArgs, cwd: &[u8], allowed: &mut Allowed) {
+    // FILE was opened, so its directory exists.
+    let _ = allowed.add(cwd, paths::dirname(args.file.as_bytes()));
+    if !args.backing.is_empty() {
+        if let Ok(b) = paths::resolve_backing(&args.file, &args.backing) {
+            let _ = allowed.add(cwd, paths::dirname(b.as_os_str().as_bytes()));
+        }
+    }
+}
+
+/// Decide what the header will name, opening the new backing file when it must be
+/// (`safe` is `Some` in safe mode).
 fn new_backing(
     ctx: &Ctx,
     guest: &mut dyn Guest,
     backing_format: Option<&str>,
-    mode: Mode,
+    safe: Option<&SafeCtx>,
 ) -> Result<NewChain, Failure> {
     let args = ctx.args;
     let none = NewChain {
         images: Vec::new(),
         chain: Vec::new(),
         record: None,
+        in_chain: None,
     };
     if args.backing.is_empty() {
         // Detach: -F was validated and is ignored, as in qemu-img.
@@ -383,12 +495,29 @@ fn new_backing(
             "backing format must be specified"
         });
     }
-    if let (Mode::Unsafe, Some(f)) = (mode, backing_format) {
+    if let (None, Some(f)) = (safe, backing_format) {
         // Unsafe mode with -F: the new backing is never opened.
         return Ok(NewChain {
             record: Some((args.backing.clone(), f.to_string())),
             ..none
         });
+    }
+    let path = paths::resolve_backing(&args.file, &args.backing)
+        .or_else(|e| fail(format!("{}{e}", Role::NewBacking.prefix(ctx))))?;
+    if let Some(safe) = safe {
+        // QEMU reuses an image of the old chain when -b names it (by its own rule); the
+        // image keeps the format it was opened with, and -F only goes into the header.
+        if let Some(k) = chain::find_backing_image(&safe.links, path.as_os_str().as_bytes()) {
+            let format = backing_format
+                .map(str::to_string)
+                .or_else(|| safe.old.get(k).map(|o| o.format.name().to_string()))
+                .unwrap_or_default();
+            return Ok(NewChain {
+                record: Some((args.backing.clone(), format)),
+                in_chain: Some(u8::try_from(k).unwrap_or(u8::MAX)),
+                ..none
+            });
+        }
     }
     let open_as = match backing_format.map(drivers::classify) {
         None => None,
@@ -401,15 +530,11 @@ fn new_backing(
             ))
         }
     };
-    let path = paths::resolve_backing(&args.file, &args.backing)
-        .or_else(|e| fail(format!("{}{e}", Role::NewBacking.prefix(ctx))))?;
     let image = match files::open_image(&path, false) {
         Ok(image) => image,
         // Unsafe mode opens the file only to learn its format; when it cannot, the error
         // is the one qemu-img gives for a missing -F.
-        Err(_) if mode == Mode::Unsafe => {
-            return ctx.change_failed("backing format must be specified")
-        }
+        Err(_) if safe.is_none() => return ctx.change_failed("backing format must be specified"),
         Err(e) => return fail(format!("{}{e}", Role::NewBacking.prefix(ctx))),
     };
     let shown = path.to_string_lossy().into_owned();
@@ -421,27 +546,71 @@ fn new_backing(
         Answer::Ok(info) => info,
         Answer::Refused(r) => return Err(refusal_failure(ctx, Role::NewBacking, &r)),
     };
-    if mode == Mode::Safe && info.backing_file.is_some() {
-        return fail(format!(
-            "{}Safe mode onto a backing file that has its own backing file is not \
-             supported yet; use -u (unsafe mode)",
-            Role::NewBacking.prefix(ctx)
-        ));
-    }
     let format = backing_format
         .map(str::to_string)
         .unwrap_or_else(|| info.format.name().to_string());
-    // Unsafe mode only needed the format: the file (and its lock) is let go here.
-    let images = if mode == Mode::Safe {
-        vec![image]
-    } else {
-        Vec::new()
+    let record = Some((args.backing.clone(), format));
+    let Some(safe) = safe else {
+        // Unsafe mode only needed the format: the file (and its lock) is let go here.
+        return Ok(NewChain { record, ..none });
     };
+    if !info.format.readable() {
+        return fail(format!(
+            "{}instar does not read {} images",
+            Role::NewBacking.prefix(ctx),
+            info.format.name()
+        ));
+    }
+    // The new backing and its own chain. Without locks (-U) the overlay itself can be
+    // named here; it would become its own backing file.
+    let b_id = image
+        .file
+        .metadata()
+        .map(|m| FileId::of(&m))
+        .map_err(|e| stat_failure(Role::NewBacking.prefix(ctx), &e))?;
+    let mut seen = HashSet::from([safe.overlay_id]);
+    if !seen.insert(b_id) {
+        return fail(format!(
+            "{}{}",
+            Role::NewBacking.prefix(ctx),
+            Refused::Loop {
+                filename: policy::shown(path.as_os_str().as_bytes())
+            }
+        ));
+    }
+    let mut walk = Walk {
+        guest,
+        allowed: safe.allowed,
+        cwd: safe.cwd,
+        lock: !args.force_share,
+        prefix: Role::NewBacking.prefix(ctx),
+        already: 1,
+    };
+    let top = Top {
+        filename: path.as_os_str().as_bytes(),
+        info: &info,
+    };
+    let below = chain::walk(&mut walk, top, &mut seen).map_err(plain_failure)?;
+    let mut images = vec![image];
+    let mut formats = vec![info.format];
+    for o in below {
+        formats.push(o.format);
+        images.push(o.image);
+    }
     Ok(NewChain {
         images,
-        chain: vec![info.format],
-        record: Some((args.backing.clone(), format)),
+        chain: formats,
+        record,
+        in_chain: None,
     })
+}
+
+/// QEMU's `Could not stat file` for a file whose messages start with `prefix`.
+fn stat_failure(prefix: String, e: &std::io::Error) -> Failure {
+    plain_failure(format!(
+        "{prefix}Could not stat file: {}",
+        files::strerror(files::errno_of(e))
+    ))
 }
 
 /// Cut the overlay to the length the guest meant (virtio-blk writes whole sectors), never

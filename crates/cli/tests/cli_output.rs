@@ -254,10 +254,10 @@ fn refusals_write_nothing() {
             &["rebase", "-u", "-f", "raw", "-b", "base.qcow2", "-F", "qcow2", "ovl.qcow2"],
             "instar: Could not change the backing file to 'base.qcow2': Operation not supported\n",
         ),
-        // Safe mode on an overlay with a backing file needs the old chain (not yet).
+        // An --allow-dir that does not exist is refused before anything is opened.
         (
-            &["rebase", "-b", "nb.img", "-F", "raw", "ovl.qcow2"],
-            "instar: Safe mode with an existing backing file is not supported yet",
+            &["rebase", "--allow-dir", "no-such-dir", "-b", "nb.img", "-F", "raw", "ovl.qcow2"],
+            "instar: Could not use --allow-dir 'no-such-dir': No such file or directory\n",
         ),
     ];
     for (args, want) in cases {

@@ -1,0 +1,204 @@
+//! Safe mode's backing chains: finding every image below the overlay (the old chain) and
+//! below the new backing file (the new chain) the way QEMU opens them, under the path
+//! policy ([`crate::policy`]), and QEMU's decision whether the new backing file is an
+//! image of the old chain (`bdrv_find_backing_image`).
+//!
+//! Each image is found from the backing name recorded in the image above it, resolved
+//! against that image's directory as QEMU holds it (`path_combine`, no normalisation),
+//! opened read-only, locked for shared reading like QEMU's read-only opens, and probed
+//! in its own sandbox with the recorded backing format (probed when none is recorded;
+//! `vmdk` for the parent of a vmdk image, as QEMU forces it).
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
+use instar_abi::{Format, ImageInfo};
+
+use crate::drivers::{self, DriverName};
+use crate::files::ImageFile;
+use crate::guest::{self, Answer, Guest};
+use crate::locks;
+use crate::paths;
+use crate::policy::{self, Allowed, FileId, Refused, MAX_CHAIN};
+
+/// QEMU's prefix for an error while opening a backing file, once per level.
+pub const BACKING_PREFIX: &str = "Could not open backing file: ";
+
+/// One image of a chain, open and probed.
+#[derive(Debug)]
+pub struct Opened {
+    /// Its filename as QEMU holds it (the combined name).
+    pub filename: Vec<u8>,
+    pub image: ImageFile,
+    pub id: FileId,
+    /// The format it is read as.
+    pub format: Format,
+    pub info: ImageInfo,
+}
+
+/// The top of a chain walk: an image already open (the overlay, or the new backing).
+#[derive(Debug, Clone, Copy)]
+pub struct Top<'a> {
+    /// Its filename as QEMU holds it.
+    pub filename: &'a [u8],
+    pub info: &'a ImageInfo,
+}
+
+/// What a walk needs besides the images.
+pub struct Walk<'a> {
+    pub guest: &'a mut dyn Guest,
+    pub allowed: &'a Allowed,
+    /// The current directory, absolute.
+    pub cwd: &'a [u8],
+    /// Take QEMU's shared read locks (not with `-U` for the new chain).
+    pub lock: bool,
+    /// Text before the first [`BACKING_PREFIX`]: `Could not open 'FILE': ` or
+    /// `Could not open new backing file 'B': `.
+    pub prefix: String,
+    /// Images already counted against [`MAX_CHAIN`] (1 for the new chain: `-b` itself).
+    pub already: usize,
+}
+
+impl Walk<'_> {
+    /// The message prefix for an image `level` levels below the top.
+    pub fn level_prefix(&self, level: usize) -> String {
+        format!("{}{}", self.prefix, BACKING_PREFIX.repeat(level))
+    }
+}
+
+/// The format a backing file is opened with: forced `vmdk` below a vmdk image, else the
+/// recorded one (`None`: probe). Errors are QEMU's for an unknown driver, and instar's
+/// for a QEMU driver it cannot read.
+fn backing_format(parent: &ImageInfo) -> Result<Option<Format>, String> {
+    if parent.format == Format::Vmdk {
+        return Ok(Some(Format::Vmdk));
+    }
+    let Some(recorded) = parent.backing_format.as_deref() else {
+        return Ok(None);
+    };
+    let name = policy::shown(recorded);
+    match std::str::from_utf8(recorded).map(drivers::classify) {
+        Ok(DriverName::Format(f)) => Ok(Some(f)),
+        Ok(DriverName::QemuOnly) => Err(format!("Driver '{name}' is not supported by instar")),
+        _ => Err(format!("Unknown driver '{name}'")),
+    }
+}
+
+/// The text of a lock failure: QEMU's, with its hint naming the file.
+pub fn lock_text(prefix: &str, shown_path: &str, e: &locks::LockError) -> String {
+    let mut text = format!("{prefix}{e}");
+    if e.is_conflict() {
+        text.push_str(&format!(
+            "\nIs another process using the image [{shown_path}]?"
+        ));
+    }
+    text
+}
+
+/// Follow the backing names from `top` to the end of its chain. `seen` holds the files
+/// already in this chain (the overlay at least); an image met twice is a loop. Returns
+/// the images nearest first, or the error text (after "instar: ").
+pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Opened>, String> {
+    let mut images: Vec<Opened> = Vec::new();
+    let mut parent_filename = top.filename.to_vec();
+    let mut parent_info = top.info.clone();
+    // QEMU keeps names as C strings: a NUL ends the name, and an empty one is none.
+    let name_of = |info: &ImageInfo| -> Option<Vec<u8>> {
+        let raw = info.backing_file.as_deref()?;
+        let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+        (end > 0).then(|| raw[..end].to_vec())
+    };
+    while let Some(name) = name_of(&parent_info) {
+        let level = images.len() + 1;
+        let prefix = w.level_prefix(level);
+        let refused = |r: Refused| format!("{prefix}{r}");
+        if w.already + images.len() >= MAX_CHAIN {
+            return Err(refused(Refused::TooDeep {
+                name: policy::shown(&name),
+            }));
+        }
+        let format = backing_format(&parent_info).map_err(|t| format!("{prefix}{t}"))?;
+        let loc = policy::locate(&name, &parent_filename, w.cwd, w.allowed).map_err(refused)?;
+        let shown_path = policy::shown(&loc.filename);
+        if !seen.insert(loc.id) {
+            return Err(refused(Refused::Loop {
+                filename: shown_path,
+            }));
+        }
+        let image = policy::open_located(&loc, w.allowed).map_err(refused)?;
+        if w.lock {
+            locks::lock_image(&image.file, locks::READER)
+                .map_err(|e| lock_text(&prefix, &shown_path, &e))?;
+        }
+        let info = match guest::probe(w.guest, &image, format, false)? {
+            Answer::Ok(info) => info,
+            Answer::Refused(r) => return Err(guest::refusal_text(&prefix, &r)),
+        };
+        if !info.format.readable() {
+            return Err(format!(
+                "{prefix}instar does not read {} images",
+                info.format.name()
+            ));
+        }
+        parent_filename = loc.filename.clone();
+        parent_info = info.clone();
+        images.push(Opened {
+            filename: loc.filename,
+            image,
+            id: loc.id,
+            format: info.format,
+            info,
+        });
+    }
+    Ok(images)
+}
+
+/// One image of the overlay's chain for [`find_backing_image`]: its filename as QEMU
+/// holds it and the backing name it records.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub filename: Vec<u8>,
+    pub backing: Option<Vec<u8>>,
+}
+
+fn realpath(path: &[u8]) -> Option<std::path::PathBuf> {
+    std::fs::canonicalize(OsStr::from_bytes(path)).ok()
+}
+
+/// QEMU's `bdrv_find_backing_image(overlay, target)` over `links` (the overlay, then the
+/// old chain nearest first), where `target` is the `-b` name already combined with the
+/// overlay's directory. Returns `k` when the backing file of `links[k]` (which is
+/// `old_chain[k]`) is the target.
+///
+/// Like QEMU, the already-combined target is made relative to each image's directory
+/// *again* before both sides go through `realpath`, so an overlay named `sub/top.qcow2`
+/// with `-b base.qcow2` looks for `sub/sub/base.qcow2` and does not match.
+pub fn find_backing_image(links: &[Link], target: &[u8]) -> Option<usize> {
+    let target_protocol = paths::has_protocol(target);
+    for (k, link) in links.iter().enumerate() {
+        let Some(backing) = link.backing.as_deref() else {
+            break;
+        };
+        let full_backing = paths::make_absolute(&link.filename, backing);
+        if target_protocol || paths::has_protocol(backing) {
+            // Protocol names are compared as strings.
+            if target == backing || full_backing.as_deref() == Some(target) {
+                return Some(k);
+            }
+            continue;
+        }
+        let Some(candidate) =
+            paths::make_absolute(&link.filename, target).and_then(|p| realpath(&p))
+        else {
+            continue;
+        };
+        let Some(actual) = full_backing.and_then(|p| realpath(&p)) else {
+            continue;
+        };
+        if candidate == actual {
+            return Some(k);
+        }
+    }
+    None
+}
