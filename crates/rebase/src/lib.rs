@@ -11,10 +11,11 @@ mod probe;
 mod safe;
 mod unsafe_rebase;
 mod vmdk_info;
+mod vmdk_rebase;
 
 use alloc::format;
 use alloc::string::String;
-use instar_abi::{Call, ErrorKind, GuestError, Request, Response};
+use instar_abi::{Call, ErrorKind, Format, GuestError, Request, Response};
 use instar_blockdev::BlockDev;
 
 /// `strerror(EIO)`, QEMU's text for a failed read or write.
@@ -34,6 +35,9 @@ pub trait Hooks {
 pub fn handle(call: &Call, devs: &mut [&mut dyn BlockDev], hooks: &mut dyn Hooks) -> Response {
     let result = match &call.request {
         Request::Probe(req) => probe::probe(req, devs).map(Response::Probe),
+        Request::Rebase(req) if req.overlay_format == Format::Vmdk => {
+            vmdk_rebase::rebase(req, devs, hooks).map(Response::Rebase)
+        }
         Request::Rebase(req) if req.unsafe_mode => {
             unsafe_rebase::rebase(req, devs, hooks).map(Response::Rebase)
         }

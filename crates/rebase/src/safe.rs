@@ -168,7 +168,7 @@ pub(crate) fn rebase<'a>(
 }
 
 /// Clusters and bytes of data copied (zero writes copy nothing).
-fn stats(ops: &[Op], cluster_size: u64) -> RebaseStats {
+pub(crate) fn stats(ops: &[Op], cluster_size: u64) -> RebaseStats {
     let mut s = RebaseStats::default();
     let mut last_cluster = None;
     for op in ops {
@@ -188,7 +188,7 @@ fn stats(ops: &[Op], cluster_size: u64) -> RebaseStats {
     s
 }
 
-fn take<'a>(
+pub(crate) fn take<'a>(
     slots: &mut [Option<&'a mut dyn BlockDev>],
     dev: u8,
 ) -> Result<&'a mut dyn BlockDev, GuestError> {
@@ -199,7 +199,7 @@ fn take<'a>(
 }
 
 /// Open each image of a chain as a layer, nearest first.
-fn open_chain<'a>(
+pub(crate) fn open_chain<'a>(
     chain: &[ChainImage],
     slots: &mut [Option<&'a mut dyn BlockDev>],
     which: &str,
@@ -280,7 +280,7 @@ fn write_plan<D: BlockDev, B: BackingRead>(
     Ok((written_end, finish))
 }
 
-fn copy_error(e: CopyError) -> GuestError {
+pub(crate) fn copy_error(e: CopyError) -> GuestError {
     plain(match e {
         CopyError::Metadata(m) => format!("error while reading image metadata: {m}"),
         CopyError::ReadOld => String::from("error while reading from old backing file"),
@@ -309,10 +309,10 @@ impl<D: BlockDev> OverlayStatus for OverlayAlloc<'_, D> {
     }
 }
 
-type Shared<'r, 'a> = &'r RefCell<&'r mut ChainView<'a>>;
+pub(crate) type Shared<'r, 'a> = &'r RefCell<&'r mut ChainView<'a>>;
 
 /// The old chain's content (`blk_old_backing`).
-struct OldContent<'r, 'a>(Shared<'r, 'a>);
+pub(crate) struct OldContent<'r, 'a>(pub(crate) Shared<'r, 'a>);
 
 impl Content for OldContent<'_, '_> {
     fn size(&self) -> u64 {
@@ -327,7 +327,7 @@ impl Content for OldContent<'_, '_> {
 }
 
 /// The new backing when it is an image of the old chain: read from layer `k` down.
-struct InChainContent<'r, 'a>(Shared<'r, 'a>, usize);
+pub(crate) struct InChainContent<'r, 'a>(pub(crate) Shared<'r, 'a>, pub(crate) usize);
 
 impl Content for InChainContent<'_, '_> {
     fn size(&self) -> u64 {
@@ -345,7 +345,7 @@ impl Content for InChainContent<'_, '_> {
 }
 
 /// `bdrv_is_allocated_above(old top, -b image, include_base = false)`.
-struct InChain<'r, 'a>(Shared<'r, 'a>, usize);
+pub(crate) struct InChain<'r, 'a>(pub(crate) Shared<'r, 'a>, pub(crate) usize);
 
 impl ChainStatus for InChain<'_, '_> {
     fn is_allocated_above(&mut self, offset: u64, bytes: u64) -> Result<(bool, u64), CopyError> {
@@ -359,7 +359,7 @@ impl ChainStatus for InChain<'_, '_> {
 }
 
 /// The new chain's content (`blk_new_backing`).
-struct ViewContent<'r, 'a>(&'r mut ChainView<'a>);
+pub(crate) struct ViewContent<'r, 'a>(pub(crate) &'r mut ChainView<'a>);
 
 impl Content for ViewContent<'_, '_> {
     fn size(&self) -> u64 {

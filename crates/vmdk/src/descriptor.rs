@@ -174,9 +174,180 @@ impl Descriptor {
     }
 }
 
+/// Why the descriptor cannot take a new parent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RewriteError {
+    #[error("invalid VMDK descriptor: {0}")]
+    Invalid(#[from] DescriptorError),
+    /// QEMU takes the name up to the next `"` and the line up to a line break, and
+    /// stops at NUL: such a name would read back as something else.
+    #[error("the name contains a double quote, a line break or a NUL byte, which a vmdk descriptor cannot hold")]
+    BadName,
+    #[error("the name is longer than the {MAX_PARENT_NAME} bytes QEMU reads as a vmdk parent")]
+    NameTooLong,
+    #[error("No space left in the vmdk descriptor (at most {} bytes)", DESC_SIZE - 1)]
+    NoSpace,
+    #[error("the descriptor names more than one parentFileNameHint")]
+    SeveralHints,
+    /// The edited text would not read back (with QEMU's substring searches) as the
+    /// same CID with the new parent, e.g. when `parentCID` comes before `CID`.
+    #[error("the descriptor's layout does not allow changing its parent alone")]
+    Inconsistent,
+}
+
+/// `parentCID` written by QEMU for an image without a parent.
+pub const NO_PARENT_CID: u32 = 0xffff_ffff;
+const HINT_KEY: &[u8] = b"parentFileNameHint";
+const PARENT_CID_KEY: &[u8] = b"parentCID";
+
+/// Where the value read by [`scan_hex`] from `s` ends (0 if there is none).
+fn hex_token_end(s: &[u8]) -> usize {
+    let mut i = 0;
+    while i < s.len() && matches!(s[i], b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
+        i += 1;
+    }
+    if i < s.len() && (s[i] == b'+' || s[i] == b'-') {
+        i += 1;
+    }
+    let prefixed = s.get(i) == Some(&b'0') && matches!(s.get(i + 1), Some(b'x' | b'X'));
+    if prefixed && s.get(i + 2).is_some_and(u8::is_ascii_hexdigit) {
+        i += 2;
+    }
+    while s.get(i).is_some_and(u8::is_ascii_hexdigit) {
+        i += 1;
+    }
+    i
+}
+
+/// The end of the line starting at `start`, and the line break after it (`\n`,
+/// `\r\n`, or nothing at the end of the text).
+fn line_end(text: &[u8], start: usize) -> (usize, &'static [u8]) {
+    match text[start..].iter().position(|&c| c == b'\n') {
+        Some(n) if n > 0 && text[start + n - 1] == b'\r' => (start + n - 1, b"\r\n"),
+        Some(n) => (start + n, b"\n"),
+        None => (text.len(), b""),
+    }
+}
+
+/// Start of the first line that begins with `key`.
+fn line_starting_with(text: &[u8], key: &[u8]) -> Option<usize> {
+    if text.starts_with(key) {
+        return Some(0);
+    }
+    let mut nl = Vec::with_capacity(key.len() + 1);
+    nl.push(b'\n');
+    nl.extend_from_slice(key);
+    find(text, &nl).map(|p| p + 1)
+}
+
+impl Descriptor {
+    /// The descriptor block (`DESC_SIZE` bytes, NUL padded) with its parent changed:
+    /// `Some((name, cid))` names `name` in `parentFileNameHint` and sets `parentCID`
+    /// to `cid`; `None` removes the hint and sets `parentCID=ffffffff`. The rest of
+    /// the text is kept byte for byte, `CID` included.
+    ///
+    /// Layout follows QEMU's template: an existing hint is replaced where it stands;
+    /// a new one takes the empty line QEMU leaves after `createType` in a descriptor
+    /// without a parent (or a new line there); removing a hint leaves that empty
+    /// line. `parentCID` is written like QEMU writes it, `%x`.
+    pub fn with_parent(&self, parent: Option<(&[u8], u32)>) -> Result<Vec<u8>, RewriteError> {
+        if let Some((name, _)) = parent {
+            if name.iter().any(|&c| matches!(c, b'"' | b'\n' | b'\r' | 0)) {
+                return Err(RewriteError::BadName);
+            }
+            if name.len() > MAX_PARENT_NAME {
+                return Err(RewriteError::NameTooLong);
+            }
+        }
+        let mut text = self.text.clone();
+        let hint_line = |name: &[u8]| {
+            let mut l = Vec::with_capacity(HINT_KEY.len() + name.len() + 3);
+            l.extend_from_slice(HINT_KEY);
+            l.extend_from_slice(b"=\"");
+            l.extend_from_slice(name);
+            l.push(b'"');
+            l
+        };
+
+        match find(&text, HINT_KEY) {
+            Some(p) => {
+                // `parse` found the closing quote; QEMU skips two bytes after the key.
+                let value = p + HINT_KEY.len() + 2;
+                let close = text
+                    .get(value..)
+                    .and_then(|r| r.iter().position(|&c| c == b'"'))
+                    .map(|n| value + n)
+                    .ok_or(DescriptorError::BadParentHint)?;
+                let replacement = match parent {
+                    Some((name, _)) => hint_line(name),
+                    None => {
+                        // A second hint would become the parent once the first is gone.
+                        if find(&text[close + 1..], HINT_KEY).is_some() {
+                            return Err(RewriteError::SeveralHints);
+                        }
+                        Vec::new()
+                    }
+                };
+                text.splice(p..=close, replacement);
+            }
+            None => {
+                if let Some((name, _)) = parent {
+                    let anchor = line_starting_with(&text, b"createType=")
+                        .or_else(|| line_starting_with(&text, PARENT_CID_KEY))
+                        .ok_or(DescriptorError::NoParentCid)?;
+                    let (end, brk) = line_end(&text, anchor);
+                    let next = end + brk.len();
+                    let mut ins = Vec::new();
+                    if brk.is_empty() {
+                        // The anchor line ends the text.
+                        ins.push(b'\n');
+                        ins.extend(hint_line(name));
+                        ins.push(b'\n');
+                    } else {
+                        ins.extend(hint_line(name));
+                        let (next_end, _) = line_end(&text, next);
+                        if next_end != next || next == text.len() {
+                            // No empty line to fill: the hint gets a line of its own.
+                            ins.extend_from_slice(brk);
+                        }
+                    }
+                    text.splice(next..next, ins);
+                }
+            }
+        }
+
+        let cid = parent.map_or(NO_PARENT_CID, |(_, c)| c);
+        let at = find(&text, PARENT_CID_KEY).ok_or(DescriptorError::NoParentCid)?
+            + PARENT_CID_KEY.len()
+            + 1;
+        if at > text.len() {
+            return Err(DescriptorError::NoParentCid.into());
+        }
+        let end = at + hex_token_end(&text[at..]);
+        text.splice(at..end, alloc::format!("{cid:x}").into_bytes());
+
+        if text.len() > DESC_SIZE - 1 {
+            return Err(RewriteError::NoSpace);
+        }
+        let mut block = alloc::vec![0u8; DESC_SIZE];
+        block[..text.len()].copy_from_slice(&text);
+        // QEMU must read back exactly what was meant.
+        let back = Descriptor::parse(&block)?;
+        if back.cid != self.cid
+            || back.parent_cid != cid
+            || back.parent_file_name_hint.as_deref() != parent.map(|(n, _)| n)
+        {
+            return Err(RewriteError::Inconsistent);
+        }
+        Ok(block)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::String;
+    use alloc::vec;
 
     #[test]
     fn qemu_descriptor() {
@@ -211,5 +382,84 @@ mod tests {
             Descriptor::parse(b"CID=1 parentCID=1 parentFileNameHint=\"x"),
             Err(DescriptorError::BadParentHint)
         );
+    }
+
+    const WITH: &[u8] = b"# Disk DescriptorFile\nversion=1\nCID=cbd0a871\nparentCID=e0acbb90\ncreateType=\"monolithicSparse\"\nparentFileNameHint=\"vb.vmdk\"\n# Extent description\nRW 2048 SPARSE \"vo.vmdk\"\n\n# The Disk Data Base\n#DDB\n";
+    const WITHOUT: &[u8] = b"# Disk DescriptorFile\nversion=1\nCID=cbd0a871\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n\n# Extent description\nRW 2048 SPARSE \"vo.vmdk\"\n\n# The Disk Data Base\n#DDB\n";
+
+    fn text(block: &[u8]) -> &[u8] {
+        assert_eq!(block.len(), DESC_SIZE);
+        until_nul(block)
+    }
+
+    #[test]
+    fn parent_rewrites_follow_qemus_template() {
+        let with = Descriptor::parse(WITH).unwrap();
+        let without = Descriptor::parse(WITHOUT).unwrap();
+        // Detach gives exactly the parentless template.
+        assert_eq!(text(&with.with_parent(None).unwrap()), WITHOUT);
+        // Attach fills the empty line; parentCID as %x.
+        let b = without.with_parent(Some((b"vb.vmdk", 0xe0acbb90))).unwrap();
+        assert_eq!(text(&b), WITH);
+        let b = with.with_parent(Some((b"../x y.vmdk", 0xab))).unwrap();
+        let want: &[u8] = b"# Disk DescriptorFile\nversion=1\nCID=cbd0a871\nparentCID=ab\ncreateType=\"monolithicSparse\"\nparentFileNameHint=\"../x y.vmdk\"\n# Extent description\nRW 2048 SPARSE \"vo.vmdk\"\n\n# The Disk Data Base\n#DDB\n";
+        assert_eq!(text(&b), want, "{}", String::from_utf8_lossy(text(&b)));
+        let d = Descriptor::parse(&b).unwrap();
+        assert_eq!((d.cid, d.parent_cid), (0xcbd0a871, 0xab));
+    }
+
+    #[test]
+    fn attach_without_an_empty_line_adds_one_and_keeps_crlf() {
+        let t = b"CID=1\r\nparentCID=ffffffff\r\ncreateType=\"monolithicSparse\"\r\nRW 1 SPARSE \"a\"\r\n";
+        let b = Descriptor::parse(t)
+            .unwrap()
+            .with_parent(Some((b"p", 2)))
+            .unwrap();
+        assert_eq!(
+            text(&b),
+            b"CID=1\r\nparentCID=2\r\ncreateType=\"monolithicSparse\"\r\nparentFileNameHint=\"p\"\r\nRW 1 SPARSE \"a\"\r\n"
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        let d = Descriptor::parse(WITHOUT).unwrap();
+        for bad in [&b"a\"b"[..], b"a\nb", b"a\rb", b"a\0b"] {
+            assert_eq!(d.with_parent(Some((bad, 1))), Err(RewriteError::BadName));
+        }
+        let long = vec![b'a'; MAX_PARENT_NAME + 1];
+        assert_eq!(
+            d.with_parent(Some((&long, 1))),
+            Err(RewriteError::NameTooLong)
+        );
+        // Fits exactly: 10239 bytes of text.
+        let room = DESC_SIZE - 1 - WITHOUT.len() - "parentFileNameHint=\"\"".len();
+        let mut big = WITHOUT.to_vec();
+        big.extend(core::iter::repeat_n(b'#', room - MAX_PARENT_NAME));
+        let d = Descriptor::parse(&big).unwrap();
+        let name = vec![b'n'; MAX_PARENT_NAME];
+        let b = d.with_parent(Some((&name, 0xffffffff))).unwrap();
+        assert_eq!(text(&b).len(), DESC_SIZE - 1);
+        // parentCID grows from "ffffffff" to nothing shorter: one more byte is too many.
+        let mut bigger = big.clone();
+        bigger.push(b'#');
+        let d = Descriptor::parse(&bigger).unwrap();
+        assert_eq!(
+            d.with_parent(Some((&name, 0xffffffff))),
+            Err(RewriteError::NoSpace)
+        );
+        // parentCID before CID: QEMU's CID would change.
+        let d = Descriptor::parse(b"parentCID=5\nCID=1\n").unwrap();
+        assert_eq!(
+            d.with_parent(Some((b"p", 7))),
+            Err(RewriteError::Inconsistent)
+        );
+        // Two hints: removing the first would expose the second.
+        let d = Descriptor::parse(
+            b"CID=1\nparentCID=2\nparentFileNameHint=\"a\"\nparentFileNameHint=\"b\"\n",
+        )
+        .unwrap();
+        assert_eq!(d.with_parent(None), Err(RewriteError::SeveralHints));
+        assert!(d.with_parent(Some((b"c", 3))).is_ok());
     }
 }

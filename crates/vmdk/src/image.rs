@@ -262,6 +262,18 @@ impl<D: BlockDev> VmdkImage<D> {
     pub fn grain_size(&self) -> u64 {
         self.grain_bytes
     }
+    /// The grain directory (`gd_offset`): grain table positions in sectors, 0 = none.
+    pub fn grain_directory(&self) -> &[u32] {
+        &self.gd
+    }
+    /// Whether GTE 1 means a zeroed grain ([`FLAG_ZERO_GRAIN`]).
+    pub fn has_zero_grain(&self) -> bool {
+        self.zero_grain
+    }
+    /// Deflate-compressed grains (streamOptimized).
+    pub fn is_compressed(&self) -> bool {
+        self.compressed
+    }
     /// QEMU reports `streamOptimized` for compressed extents, else `monolithicSparse`.
     pub fn create_type(&self) -> &'static str {
         if self.compressed {

@@ -1,7 +1,11 @@
-//! vmdk monolithicSparse images, read the way QEMU reads them.
+//! vmdk monolithicSparse images, read the way QEMU reads them, and written the way
+//! QEMU's vmdk driver writes them.
 //!
 //! - [`image`]: the sparse header, grain directory and tables, block status and reads.
-//! - [`descriptor`]: the embedded text descriptor (CIDs, parent name, extents).
+//! - [`descriptor`]: the embedded text descriptor (CIDs, parent name, extents), and
+//!   its rewrite with a new parent.
+//! - [`writer`]: writes with the semantics of QEMU's vmdk driver (grain allocation,
+//!   both grain tables), for safe-mode rebase.
 
 #![no_std]
 
@@ -9,6 +13,8 @@ extern crate alloc;
 
 pub mod descriptor;
 pub mod image;
+pub mod writer;
 
-pub use descriptor::Descriptor;
+pub use descriptor::{Descriptor, RewriteError};
 pub use image::{GrainKind, GrainStatus, SparseHeader, VmdkError, VmdkImage};
+pub use writer::{Below, SparseWriter, WriteError};
