@@ -162,6 +162,9 @@ pub struct VmdkImage<D> {
     gt_sectors: u64,
     compressed: bool,
     zero_grain: bool,
+    /// The last grain table read (position, bytes): block status walks grain by
+    /// grain, and one device read per grain would be slow.
+    gt_cache: Option<(u64, Vec<u8>)>,
 }
 
 fn le32s(raw: &[u8]) -> Vec<u32> {
@@ -246,6 +249,7 @@ impl<D: BlockDev> VmdkImage<D> {
             gt_sectors,
             compressed,
             zero_grain: h.flags & FLAG_ZERO_GRAIN != 0,
+            gt_cache: None,
         })
     }
 
@@ -285,7 +289,9 @@ impl<D: BlockDev> VmdkImage<D> {
     pub fn dev(&self) -> &D {
         &self.dev
     }
+    /// The device; the grain table cache is dropped, since the caller may write.
     pub fn dev_mut(&mut self) -> &mut D {
+        self.gt_cache = None;
         &mut self.dev
     }
     pub fn into_inner(self) -> D {
@@ -304,17 +310,30 @@ impl<D: BlockDev> VmdkImage<D> {
             return Ok(None);
         }
         let index = (sector / self.header.granularity) % u64::from(self.header.num_gtes_per_gt);
-        let off = u64::from(gt) * 512 + index * 4;
-        if off + 4 > self.dev.size() {
+        let gt_off = u64::from(gt) * 512;
+        let gt_len = u64::from(self.header.num_gtes_per_gt) * 4;
+        if gt_off + index * 4 + 4 > self.dev.size() {
             return Err(VmdkError::OutsideImage {
                 what: "grain table",
-                offset: u64::from(gt) * 512,
-                len: u64::from(self.header.num_gtes_per_gt) * 4,
+                offset: gt_off,
+                len: gt_len,
             });
         }
-        let mut b = [0u8; 4];
-        self.dev.read_at(off, &mut b)?;
-        Ok(Some(u32::from_le_bytes(b)))
+        if self.gt_cache.as_ref().is_none_or(|(o, _)| *o != gt_off) {
+            // The entries past the end of the file are never used (checked above).
+            let mut t = vec![0u8; gt_len as usize];
+            self.dev.read_zero_padded(gt_off, &mut t)?;
+            self.gt_cache = Some((gt_off, t));
+        }
+        let i = index as usize * 4;
+        let entry = self
+            .gt_cache
+            .as_ref()
+            .and_then(|(_, t)| t.get(i..i + 4))
+            .ok_or(VmdkError::NoGdEntry(offset))?;
+        Ok(Some(u32::from_le_bytes([
+            entry[0], entry[1], entry[2], entry[3],
+        ])))
     }
 
     /// Status of the grain holding `offset` (`vmdk_co_block_status`): the run ends at
