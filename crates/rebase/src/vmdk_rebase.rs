@@ -102,6 +102,13 @@ pub(crate) fn rebase(
         img.descriptor().clone()
     };
     let parent_cid = descriptor.parent_cid;
+    // The old chain must be the one the descriptor names: copying against nothing
+    // would replace the parent's data with zeros.
+    if !req.unsafe_mode && descriptor.parent_file_name_hint.is_some() == req.old_chain.is_empty() {
+        return Err(plain(String::from(
+            "the old chain does not match the overlay's parentFileNameHint",
+        )));
+    }
 
     // `-b ""` detaches like no `-b` at all.
     let backing = req.new_backing.as_ref().filter(|b| !b.name.is_empty());

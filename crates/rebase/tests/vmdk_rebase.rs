@@ -637,3 +637,20 @@ fn safe_refuses_a_stale_parent_cid() {
     let r = run_vmdk(&dir, &["vo.vmdk", "vb.vmdk", "vb2.vmdk"], req);
     expect_err(&r, ErrorKind::Plain, "parentCID");
 }
+
+#[test]
+fn safe_refuses_an_old_chain_the_overlay_does_not_name() {
+    let Some(q) = qemu_img() else { return };
+    let dir = scratch("vmdk-safe-chain");
+    family(&dir, &q, "1M");
+    // vo names vb, but no old chain is given: its data would become zeros.
+    let mut req = request(false, "vb2.vmdk", None);
+    req.new_chain = vec![vmdk(1)];
+    let r = run_vmdk(&dir, &["vo.vmdk", "vb2.vmdk"], req);
+    expect_err(&r, ErrorKind::Plain, "old chain");
+    // vb names no parent, but an old chain is given.
+    let mut req = request(false, "", None);
+    req.old_chain = vec![vmdk(1)];
+    let r = run_vmdk(&dir, &["vb.vmdk", "vb2.vmdk"], req);
+    expect_err(&r, ErrorKind::Plain, "old chain");
+}
