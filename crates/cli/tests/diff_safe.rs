@@ -1013,3 +1013,59 @@ fn progress_in_chain_same_directory_matched() {
         "ovl.qcow2",
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Refusals: qemu-img copies data and then fails to change the header; instar gives the
+// same message before writing anything.
+
+#[test]
+fn name_does_not_fit_refused_before_copying() {
+    let Some((refs, subject)) = setup() else {
+        return;
+    };
+    let q = &refs.v10_2;
+    let scratch = Scratch::new("safe-no-space");
+    let fx = Fx::new(scratch.fixture(), q);
+    fx.create("qcow2", "base.qcow2", "1M", &[]);
+    fx.io("qcow2", "base.qcow2", &["write -P 0x11 0 256k"]);
+    fx.create("qcow2", "new.qcow2", "1M", &[]);
+    qcow2_on(
+        &fx,
+        "ovl.qcow2",
+        "1M",
+        "base.qcow2",
+        "qcow2",
+        &["-o", "cluster_size=512"],
+    );
+    // 377 bytes do not fit after the end marker at 136 in a 512-byte cluster 0.
+    let name = fx.long_name(377, "new.qcow2");
+    let before = snapshot(&fx.dir);
+    let argv = ["rebase", "-b", &name, "-F", "qcow2", "ovl.qcow2"];
+
+    let qd = scratch.copy("qemu");
+    let qo = run(&q.img, &argv, &qd);
+    assert_eq!(qo.status, 1, "qemu-img 10.2: {}", qo.stderr);
+    assert!(
+        qo.stderr.contains("No space left in the file header"),
+        "{}",
+        qo.stderr
+    );
+    assert!(
+        snapshot(&qd) != before,
+        "qemu-img 10.2 no longer copies before failing; revisit this test"
+    );
+
+    let d = scratch.copy("subject");
+    let io = run(subject.path(), &argv, &d);
+    let shown = format!("cd {}; {}", d.display(), show_cmd("instar", &argv));
+    assert_eq!(io.status, 1, "{shown}: exit status; stderr {}", io.stderr);
+    assert_eq!(
+        normalise_stderr(&io.stderr, subject.path()),
+        normalise_stderr(&qo.stderr, &q.img),
+        "{shown}: stderr"
+    );
+    assert_eq!(io.stdout, "", "{shown}: stdout");
+    if subject.is_instar() {
+        assert!(snapshot(&d) == before, "{shown}: the fixture changed");
+    }
+}
