@@ -420,9 +420,6 @@ fn raw_file(dir: &Path, _q: &Path) {
 fn other_format(dir: &Path, q: &Path, fmt: &str) {
     ok(dir, q, &["create", "-q", "-f", fmt, "ovl.qcow2", "1M"]);
 }
-fn vmdk(dir: &Path, q: &Path) {
-    other_format(dir, q, "vmdk");
-}
 fn vdi(dir: &Path, q: &Path) {
     other_format(dir, q, "vdi");
 }
@@ -463,8 +460,7 @@ cases! {
     raw_as_dmg => as_format(case("raw-as-dmg", raw_file, "b", Some("raw")), Format::Dmg);
     raw_as_bochs => as_format(case("raw-as-bochs", raw_file, "b", Some("raw")), Format::Bochs);
     raw_as_cloop => as_format(case("raw-as-cloop", raw_file, "b", Some("raw")), Format::Cloop);
-    vmdk_overlay => as_format(case("vmdk", vmdk, "b.vmdk", Some("vmdk")), Format::Vmdk);
-    vmdk_overlay_detach => as_format(case("vmdk-detach", vmdk, "", None), Format::Vmdk);
+    // vmdk overlays are rebased by instar (qemu-img refuses them): tests/vmdk_rebase.rs.
     vdi_overlay => as_format(case("vdi", vdi, "b", Some("raw")), Format::Vdi);
     vpc_overlay => as_format(case("vpc", vpc, "b", Some("raw")), Format::Vpc);
     vhdx_overlay => as_format(case("vhdx", vhdx, "b", Some("raw")), Format::Vhdx);
@@ -529,27 +525,6 @@ fn autoclear_bitmaps_bit_refused() {
         },
         "persistent bitmaps",
     );
-}
-
-#[test]
-fn safe_mode_not_implemented() {
-    let Some(q) = qemu_img() else { return };
-    let dir = scratch("safe");
-    backed_64k(&dir, &q);
-    let request = Request::Rebase(RebaseRequest {
-        overlay_format: Format::Qcow2,
-        unsafe_mode: false,
-        new_backing: None,
-        old_chain: vec![],
-        new_chain: vec![],
-        in_chain: None,
-        progress: false,
-    });
-    match run_guest(&dir.join("ovl.qcow2"), request) {
-        Response::Error(e) => assert_eq!(e.message, "safe-mode rebase is not implemented yet"),
-        other => panic!("{other:?}"),
-    }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
