@@ -15,3 +15,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "== cargo test"
 cargo test --workspace --no-fail-fast
+
+echo "== QEMU iotests with rebase routed to instar (scripts/iotests.sh)"
+cargo build --quiet -p instar
+INSTAR="${CARGO_TARGET_DIR:-target}/debug/instar" scripts/iotests.sh
