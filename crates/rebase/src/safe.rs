@@ -318,6 +318,9 @@ impl Content for OldContent<'_, '_> {
     fn size(&self) -> u64 {
         self.0.borrow().virtual_size()
     }
+    fn known_zero(&mut self, offset: u64, len: u64) -> Result<bool, CopyError> {
+        unallocated(&mut self.0.borrow_mut(), 0, offset, len)
+    }
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), CopyError> {
         self.0
             .borrow_mut()
@@ -341,6 +344,9 @@ impl Content for InChainContent<'_, '_> {
             .borrow_mut()
             .read_from(self.1, offset, buf)
             .map_err(|_| CopyError::ReadNew)
+    }
+    fn known_zero(&mut self, offset: u64, len: u64) -> Result<bool, CopyError> {
+        unallocated(&mut self.0.borrow_mut(), self.1, offset, len)
     }
 }
 
@@ -368,6 +374,31 @@ impl Content for ViewContent<'_, '_> {
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), CopyError> {
         self.0.read(offset, buf).map_err(|_| CopyError::ReadNew)
     }
+    fn known_zero(&mut self, offset: u64, len: u64) -> Result<bool, CopyError> {
+        unallocated(self.0, 0, offset, len)
+    }
+}
+
+/// Whether no layer from `from` down allocates any of `[offset, offset + len)`, so that
+/// the range reads as zeros. Zeros a short layer shows past its end count as allocated
+/// there (QEMU's rule), which only makes the answer more conservative.
+pub(crate) fn unallocated(
+    view: &mut ChainView<'_>,
+    from: usize,
+    mut offset: u64,
+    len: u64,
+) -> Result<bool, CopyError> {
+    let end = offset.saturating_add(len);
+    while offset < end {
+        let above = view
+            .is_allocated_above(from, None, offset, end - offset)
+            .map_err(|e| CopyError::Metadata(e.to_string()))?;
+        if above.layer.is_some() || above.bytes == 0 {
+            return Ok(false);
+        }
+        offset += above.bytes;
+    }
+    Ok(true)
 }
 
 /// Copy-on-write source for the writer: the overlay's old backing, zeros past its end.
