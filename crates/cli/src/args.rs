@@ -202,6 +202,10 @@ const REBASE_AFTER: &str = "Where instar differs from qemu-img:
      qemu-img's \"backing format must be specified\".
   Backing names with a protocol prefix (nbd:, json:, file: …) are refused wherever a
      file must be opened; write ./nbd:x for a local file of that name.
+  Safe mode opens a backing file named inside an image only if it is a regular file
+     inside FILE's directory tree, the -b file's directory tree or an --allow-dir (also
+     after symlinks), without a protocol prefix, loops, or more than 16 images per chain
+     (docs/path-policy.md).
   -c, --object and --image-opts are refused.
   Output: \"Image rebased.\" or \"Image detached.\" on stdout (qemu-img prints nothing),
      or with --output json one object: {\"overlay\", \"overlay_format\", \"mode\"
@@ -218,7 +222,7 @@ pub fn rebase_command() -> Command {
         .long_about(REBASE_ABOUT)
         .override_usage(
             "instar rebase [-f FMT] -b BACKING [-F FMT] [-u] [-q] [-p] [-U] [-t CACHE] [-T CACHE]\n       \
-             [--output human|json] FILE",
+             [--output human|json] [--allow-dir DIR]... FILE",
         )
         .after_help(REBASE_AFTER)
         .disable_help_flag(true)

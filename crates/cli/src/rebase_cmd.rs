@@ -358,7 +358,13 @@ pub fn rebase(
         .collect(),
         old: &old,
     });
-    let new = new_backing(&ctx, guest, backing_format.as_deref(), safe.as_ref())?;
+    let new = new_backing(
+        &ctx,
+        guest,
+        backing_format.as_deref(),
+        safe.as_ref(),
+        info.format,
+    )?;
 
     // One VM: the overlay writable, then (safe mode) the old chain and the new chain
     // read-only. `prefixes[dev]` is how a guest error about that device begins.
@@ -474,6 +480,7 @@ fn new_backing(
     guest: &mut dyn Guest,
     backing_format: Option<&str>,
     safe: Option<&SafeCtx>,
+    overlay_format: Format,
 ) -> Result<NewChain, Failure> {
     let args = ctx.args;
     let none = NewChain {
@@ -495,7 +502,10 @@ fn new_backing(
             "backing format must be specified"
         });
     }
-    if let (None, Some(f)) = (safe, backing_format) {
+    // A vmdk overlay records its parent's CID, so the guest reads it from the new
+    // backing even in unsafe mode.
+    let attach_unsafe = safe.is_none() && overlay_format == Format::Vmdk;
+    if let (None, Some(f), false) = (safe, backing_format, attach_unsafe) {
         // Unsafe mode with -F: the new backing is never opened.
         return Ok(NewChain {
             record: Some((args.backing.clone(), f.to_string())),
@@ -534,7 +544,9 @@ fn new_backing(
         Ok(image) => image,
         // Unsafe mode opens the file only to learn its format; when it cannot, the error
         // is the one qemu-img gives for a missing -F.
-        Err(_) if safe.is_none() => return ctx.change_failed("backing format must be specified"),
+        Err(_) if safe.is_none() && !attach_unsafe => {
+            return ctx.change_failed("backing format must be specified")
+        }
         Err(e) => return fail(format!("{}{e}", Role::NewBacking.prefix(ctx))),
     };
     let shown = path.to_string_lossy().into_owned();
@@ -551,6 +563,14 @@ fn new_backing(
         .unwrap_or_else(|| info.format.name().to_string());
     let record = Some((args.backing.clone(), format));
     let Some(safe) = safe else {
+        if attach_unsafe {
+            return Ok(NewChain {
+                images: vec![image],
+                chain: vec![info.format],
+                record,
+                in_chain: None,
+            });
+        }
         // Unsafe mode only needed the format: the file (and its lock) is let go here.
         return Ok(NewChain { record, ..none });
     };
