@@ -133,6 +133,7 @@ fn side_by_side_with(
 fn same_result(rq: &Run, ri: &Run, dq: &Path, di: &Path) {
     assert_eq!(rq.status, 0, "qemu-img: {}", rq.stderr);
     assert_eq!(ri.status, 0, "instar: {}", ri.stderr);
+    assert_eq!(ri.stderr, "", "instar printed a warning");
     let (sq, si) = (snapshot(dq), snapshot(di));
     assert_eq!(sq.keys().collect::<Vec<_>>(), si.keys().collect::<Vec<_>>());
     let (nq, ni) = (
@@ -803,5 +804,36 @@ fn old_chain_in_use_is_refused_like_qemu() {
         as_instar(&rq.stderr, &q.img)
             .trim_start_matches("instar: ")
             .trim_end(),
+    );
+}
+
+/// `-p` prints qemu-img's progress lines; the in-chain decision changes them (steps
+/// skipped as unchanged since the reused image add no progress).
+#[test]
+fn progress_matches_qemu() {
+    let Some((q, s)) = setup("chain-progress") else {
+        return;
+    };
+    let f = s.path("f");
+    in_chain_fixture(&q, &f);
+    let mut seen = Vec::new();
+    for (cwd, ovl) in [("s", "top.qcow2"), (".", "s/top.qcow2")] {
+        let args = ["rebase", "-p", "-b", "base.qcow2", "-F", "qcow2", ovl];
+        let dq = s.path("pq");
+        let di = s.path("pi");
+        let _ = std::fs::remove_dir_all(&dq);
+        let _ = std::fs::remove_dir_all(&di);
+        copy_tree(&f, &dq);
+        copy_tree(&f, &di);
+        let rq = run(&q.img, &args, &dq.join(cwd));
+        let ri = instar(&args, &di.join(cwd));
+        assert_eq!(rq.status, 0, "{}", rq.stderr);
+        assert_eq!(ri.status, 0, "{}", ri.stderr);
+        assert_eq!(ri.stdout, format!("{}Image rebased.\n", rq.stdout), "{ovl}");
+        seen.push(rq.stdout);
+    }
+    assert_ne!(
+        seen[0], seen[1],
+        "the fixture does not tell the decisions apart"
     );
 }
