@@ -270,7 +270,12 @@ pub fn rebase(
             }
         },
     };
-    let cwd = current_dir()?;
+    // Names are resolved against the current directory only in safe mode.
+    let cwd = if args.unsafe_mode && args.allow_dirs.is_empty() {
+        Vec::new()
+    } else {
+        current_dir()?
+    };
     let mut allowed = allowed_from_args(args, &cwd)?;
     if paths::has_protocol(args.file.as_bytes()) {
         let e = paths::PathError::Protocol {
