@@ -309,6 +309,12 @@ pub fn rebase(
         );
     }
 
+    // QEMU opens an external data file together with the overlay; a missing one fails
+    // the rebase there, so it must here too.
+    if let Some(name) = info.data_file.as_deref() {
+        check_data_file(&ctx, name)?;
+    }
+
     let mode = if args.unsafe_mode {
         Mode::Unsafe
     } else {
@@ -463,6 +469,35 @@ pub fn rebase(
         stats: outcome.stats,
         new_backing: new.record,
     })
+}
+
+/// Check that the overlay's external data file can be opened, as QEMU's open of the
+/// overlay requires. Its name is resolved against the current directory (QEMU's rule for
+/// `data-file`) and is subject to the path policy, like a backing file name; instar never
+/// reads it.
+fn check_data_file(ctx: &Ctx, name: &[u8]) -> Result<(), Failure> {
+    let prefix = Role::Overlay.prefix(ctx);
+    let shown = policy::shown(name);
+    if paths::has_protocol(name) {
+        return fail(format!(
+            "{prefix}data file name '{shown}' has a protocol prefix; instar opens local files only"
+        ));
+    }
+    let cwd = current_dir()?;
+    let mut allowed = allowed_from_args(ctx.args, &cwd)?;
+    add_default_dirs(ctx.args, &cwd, &mut allowed);
+    let path = Path::new(OsStr::from_bytes(name));
+    let lexical = paths::normalise(&cwd, name);
+    let inside = allowed.contains(Path::new(OsStr::from_bytes(&lexical)))
+        && std::fs::canonicalize(path).map_or(true, |real| allowed.contains(&real));
+    if !inside {
+        return fail(format!(
+            "{prefix}data file name '{shown}' is outside the allowed directories (see --allow-dir)"
+        ));
+    }
+    files::open_image(path, false)
+        .map(drop)
+        .or_else(|e| fail(format!("{prefix}{e}")))
 }
 
 /// Add the default allowed directories: FILE's directory, and the directory of the `-b`
@@ -639,8 +674,8 @@ fn stat_failure(prefix: String, e: &std::io::Error) -> Failure {
 }
 
 /// Cut the overlay to the length the guest meant (virtio-blk writes whole sectors), never
-/// below its original length and never growing it, then flush it as qemu-img's close does
-/// (except with `-t unsafe`).
+/// below its original length and never growing it, then flush the truncation (except with
+/// `-t unsafe`).
 fn finish_overlay(ctx: &Ctx, overlay: &ImageFile, wanted: Option<u64>) -> Result<(), Failure> {
     let io_failure = |what: &str, e: std::io::Error| Failure {
         text: format!(
@@ -650,6 +685,7 @@ fn finish_overlay(ctx: &Ctx, overlay: &ImageFile, wanted: Option<u64>) -> Result
         ),
         at_change: false,
     };
+    let mut truncated = false;
     if let Some(len) = wanted {
         let current = overlay
             .file
@@ -662,9 +698,12 @@ fn finish_overlay(ctx: &Ctx, overlay: &ImageFile, wanted: Option<u64>) -> Result
                 .file
                 .set_len(target)
                 .map_err(|e| io_failure("truncate", e))?;
+            truncated = true;
         }
     }
-    if ctx.args.cache != "unsafe" {
+    // The guest flushed its own writes (a virtio-blk flush is an fdatasync); only a
+    // truncation here still needs one.
+    if truncated && ctx.args.cache != "unsafe" {
         overlay
             .file
             .sync_data()

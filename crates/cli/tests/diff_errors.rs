@@ -712,6 +712,21 @@ fn data_file_raw_refuses_backing() {
     );
 }
 
+#[test]
+fn missing_external_data_file() {
+    // QEMU opens the data file with the overlay, even for -u; a missing one is an open
+    // error (the name is resolved against the current directory).
+    same_error(
+        "data-file-missing",
+        &|fx| {
+            fx.create("qcow2", "ovl.qcow2", "1M", &["-o", "data_file=ovl.data"]);
+            std::fs::remove_file(fx.path("ovl.data")).expect("remove the data file");
+        },
+        &["-u", "-b", "new.qcow2", "-F", "qcow2", "ovl.qcow2"],
+        None,
+    );
+}
+
 // ----- deliberate refusals ---------------------------------------------------------------
 
 #[test]
