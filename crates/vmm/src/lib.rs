@@ -42,6 +42,11 @@
 //!   fds 1 and 2, the watchdog timer, non-executable memory management, futex, and
 //!   thread exit. Anything else kills the process with SIGSYS. The progress callback
 //!   runs in that thread, so it may only write to stdout/stderr.
+//! - Large reads (at least 512 KiB) are split between the vCPU thread and an I/O
+//!   worker thread per VM (see `io_pool`), which blocks all signals and confines itself
+//!   before its first job: `pread64` on the device files, futex, non-executable memory
+//!   management, `write` to fd 2, and thread exit. The worker is stopped and joined
+//!   when the VM ends, however it ends.
 //! - No privileges are needed beyond read/write access to `/dev/kvm`.
 //!
 //! # Fault injection
@@ -56,6 +61,7 @@
 
 mod elf;
 mod error;
+mod io_pool;
 mod memory;
 mod sanitize;
 mod seccomp;

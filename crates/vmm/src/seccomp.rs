@@ -67,8 +67,34 @@ pub fn build(allowed: &Allowed<'_>) -> Result<BpfProgram, Error> {
     // The watchdog.
     rules.insert(libc::SYS_timer_settime, vec![]);
     rules.insert(libc::SYS_rt_sigreturn, vec![]);
-    // Memory management by the allocator (never executable memory), locks, thread exit
-    // and the teardown of the VM (closing its fds, unmapping guest RAM).
+    // Rust's std checks a descriptor with F_GETFD before closing it (debug builds).
+    rules.insert(
+        libc::SYS_fcntl,
+        vec![rule(vec![cond(1, Op::Eq, libc::F_GETFD as u64)?])?],
+    );
+    // The teardown of the VM: closing its fds, deleting the watchdog timer.
+    for sys in [libc::SYS_close, libc::SYS_timer_delete] {
+        rules.insert(sys, vec![]);
+    }
+    thread_rules(&mut rules)?;
+    compile(rules)
+}
+
+/// Build the filter of an I/O worker ([`crate::io_pool`]): it only reads the device
+/// files into guest memory (split reads; writes are never handed to workers), waits on
+/// futexes, and exits. `write` to fd 2 is there for a panic message.
+pub fn build_io_worker(device_fds: &[RawFd]) -> Result<BpfProgram, Error> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    rules.insert(libc::SYS_pread64, fd_rules(device_fds)?);
+    rules.insert(libc::SYS_write, fd_rules(&[2])?);
+    thread_rules(&mut rules)?;
+    compile(rules)
+}
+
+/// What any confined thread needs: memory management by the allocator (never
+/// executable memory), locks, and thread exit (which frees the thread's caches and
+/// its signal stack).
+fn thread_rules(rules: &mut BTreeMap<i64, Vec<SeccompRule>>) -> Result<(), Error> {
     let no_exec = || cond(2, Op::MaskedEq(libc::PROT_EXEC as u64), 0);
     rules.insert(
         libc::SYS_mmap,
@@ -82,11 +108,6 @@ pub fn build(allowed: &Allowed<'_>) -> Result<BpfProgram, Error> {
         ])?],
     );
     rules.insert(libc::SYS_mprotect, vec![rule(vec![no_exec()?])?]);
-    // Rust's std checks a descriptor with F_GETFD before closing it (debug builds).
-    rules.insert(
-        libc::SYS_fcntl,
-        vec![rule(vec![cond(1, Op::Eq, libc::F_GETFD as u64)?])?],
-    );
     for sys in [
         libc::SYS_munmap,
         libc::SYS_madvise,
@@ -95,13 +116,15 @@ pub fn build(allowed: &Allowed<'_>) -> Result<BpfProgram, Error> {
         libc::SYS_sched_yield,
         libc::SYS_sigaltstack,
         libc::SYS_rt_sigprocmask,
-        libc::SYS_close,
-        libc::SYS_timer_delete,
         libc::SYS_exit,
         libc::SYS_exit_group,
     ] {
         rules.insert(sys, vec![]);
     }
+    Ok(())
+}
+
+fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, Error> {
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,

@@ -14,6 +14,7 @@ use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRI
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 
+use crate::io_pool::{self, IoPool};
 use crate::memory::{self, GuestMemory};
 use crate::virtio_blk::{Backing, BlockDevice, WriteCount};
 use crate::watchdog::Watchdog;
@@ -178,6 +179,15 @@ pub fn run_on_this_thread(
         blk.push(BlockDevice::new(i, backing, len, dev.writable));
     }
 
+    // Workers for large reads start now, so that they confine themselves while the VM
+    // is built. Small images never see a request large enough to split.
+    let device_fds: Vec<i32> = blk.iter().map(|d| d.fd()).collect();
+    let pool = if blk.iter().any(|d| d.len() >= io_pool::PARALLEL_MIN as u64) {
+        IoPool::start(io_pool::WORKERS, &seccomp::build_io_worker(&device_fds)?)?
+    } else {
+        IoPool::inline()
+    };
+
     let kvm = Kvm::new().map_err(|e| Error::kvm_open(e.into()))?;
     // Declared before the VM so that it is unmapped after the VM is closed.
     let mem: GuestMemory = memory::create(config.ram_size)?;
@@ -214,7 +224,6 @@ pub fn run_on_this_thread(
     setup_vcpu(&kvm, &vcpu, entry, config.ram_size)?;
 
     let watchdog = Watchdog::new(vcpu.get_kvm_run(), config.watchdog)?;
-    let device_fds: Vec<i32> = blk.iter().map(|d| d.fd()).collect();
     let writable_fds: Vec<i32> = blk
         .iter()
         .filter(|d| d.writable())
@@ -275,7 +284,7 @@ pub fn run_on_this_thread(
                         Err(_) => Step::Fault(format!("doorbell write of {} bytes", data.len())),
                     }
                 } else if let Some((dev, off)) = virtio_target(&mut blk, addr) {
-                    dev.mmio_write(off, data, &mem, &mut writes);
+                    dev.mmio_write(off, data, &mem, &pool, &mut writes);
                     if writes.stopped {
                         return Err(Error::StoppedAfterWrites(writes.done));
                     }
