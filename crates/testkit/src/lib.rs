@@ -1,0 +1,174 @@
+//! Helpers for the format crates' tests against real qemu-img / qemu-io: locating the
+//! reference binaries, scratch directories, fixtures, `qemu-img convert` / `map` output.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// qemu-img 10.2 (env `QEMU_IMG_10_2`, else the cached build), else the system one.
+/// `None` means skip, unless `INSTAR_REQUIRE_QEMU=1`, which makes a missing binary fail.
+pub fn qemu_img() -> Option<PathBuf> {
+    let cands = [
+        std::env::var_os("QEMU_IMG_10_2").map(PathBuf::from),
+        Some(PathBuf::from(
+            "/root/.cache/instar/qemu/10.2.2/bin/qemu-img",
+        )),
+        Some(PathBuf::from("/usr/bin/qemu-img")),
+    ];
+    let found = cands.into_iter().flatten().find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var("INSTAR_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "qemu-img not found and INSTAR_REQUIRE_QEMU=1"
+        );
+        eprintln!("qemu-img not found: skipping");
+    }
+    found
+}
+
+/// qemu-io next to the qemu-img in use.
+pub fn qemu_io(img: &Path) -> PathBuf {
+    let p = img.with_file_name("qemu-io");
+    assert!(p.is_file(), "qemu-io missing next to {}", img.display());
+    p
+}
+
+/// A fresh scratch directory, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "instar-read-{}-{}-{}",
+            tag,
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Run a command; panic with its output on failure. Returns stdout.
+pub fn run(prog: &Path, args: &[&str]) -> String {
+    let out = Command::new(prog).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} {:?} failed: {}{}",
+        prog.display(),
+        args,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// qemu-io with a list of commands, on an image of format `fmt`.
+pub fn qio(img: &Path, fmt: &str, file: &Path, cmds: &[&str]) {
+    let io = qemu_io(img);
+    let mut args: Vec<&str> = vec!["-f", fmt];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    let f = file.to_str().unwrap();
+    args.push(f);
+    let out = run(&io, &args);
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io {cmds:?}: {out}"
+    );
+}
+
+/// The whole virtual disk as qemu-img convert -O raw sees it (through the backing chain).
+pub fn convert_raw(img: &Path, file: &Path, dir: &Scratch) -> Vec<u8> {
+    let out = dir.path("convert.raw");
+    run(
+        img,
+        &[
+            "convert",
+            "-O",
+            "raw",
+            file.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    let data = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    data
+}
+
+/// One entry of `qemu-img map --output=json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    pub start: u64,
+    pub length: u64,
+    pub depth: u64,
+    pub present: bool,
+    pub zero: bool,
+    pub data: bool,
+    pub compressed: bool,
+    pub offset: Option<u64>,
+}
+
+pub fn parse_map(json: &str) -> Vec<MapEntry> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| MapEntry {
+            start: e["start"].as_u64().unwrap(),
+            length: e["length"].as_u64().unwrap(),
+            depth: e["depth"].as_u64().unwrap(),
+            present: e["present"].as_bool().unwrap(),
+            zero: e["zero"].as_bool().unwrap(),
+            data: e["data"].as_bool().unwrap(),
+            compressed: e["compressed"].as_bool().unwrap_or(false),
+            offset: e.get("offset").and_then(|o| o.as_u64()),
+        })
+        .collect()
+}
+
+/// `qemu-img map` of one qcow2 layer alone (its backing link cut), so that `present`
+/// is this layer's own allocation.
+pub fn map_layer_qcow2(img: &Path, file: &Path) -> Vec<MapEntry> {
+    let spec = format!(
+        "json:{{\"driver\":\"qcow2\",\"backing\":null,\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}}}}",
+        file.display()
+    );
+    parse_map(&run(img, &["map", "--output=json", &spec]))
+}
+
+/// Append `e` to `v`, merging with the last entry the way qemu-img map does.
+pub fn push_merged(v: &mut Vec<MapEntry>, e: MapEntry) {
+    if let Some(last) = v.last_mut() {
+        let contiguous = match (last.offset, e.offset) {
+            (Some(a), Some(b)) => a + last.length == b,
+            (None, None) => true,
+            _ => false,
+        };
+        if last.start + last.length == e.start
+            && last.depth == e.depth
+            && last.present == e.present
+            && last.zero == e.zero
+            && last.data == e.data
+            && last.compressed == e.compressed
+            && contiguous
+        {
+            last.length += e.length;
+            return;
+        }
+    }
+    v.push(e);
+}
