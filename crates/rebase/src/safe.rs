@@ -32,7 +32,7 @@ use instar_vmdk::VmdkImage;
 
 use crate::copy::{self, ChainStatus, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
 use crate::probe::{open_error, qcow2_info};
-use crate::unsafe_rebase::{change_error, check_rewritable, map_change_error};
+use crate::unsafe_rebase::{change_error, map_change_error, open_for_change};
 use crate::{Hooks, IO_ERROR};
 
 /// The overlay is always device 0.
@@ -73,17 +73,7 @@ pub(crate) fn rebase<'a>(
     let overlay = take(&mut slots, OVERLAY)?;
 
     // 1. Everything that can fail before a write.
-    let (mut header, _) = qcow2_info(overlay, OpenMode::ReadWrite, OVERLAY)?;
-    check_rewritable(&header)?;
-    if name.is_some() && format.is_none() {
-        return Err(change_error("backing format must be specified"));
-    }
-    header
-        .change_backing(name, format)
-        .map_err(|e| map_change_error(e, format.is_some()))?;
-    header
-        .rebuild()
-        .map_err(|e| map_change_error(e, format.is_some()))?;
+    let (mut header, _) = open_for_change(overlay, name, format)?;
 
     let old_layers = open_chain(&req.old_chain, &mut slots, "old")?;
     let new_layers = open_chain(&req.new_chain, &mut slots, "new")?;
@@ -406,16 +396,26 @@ struct CowBacking<'r, 'a>(Shared<'r, 'a>);
 
 impl BackingRead for CowBacking<'_, '_> {
     fn read_backing(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        let mut view = self.0.borrow_mut();
-        let size = view.virtual_size();
-        let avail = size.saturating_sub(guest_offset).min(buf.len() as u64) as usize;
-        let (head, tail) = buf.split_at_mut(avail);
-        tail.fill(0);
-        if !head.is_empty() {
-            view.read(guest_offset, head).map_err(|_| IoError::Device)?;
-        }
-        Ok(())
+        read_zero_padded(self.0, guest_offset, buf)
     }
+}
+
+/// Read the old chain at `guest_offset`, zeros past its end (copy-on-write padding of
+/// a partly written new cluster or grain).
+pub(crate) fn read_zero_padded(
+    old: Shared<'_, '_>,
+    guest_offset: u64,
+    buf: &mut [u8],
+) -> Result<(), IoError> {
+    let mut view = old.borrow_mut();
+    let size = view.virtual_size();
+    let avail = size.saturating_sub(guest_offset).min(buf.len() as u64) as usize;
+    let (head, tail) = buf.split_at_mut(avail);
+    tail.fill(0);
+    if !head.is_empty() {
+        view.read(guest_offset, head).map_err(|_| IoError::Device)?;
+    }
+    Ok(())
 }
 
 struct WriterSink<'w, D: BlockDev, B: BackingRead>(&'w mut Writer<D, B>);

@@ -35,7 +35,7 @@ pub(crate) fn map_change_error(err: ChangeBackingError, has_format: bool) -> Gue
 }
 
 /// Refuse images that a read-write open by QEMU would change beyond cluster 0.
-pub(crate) fn check_rewritable(header: &Header) -> Result<(), GuestError> {
+fn check_rewritable(header: &Header) -> Result<(), GuestError> {
     // A read-write open by QEMU would rewrite more than cluster 0 for these.
     if header.has_bitmaps() {
         return Err(open_error(
@@ -55,6 +55,28 @@ pub(crate) fn check_rewritable(header: &Header) -> Result<(), GuestError> {
         ));
     }
     Ok(())
+}
+
+/// Open the qcow2 overlay as QEMU's read-write open does, point its header at `name`
+/// (`None` detaches) and rebuild cluster 0: every refusal of a backing-file change,
+/// before anything is written. Returns the changed header and the new cluster 0.
+pub(crate) fn open_for_change(
+    dev: &mut dyn BlockDev,
+    name: Option<&[u8]>,
+    format: Option<&[u8]>,
+) -> Result<(Header, alloc::vec::Vec<u8>), GuestError> {
+    let (mut header, _) = qcow2_info(dev, OpenMode::ReadWrite, OVERLAY)?;
+    check_rewritable(&header)?;
+    if name.is_some() && format.is_none() {
+        return Err(change_error("backing format must be specified"));
+    }
+    header
+        .change_backing(name, format)
+        .map_err(|e| map_change_error(e, format.is_some()))?;
+    let cluster = header
+        .rebuild()
+        .map_err(|e| map_change_error(e, format.is_some()))?;
+    Ok((header, cluster))
 }
 
 pub(crate) fn rebase(
@@ -89,17 +111,7 @@ pub(crate) fn rebase(
         });
     }
 
-    let (mut header, _) = qcow2_info(dev, OpenMode::ReadWrite, OVERLAY)?;
-    check_rewritable(&header)?;
-    if name.is_some() && format.is_none() {
-        return Err(change_error("backing format must be specified"));
-    }
-    header
-        .change_backing(name, format)
-        .map_err(|e| map_change_error(e, format.is_some()))?;
-    let cluster = header
-        .rebuild()
-        .map_err(|e| map_change_error(e, format.is_some()))?;
+    let (_, cluster) = open_for_change(dev, name, format)?;
 
     hooks.write_phase();
     dev.write_at(0, &cluster)

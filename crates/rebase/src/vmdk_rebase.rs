@@ -36,7 +36,8 @@ use instar_vmdk::{Below, GrainKind, RewriteError, SparseWriter, VmdkImage, Write
 use crate::copy::{self, ChainStatus, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
 use crate::probe::open_error;
 use crate::safe::{
-    copy_error, open_chain, stats, take, InChain, InChainContent, OldContent, Shared, ViewContent,
+    self, copy_error, open_chain, stats, take, InChain, InChainContent, OldContent, Shared,
+    ViewContent,
 };
 use crate::unsafe_rebase::change_error;
 use crate::{device, Hooks, IO_ERROR};
@@ -302,15 +303,7 @@ struct OldBelow<'r, 'a>(Shared<'r, 'a>);
 
 impl Below for OldBelow<'_, '_> {
     fn read_below(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        let mut view = self.0.borrow_mut();
-        let size = view.virtual_size();
-        let avail = size.saturating_sub(guest_offset).min(buf.len() as u64) as usize;
-        let (head, tail) = buf.split_at_mut(avail);
-        tail.fill(0);
-        if !head.is_empty() {
-            view.read(guest_offset, head).map_err(|_| IoError::Device)?;
-        }
-        Ok(())
+        safe::read_zero_padded(self.0, guest_offset, buf)
     }
 }
 
