@@ -35,12 +35,13 @@
 //! # Limits
 //!
 //! - A watchdog ends a guest that runs for [`Config::watchdog`] without a VM exit
-//!   (a doorbell or a virtio register access); see [`watchdog`](crate::watchdog).
+//!   (a doorbell or a virtio register access), at most a quarter of that later; see
+//!   [`watchdog`](crate::watchdog).
 //! - The vCPU loop runs in a dedicated thread which, once the VM is set up, confines
 //!   itself with a seccomp allowlist: `KVM_RUN`/`KVM_GET_REGS` on its vCPU,
 //!   `pread64`/`fdatasync` on the device files, `pwrite64` on writable ones, `write` to
-//!   fds 1 and 2, the watchdog timer, non-executable memory management, futex, and
-//!   thread exit. Anything else kills the process with SIGSYS. The progress callback
+//!   fds 1 and 2, the watchdog's signal return and timer deletion, non-executable
+//!   memory management, futex, and thread exit. Anything else kills the process with SIGSYS. The progress callback
 //!   runs in that thread, so it may only write to stdout/stderr.
 //! - Large reads (at least 512 KiB) are split between the vCPU thread and an I/O
 //!   worker thread per VM (see `io_pool`), which blocks all signals and confines itself
@@ -92,7 +93,8 @@ pub struct Device<'a> {
 pub struct Config {
     /// Guest RAM in bytes: a multiple of 2 MiB in [`MIN_RAM`]..=[`MAX_RAM`].
     pub ram_size: u64,
-    /// How long the guest may run without a VM exit before it is stopped.
+    /// How long the guest may run without a VM exit before it is stopped (it is
+    /// stopped within a quarter of this after the limit).
     pub watchdog: Duration,
     /// Fault injection for crash-consistency tests (see the crate docs): stop the VM
     /// right after this many completed writes. `None` (the default) never stops.

@@ -64,8 +64,7 @@ pub fn build(allowed: &Allowed<'_>) -> Result<BpfProgram, Error> {
     }
     // Progress output.
     rules.insert(libc::SYS_write, fd_rules(&[1, 2])?);
-    // The watchdog.
-    rules.insert(libc::SYS_timer_settime, vec![]);
+    // The watchdog's signal handler (its timer is armed once, before the filter).
     rules.insert(libc::SYS_rt_sigreturn, vec![]);
     // Rust's std checks a descriptor with F_GETFD before closing it (debug builds).
     rules.insert(

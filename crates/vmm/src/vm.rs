@@ -244,9 +244,13 @@ pub fn run_on_this_thread(
     seccomp::apply(&program)?;
 
     let exit = loop {
-        watchdog.arm();
-        vcpu.set_kvm_immediate_exit(0);
-        let step = match vcpu.run() {
+        // Only the watchdog sets immediate_exit, and then the loop ends: no reset needed.
+        watchdog.entering_guest();
+        let result = vcpu.run();
+        if result.is_ok() {
+            watchdog.guest_exited();
+        }
+        let step = match result {
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 if addr == DOORBELL_ADDR {
                     match <[u8; 8]>::try_from(data) {

@@ -1,18 +1,27 @@
 //! Ends a guest that makes no progress.
 //!
 //! A per-thread POSIX timer (`timer_create` with `SIGEV_THREAD_ID`) sends SIGALRM to the
-//! vCPU thread itself; the handler, installed without `SA_RESTART`, stores 1 into that
-//! thread's `kvm_run.immediate_exit`, so `KVM_RUN` returns `EINTR` now (the signal
-//! interrupted it) or at its next entry (the signal landed between two runs).
+//! vCPU thread itself every [`TICKS`]th of the limit. It is armed once: the run loop
+//! only counts VM exits and says whether the guest is running, with plain stores to
+//! thread-local atomics, so a VM exit costs no system call. The handler, installed
+//! without `SA_RESTART`, compares the exit count with the one it saw at the previous
+//! tick; after [`TICKS`] ticks in a row with the guest running and no exit, it stores 1
+//! into the thread's `kvm_run.immediate_exit`, so `KVM_RUN` returns `EINTR` now (the
+//! signal interrupted it) or at its next entry.
+//!
+//! A tick counts only if the guest was running at it and at the tick before, with no
+//! exit in between, so a guest is stopped only after it ran for the whole limit without
+//! a VM exit, and at most one tick later (limit × (1 + 1/[`TICKS`]), plus signal
+//! latency). Time the host spends serving an exit never counts.
+//!
 //! A process-wide `setitimer` would not do: its signal goes to any thread of the
 //! process, and several sandboxes may run at once (the test harness runs tests in
-//! parallel). The timer is re-armed before every `KVM_RUN`, so the limit is the time
-//! the guest runs without a VM exit, and time spent on host-side I/O does not count.
+//! parallel).
 
 use std::cell::Cell;
 use std::io;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Once;
 use std::time::Duration;
 
@@ -20,11 +29,24 @@ use kvm_bindings::kvm_run;
 
 use crate::Error;
 
+/// Ticks per watchdog limit.
+pub const TICKS: u32 = 4;
+/// `SEEN` when the last tick found the guest not running.
+const NOT_RUNNING: u64 = u64::MAX;
+
 thread_local! {
     /// The `kvm_run` of the vCPU this thread runs (null when none).
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(ptr::null_mut()) };
-    /// Set by the handler when the timer fired on this thread.
+    /// Set by the handler when it stopped the guest.
     static FIRED: Cell<bool> = const { Cell::new(false) };
+    /// VM exits so far (the run loop writes, the handler reads).
+    static EXITS: AtomicU64 = const { AtomicU64::new(0) };
+    /// Whether the thread is in (or about to enter) `KVM_RUN`.
+    static IN_GUEST: AtomicBool = const { AtomicBool::new(false) };
+    /// The handler's own state: `EXITS` at the previous tick (or `NOT_RUNNING`), and
+    /// the ticks in a row without an exit.
+    static SEEN: Cell<u64> = const { Cell::new(NOT_RUNNING) };
+    static STALE: Cell<u32> = const { Cell::new(0) };
 }
 
 static INSTALL: Once = Once::new();
@@ -37,9 +59,26 @@ extern "C" fn on_alarm(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
         return;
     }
     // Thread-locals with const initialisers and no destructor are plain TLS accesses,
-    // safe in a signal handler.
+    // safe in a signal handler; the atomics are written by the interrupted code of
+    // this same thread.
     let run = KVM_RUN.with(Cell::get);
-    if !run.is_null() {
+    if run.is_null() {
+        return;
+    }
+    let exits = EXITS.with(|e| e.load(Ordering::Relaxed));
+    if !IN_GUEST.with(|g| g.load(Ordering::Relaxed)) {
+        SEEN.with(|s| s.set(NOT_RUNNING));
+        STALE.with(|s| s.set(0));
+        return;
+    }
+    if SEEN.with(Cell::get) != exits {
+        SEEN.with(|s| s.set(exits));
+        STALE.with(|s| s.set(0));
+        return;
+    }
+    let stale = STALE.with(Cell::get) + 1;
+    STALE.with(|s| s.set(stale));
+    if stale >= TICKS {
         FIRED.with(|f| f.set(true));
         // SAFETY: the pointer is this thread's mapped kvm_run, registered by Watchdog
         // and cleared before it is unmapped.
@@ -72,14 +111,20 @@ fn install_handler() -> Result<(), Error> {
     }
 }
 
+fn timespec(d: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: d.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    }
+}
+
 /// The watchdog of the vCPU running on the current thread.
 pub struct Watchdog {
     timer: libc::timer_t,
-    limit: libc::itimerspec,
 }
 
 impl Watchdog {
-    /// Create the timer for the current thread and register `run` (this thread's vCPU).
+    /// Register `run` (this thread's vCPU) and start ticking for a limit of `limit`.
     pub fn new(run: *mut kvm_run, limit: Duration) -> Result<Watchdog, Error> {
         install_handler()?;
         // Unblock SIGALRM on this thread in case the caller blocked it.
@@ -90,7 +135,7 @@ impl Watchdog {
             libc::sigaddset(&mut set, libc::SIGALRM);
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, ptr::null_mut());
         }
-        // SAFETY: a zeroed sigevent is valid; gettid has no preconditions.
+        // SAFETY: a zeroed sigevent is valid.
         let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
         sev.sigev_notify = libc::SIGEV_THREAD_ID;
         sev.sigev_signo = libc::SIGALRM;
@@ -105,28 +150,39 @@ impl Watchdog {
         }
         KVM_RUN.with(|c| c.set(run));
         FIRED.with(|f| f.set(false));
-        let limit = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: limit.as_secs().min(i32::MAX as u64) as libc::time_t,
-                tv_nsec: limit.subsec_nanos().max(1) as libc::c_long,
-            },
+        EXITS.with(|e| e.store(0, Ordering::Relaxed));
+        IN_GUEST.with(|g| g.store(false, Ordering::Relaxed));
+        SEEN.with(|s| s.set(NOT_RUNNING));
+        STALE.with(|s| s.set(0));
+        let watchdog = Watchdog { timer };
+        // A zero period would disarm the timer.
+        let period = timespec((limit / TICKS).max(Duration::from_micros(1)));
+        let spec = libc::itimerspec {
+            it_interval: period,
+            it_value: period,
         };
-        Ok(Watchdog { timer, limit })
+        // SAFETY: the timer was just created; `spec` is a valid itimerspec.
+        if unsafe { libc::timer_settime(watchdog.timer, 0, &spec, ptr::null_mut()) } != 0 {
+            return Err(Error::setup("arming the watchdog timer")(
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(watchdog)
     }
 
-    /// Restart the countdown. Call right before `KVM_RUN`, then clear `immediate_exit`:
-    /// a signal after this call cannot come before the full limit has passed.
-    pub fn arm(&self) {
-        // SAFETY: the timer was created by `new` and not yet deleted.
-        unsafe { libc::timer_settime(self.timer, 0, &self.limit, ptr::null_mut()) };
-        FIRED.with(|f| f.set(false));
+    /// Call right before `KVM_RUN`.
+    pub fn entering_guest(&self) {
+        IN_GUEST.with(|g| g.store(true, Ordering::Relaxed));
     }
 
-    /// Whether the timer has fired since `new`.
+    /// Call when `KVM_RUN` returned with a VM exit (not when a signal interrupted it),
+    /// before the exit is served.
+    pub fn guest_exited(&self) {
+        EXITS.with(|e| e.fetch_add(1, Ordering::Relaxed));
+        IN_GUEST.with(|g| g.store(false, Ordering::Relaxed));
+    }
+
+    /// Whether the watchdog stopped the guest.
     pub fn fired(&self) -> bool {
         FIRED.with(Cell::get)
     }
@@ -135,6 +191,7 @@ impl Watchdog {
 impl Drop for Watchdog {
     fn drop(&mut self) {
         KVM_RUN.with(|c| c.set(ptr::null_mut()));
+        IN_GUEST.with(|g| g.store(false, Ordering::Relaxed));
         // SAFETY: the timer was created by `new`; deleting it also disarms it.
         unsafe { libc::timer_delete(self.timer) };
     }

@@ -210,19 +210,140 @@ fn malformed_response_is_an_error() {
     );
 }
 
+/// Run `elf` on its own thread; None if it has not finished after `timeout` (the
+/// thread is then left spinning until the test process exits).
+fn go_within(
+    elf: Vec<u8>,
+    config: Config,
+    timeout: Duration,
+    mut on_progress: impl FnMut(u32) + Send + 'static,
+) -> Option<Result<instar_vmm::Outcome, Error>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(run(&elf, &echo(), &[], &config, &mut on_progress));
+    });
+    rx.recv_timeout(timeout).ok()
+}
+
 #[test]
 fn watchdog_stops_a_spinning_guest() {
     if !kvm() {
         return;
     }
+    let limit = Duration::from_millis(200);
     let config = Config {
-        watchdog: Duration::from_millis(200),
+        watchdog: limit,
         ..Config::default()
     };
     let start = Instant::now();
-    let err = go(&elf(&SPIN), &config).unwrap_err();
-    assert!(matches!(err, Error::Watchdog(_)), "{err:?}");
-    assert!(start.elapsed() < Duration::from_secs(5));
+    let result = go_within(elf(&SPIN), config, Duration::from_secs(5), |_| {})
+        .expect("the watchdog did not stop a spinning guest");
+    let elapsed = start.elapsed();
+    assert!(matches!(result, Err(Error::Watchdog(_))), "{result:?}");
+    // Not before the limit, and within a tick (limit / 4) after it, plus slack for the
+    // VM's start-up and scheduling.
+    assert!(elapsed >= limit, "{elapsed:?}");
+    assert!(
+        elapsed < limit + limit / 4 + Duration::from_millis(150),
+        "{elapsed:?}"
+    );
+}
+
+/// PROGRESS(1) `count` times, then DONE with an empty response area.
+fn ring_progress(count: u32) -> Vec<u8> {
+    let mut code = [
+        mov_rbx(0xc000_0000),
+        mov_rax(3 << 32 | 1),
+        vec![0xb9], // mov ecx, imm32
+        count.to_le_bytes().to_vec(),
+    ]
+    .concat();
+    // loop: mov [rbx], rax; dec ecx; jnz loop
+    code.extend_from_slice(&STORE_RAX_AT_RBX);
+    code.extend_from_slice(&[0xff, 0xc9, 0x75, 0xf9]);
+    code.extend_from_slice(&doorbell(1));
+    code
+}
+
+#[test]
+fn watchdog_spares_a_guest_that_keeps_exiting() {
+    if !kvm() {
+        return;
+    }
+    // Far longer than the limit in all, but never the limit without an exit.
+    let limit = Duration::from_millis(40);
+    let config = Config {
+        watchdog: limit,
+        ..Config::default()
+    };
+    let start = Instant::now();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = count.clone();
+    let result = go_within(
+        elf(&ring_progress(20_000)),
+        config,
+        Duration::from_secs(60),
+        move |_| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        },
+    )
+    .expect("the guest did not finish");
+    let elapsed = start.elapsed();
+    let err = result.unwrap_err();
+    assert!(
+        err.to_string().contains("bad response from the guest"),
+        "{err} after {elapsed:?}"
+    );
+    assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed), 20_000);
+    assert!(
+        elapsed > 2 * limit,
+        "the test needs a longer run: {elapsed:?}"
+    );
+}
+
+#[test]
+fn watchdog_does_not_count_host_time() {
+    if !kvm() {
+        return;
+    }
+    // The progress callback keeps the host busy for three limits (a spin loop: the
+    // callback runs under the vCPU thread's seccomp filter, which has no clock or
+    // sleep calls), then the guest answers at once.
+    let limit = Duration::from_millis(100);
+    let rounds_per_ms = {
+        let t = Instant::now();
+        for _ in 0..100_000 {
+            std::hint::spin_loop();
+        }
+        100_000.0 / t.elapsed().as_secs_f64().max(1e-6) / 1000.0
+    };
+    let rounds = (rounds_per_ms * 3.0 * limit.as_millis() as f64) as u64;
+    let config = Config {
+        watchdog: limit,
+        ..Config::default()
+    };
+    let start = Instant::now();
+    let result = go_within(
+        elf(&ring_progress(1)),
+        config,
+        Duration::from_secs(60),
+        move |_| {
+            for _ in 0..rounds {
+                std::hint::spin_loop();
+            }
+        },
+    )
+    .expect("the guest did not finish");
+    let elapsed = start.elapsed();
+    let err = result.unwrap_err();
+    assert!(
+        err.to_string().contains("bad response from the guest"),
+        "{err} after {elapsed:?}"
+    );
+    assert!(
+        elapsed > 2 * limit,
+        "the host was not busy long enough: {elapsed:?}"
+    );
 }
 
 #[test]
