@@ -1,7 +1,7 @@
 //! Loading the guest ELF: a static x86-64 executable of PT_LOAD segments.
 
 use instar_abi::layout::GUEST_LOAD_ADDR;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 
 use crate::memory::GuestMemory;
 use crate::Error;
@@ -82,8 +82,16 @@ pub fn load(mem: &GuestMemory, ram_size: u64, elf: &[u8]) -> Result<u64, Error> 
             .zip(usize::try_from(filesz).ok())
             .and_then(|(o, n)| elf.get(o..o.checked_add(n)?))
             .ok_or_else(|| bad("segment outside the file"))?;
-        mem.write_slice(data, GuestAddress(vaddr))
+        let slice = mem
+            .get_slice(GuestAddress(vaddr), data.len())
             .map_err(|e| bad(&format!("cannot load segment: {e}")))?;
+        // A plain memcpy (~0.1 ms faster per VM here than vm-memory's volatile copy):
+        // nothing runs in the VM yet.
+        // SAFETY: the slice is guest RAM checked by get_slice, `data.len()` bytes long,
+        // and cannot overlap `data` (the caller's bytes).
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), slice.ptr_guard_mut().as_ptr(), data.len())
+        };
         entry_loaded |= (vaddr..vaddr + filesz).contains(&entry);
     }
     if !entry_loaded {

@@ -455,13 +455,26 @@ impl IoPool {
     }
 }
 
-impl Drop for IoPool {
-    fn drop(&mut self) {
+impl IoPool {
+    /// Tell every worker to exit (they finish no job: none is pending between
+    /// requests); [`Drop`] joins them.
+    pub fn stop(&self) {
         for w in &self.workers {
-            w.slot.lock().shutdown = true;
+            let mut st = w.slot.lock();
+            if st.shutdown {
+                continue;
+            }
+            st.shutdown = true;
             w.slot.stop.store(true, Ordering::Release);
+            drop(st);
             w.slot.job.notify_one();
         }
+    }
+}
+
+impl Drop for IoPool {
+    fn drop(&mut self) {
+        self.stop();
         for w in &mut self.workers {
             if let Some(h) = w.handle.take() {
                 // A worker that panicked has already marked itself dead; nothing to do.

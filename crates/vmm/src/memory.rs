@@ -76,53 +76,68 @@ pub fn create(size: u64) -> Result<GuestMemory, Error> {
         .map_err(|e| Error::Config(format!("cannot set up guest RAM: {e}")))
 }
 
-fn write_u64(mem: &GuestMemory, addr: u64, value: u64) -> Result<(), Error> {
-    mem.write_obj(value, GuestAddress(addr))
+fn write_table(mem: &GuestMemory, addr: u64, entries: &[u64]) -> Result<(), Error> {
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+    mem.write_slice(&bytes, GuestAddress(addr))
         .map_err(|e| Error::Config(format!("cannot write guest memory at {addr:#x}: {e}")))
 }
 
 /// Write the GDT and identity page tables: RAM (without page 0) and the MMIO window.
+/// Each table is built here and written in one piece (one entry at a time through
+/// vm-memory costs several times more).
 pub fn write_tables(mem: &GuestMemory, ram_size: u64) -> Result<(), Error> {
-    for (i, d) in GDT.iter().enumerate() {
-        write_u64(mem, GDT_ADDR + 8 * i as u64, *d)?;
-    }
+    write_table(mem, GDT_ADDR, &GDT)?;
 
-    write_u64(mem, PML4, PDPT | PTE_RW_USER)?;
-    write_u64(mem, PDPT, PD_RAM[0] | PTE_RW_USER)?;
-    write_u64(mem, PDPT + 8, PD_RAM[1] | PTE_RW_USER)?;
     let mmio_gib = DOORBELL_ADDR / GIB;
-    write_u64(mem, PDPT + 8 * mmio_gib, PD_MMIO | PTE_RW_USER)?;
+    let mut pdpt = [0u64; 512];
+    pdpt[0] = PD_RAM[0] | PTE_RW_USER;
+    pdpt[1] = PD_RAM[1] | PTE_RW_USER;
+    pdpt[mmio_gib as usize] = PD_MMIO | PTE_RW_USER;
+    write_table(mem, PML4, &[PDPT | PTE_RW_USER])?;
+    write_table(mem, PDPT, &pdpt[..=mmio_gib as usize])?;
 
     // First 2 MiB in 4 KiB pages. Left out: page 0, so null dereferences fault, and
     // the page below the guest image, the guard page under the guest's stack
     // (guest/link.ld puts the stack at the start of the image).
-    write_u64(mem, PD_RAM[0], PT_LOW | PTE_RW_USER)?;
-    for page in 1..512u64 {
-        if page == STACK_GUARD >> 12 {
-            continue;
+    let mut pt_low = [0u64; 512];
+    for (page, entry) in pt_low.iter_mut().enumerate().skip(1) {
+        let page = page as u64;
+        if page != STACK_GUARD >> 12 {
+            *entry = (page << 12) | PTE_RW_USER;
         }
-        write_u64(mem, PT_LOW + 8 * page, (page << 12) | PTE_RW_USER)?;
     }
+    write_table(mem, PT_LOW, &pt_low)?;
     // The rest of RAM in 2 MiB pages.
-    for addr in (MIB2..ram_size).step_by(MIB2 as usize) {
-        let pd = PD_RAM[(addr / GIB) as usize];
-        let index = (addr % GIB) / MIB2;
-        write_u64(mem, pd + 8 * index, addr | PTE_RW_USER | PTE_HUGE)?;
+    for (gib, &pd_addr) in PD_RAM.iter().enumerate() {
+        let base = gib as u64 * GIB;
+        if base >= ram_size {
+            break;
+        }
+        let mut pd = [0u64; 512];
+        for (index, entry) in pd.iter_mut().enumerate() {
+            let addr = base + index as u64 * MIB2;
+            if addr >= ram_size {
+                break;
+            }
+            *entry = if addr == 0 {
+                PT_LOW | PTE_RW_USER
+            } else {
+                addr | PTE_RW_USER | PTE_HUGE
+            };
+        }
+        write_table(mem, pd_addr, &pd)?;
     }
 
     // MMIO: uncached 2 MiB pages over the doorbell and the virtio-mmio devices.
     let mmio_end = VIRTIO_MMIO_BASE + MAX_DEVICES as u64 * VIRTIO_MMIO_STRIDE;
+    let mut pd_mmio = [0u64; 512];
     let mut pages = vec![DOORBELL_ADDR & !(MIB2 - 1)];
     pages.extend(((VIRTIO_MMIO_BASE & !(MIB2 - 1))..mmio_end).step_by(MIB2 as usize));
     for addr in pages {
-        let index = (addr % GIB) / MIB2;
-        write_u64(
-            mem,
-            PD_MMIO + 8 * index,
-            addr | PTE_RW_USER | PTE_HUGE | PTE_PCD | PTE_PWT,
-        )?;
+        let index = ((addr % GIB) / MIB2) as usize;
+        pd_mmio[index] = addr | PTE_RW_USER | PTE_HUGE | PTE_PCD | PTE_PWT;
     }
-    Ok(())
+    write_table(mem, PD_MMIO, &pd_mmio)
 }
 
 #[cfg(test)]
@@ -157,5 +172,34 @@ mod tests {
         assert_eq!(read(PD_RAM[0] + 8 * (last + 1)), 0);
         // Doorbell page.
         assert_ne!(read(PD_MMIO) & PTE_PRESENT, 0);
+    }
+
+    #[test]
+    fn all_of_the_largest_ram_is_identity_mapped() {
+        let size = MAX_RAM;
+        let mem = create(size).unwrap();
+        write_tables(&mem, size).unwrap();
+        let read = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).unwrap();
+        assert_eq!(read(PML4), PDPT | PTE_RW_USER);
+        assert_eq!(read(PDPT + 16), 0, "no RAM in the third GiB");
+        for addr in (MIB2..size).step_by(MIB2 as usize) {
+            let pd = read(PDPT + 8 * (addr / GIB)) & !0xfff;
+            assert_eq!(
+                read(pd + 8 * ((addr % GIB) / MIB2)),
+                addr | PTE_RW_USER | PTE_HUGE,
+                "{addr:#x}"
+            );
+        }
+        // The doorbell and every device window are mapped uncached.
+        let mmio = read(PDPT + 8 * (DOORBELL_ADDR / GIB)) & !0xfff;
+        let end = VIRTIO_MMIO_BASE + MAX_DEVICES as u64 * VIRTIO_MMIO_STRIDE;
+        for addr in [DOORBELL_ADDR, VIRTIO_MMIO_BASE, end - 1] {
+            let e = read(mmio + 8 * ((addr % GIB) / MIB2));
+            assert_eq!(
+                e & (PTE_PCD | PTE_PWT | PTE_HUGE),
+                PTE_PCD | PTE_PWT | PTE_HUGE
+            );
+            assert_eq!(e & !0x1f_ffff, addr & !0x1f_ffff);
+        }
     }
 }

@@ -66,15 +66,9 @@ pub fn build(allowed: &Allowed<'_>) -> Result<BpfProgram, Error> {
     rules.insert(libc::SYS_write, fd_rules(&[1, 2])?);
     // The watchdog's signal handler (its timer is armed once, before the filter).
     rules.insert(libc::SYS_rt_sigreturn, vec![]);
-    // Rust's std checks a descriptor with F_GETFD before closing it (debug builds).
-    rules.insert(
-        libc::SYS_fcntl,
-        vec![rule(vec![cond(1, Op::Eq, libc::F_GETFD as u64)?])?],
-    );
-    // The teardown of the VM: closing its fds, deleting the watchdog timer.
-    for sys in [libc::SYS_close, libc::SYS_timer_delete] {
-        rules.insert(sys, vec![]);
-    }
+    close_rules(&mut rules)?;
+    // The watchdog's timer is deleted at the end of the run.
+    rules.insert(libc::SYS_timer_delete, vec![]);
     thread_rules(&mut rules)?;
     compile(rules)
 }
@@ -88,6 +82,27 @@ pub fn build_io_worker(device_fds: &[RawFd]) -> Result<BpfProgram, Error> {
     rules.insert(libc::SYS_write, fd_rules(&[2])?);
     thread_rules(&mut rules)?;
     compile(rules)
+}
+
+/// Build the filter of the teardown thread ([`crate::teardown`]): it closes finished
+/// VMs' descriptors and unmaps their memory.
+pub fn build_teardown() -> Result<BpfProgram, Error> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    close_rules(&mut rules)?;
+    rules.insert(libc::SYS_write, fd_rules(&[2])?);
+    thread_rules(&mut rules)?;
+    compile(rules)
+}
+
+/// Closing descriptors (the VM's, a reopened read-only image).
+fn close_rules(rules: &mut BTreeMap<i64, Vec<SeccompRule>>) -> Result<(), Error> {
+    rules.insert(libc::SYS_close, vec![]);
+    // Rust's std checks a descriptor with F_GETFD before closing it (debug builds).
+    rules.insert(
+        libc::SYS_fcntl,
+        vec![rule(vec![cond(1, Op::Eq, libc::F_GETFD as u64)?])?],
+    );
+    Ok(())
 }
 
 /// What any confined thread needs: memory management by the allocator (never

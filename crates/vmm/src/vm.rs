@@ -3,14 +3,15 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::OnceLock;
 
 use instar_abi::layout::{
     DOORBELL_ADDR, DOORBELL_DONE, DOORBELL_PANIC, DOORBELL_PROGRESS, DOORBELL_WRITE_PHASE,
     MAX_DEVICES, PAGE_TABLES_ADDR, REQUEST_ADDR, REQUEST_SIZE, RESPONSE_ADDR, RESPONSE_SIZE,
     VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE,
 };
-use instar_abi::Call;
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use instar_abi::{Call, Request, SelfTest};
+use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 
@@ -18,7 +19,7 @@ use crate::io_pool::{self, IoPool};
 use crate::memory::{self, GuestMemory};
 use crate::virtio_blk::{Backing, BlockDevice, WriteCount};
 use crate::watchdog::Watchdog;
-use crate::{seccomp, Config, Device, Error};
+use crate::{seccomp, teardown, Config, Device, Error};
 
 /// How the guest ended, before its response is decoded (outside the filtered thread).
 pub enum RawExit {
@@ -75,11 +76,29 @@ fn backing<'a>(index: usize, dev: &Device<'a>) -> Result<Backing<'a>, Error> {
     Ok(Backing::Owned(file))
 }
 
-fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, ram_size: u64) -> Result<(), Error> {
+/// `/dev/kvm` and its supported CPUID, opened and asked once per process: both are the
+/// same for every VM, and KVM_GET_SUPPORTED_CPUID alone takes ~0.1 ms here.
+struct Host {
+    kvm: Kvm,
+    cpuid: CpuId,
+}
+
+static HOST: OnceLock<Host> = OnceLock::new();
+
+fn host() -> Result<&'static Host, Error> {
+    if let Some(host) = HOST.get() {
+        return Ok(host);
+    }
+    let kvm = Kvm::new().map_err(|e| Error::kvm_open(e.into()))?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| Error::setup("KVM_GET_SUPPORTED_CPUID")(e.into()))?;
-    vcpu.set_cpuid2(&cpuid)
+    // Two first runs at once: one Host wins, the other is dropped.
+    Ok(HOST.get_or_init(|| Host { kvm, cpuid }))
+}
+
+fn setup_vcpu(cpuid: &CpuId, vcpu: &VcpuFd, entry: u64, ram_size: u64) -> Result<(), Error> {
+    vcpu.set_cpuid2(cpuid)
         .map_err(|e| Error::setup("KVM_SET_CPUID2")(e.into()))?;
 
     let mut sregs = vcpu
@@ -140,6 +159,17 @@ fn fault_at(vcpu: &VcpuFd, what: &str) -> Error {
     }
 }
 
+/// Whether the guest will read image data in bulk: a safe rebase (comparing and
+/// copying), or a read self-test of a large range. Probes and `-u` rebases read headers
+/// and tables in small requests; an I/O worker would only cost its start and join.
+fn moves_bulk_data(call: &Call) -> bool {
+    match &call.request {
+        Request::Rebase(r) => !r.unsafe_mode,
+        Request::SelfTest(SelfTest::Read { len, .. }) => *len as usize >= io_pool::PARALLEL_MIN,
+        _ => false,
+    }
+}
+
 /// What one exit asks the loop to do next.
 enum Step {
     Continue,
@@ -148,7 +178,8 @@ enum Step {
 }
 
 /// Set up the VM on the current thread, confine the thread, and run the guest.
-/// Every resource is released when this returns (still on this thread).
+/// The I/O workers are joined and the image files released before this returns; the
+/// VM itself and guest RAM go to the teardown thread ([`crate::teardown`]).
 pub fn run_on_this_thread(
     guest_elf: &[u8],
     call: &Call,
@@ -180,18 +211,20 @@ pub fn run_on_this_thread(
     }
 
     // Workers for large reads start now, so that they confine themselves while the VM
-    // is built. Small images never see a request large enough to split.
+    // is built; only for calls that copy image data, from images large enough to split.
     let device_fds: Vec<i32> = blk.iter().map(|d| d.fd()).collect();
-    let pool = if blk.iter().any(|d| d.len() >= io_pool::PARALLEL_MIN as u64) {
-        IoPool::start(io_pool::WORKERS, &seccomp::build_io_worker(&device_fds)?)?
-    } else {
-        IoPool::inline()
-    };
+    let pool =
+        if moves_bulk_data(&call) && blk.iter().any(|d| d.len() >= io_pool::PARALLEL_MIN as u64) {
+            IoPool::start(io_pool::WORKERS, &seccomp::build_io_worker(&device_fds)?)?
+        } else {
+            IoPool::inline()
+        };
 
-    let kvm = Kvm::new().map_err(|e| Error::kvm_open(e.into()))?;
+    let host = host()?;
     // Declared before the VM so that it is unmapped after the VM is closed.
     let mem: GuestMemory = memory::create(config.ram_size)?;
-    let vm = kvm
+    let vm = host
+        .kvm
         .create_vm()
         .map_err(|e| Error::setup("KVM_CREATE_VM")(e.into()))?;
     memory::write_tables(&mem, config.ram_size)?;
@@ -203,7 +236,7 @@ pub fn run_on_this_thread(
     mem.write_slice(&request, GuestAddress(REQUEST_ADDR))
         .map_err(|e| Error::Config(format!("cannot write the request: {e}")))?;
 
-    let host = mem
+    let ram = mem
         .get_host_address(GuestAddress(0))
         .map_err(|e| Error::Config(format!("guest RAM has no host address: {e}")))?;
     let region = kvm_userspace_memory_region {
@@ -211,18 +244,44 @@ pub fn run_on_this_thread(
         flags: 0,
         guest_phys_addr: 0,
         memory_size: config.ram_size,
-        userspace_addr: host as u64,
+        userspace_addr: ram as u64,
     };
-    // SAFETY: the region is the live mapping owned by `mem`, which outlives the VM (it
-    // is dropped after `vm` at the end of this function).
+    // SAFETY: the region is the live mapping owned by `mem`, which outlives the VM: it
+    // is dropped after `vm`, here on an error or by the teardown thread.
     unsafe { vm.set_user_memory_region(region) }
         .map_err(|e| Error::setup("KVM_SET_USER_MEMORY_REGION")(e.into()))?;
 
     let mut vcpu = vm
         .create_vcpu(0)
         .map_err(|e| Error::setup("KVM_CREATE_VCPU")(e.into()))?;
-    setup_vcpu(&kvm, &vcpu, entry, config.ram_size)?;
+    setup_vcpu(&host.cpuid, &vcpu, entry, config.ram_size)?;
 
+    let result = confine_and_run(
+        &mut vcpu,
+        &mem,
+        &mut blk,
+        &pool,
+        &device_fds,
+        config,
+        on_progress,
+    );
+    // Tell the worker to stop first, so that it exits while the VM is handed over.
+    pool.stop();
+    teardown::later((vcpu, vm, mem));
+    drop(pool);
+    result
+}
+
+/// Confine the thread and run the guest until it answers or fails.
+fn confine_and_run(
+    vcpu: &mut VcpuFd,
+    mem: &GuestMemory,
+    blk: &mut [BlockDevice<'_>],
+    pool: &IoPool,
+    device_fds: &[i32],
+    config: &Config,
+    on_progress: &mut (dyn FnMut(u32) + Send),
+) -> Result<RawOutcome, Error> {
     let watchdog = Watchdog::new(vcpu.get_kvm_run(), config.watchdog)?;
     let writable_fds: Vec<i32> = blk
         .iter()
@@ -231,7 +290,7 @@ pub fn run_on_this_thread(
         .collect();
     let program = seccomp::build(&seccomp::Allowed {
         vcpu_fd: vcpu.as_raw_fd(),
-        device_fds: &device_fds,
+        device_fds,
         writable_fds: &writable_fds,
     })?;
     // Everything the loop needs is allocated before the filter goes on.
@@ -287,8 +346,8 @@ pub fn run_on_this_thread(
                         }
                         Err(_) => Step::Fault(format!("doorbell write of {} bytes", data.len())),
                     }
-                } else if let Some((dev, off)) = virtio_target(&mut blk, addr) {
-                    dev.mmio_write(off, data, &mem, &pool, &mut writes);
+                } else if let Some((dev, off)) = virtio_target(blk, addr) {
+                    dev.mmio_write(off, data, mem, pool, &mut writes);
                     if writes.stopped {
                         return Err(Error::StoppedAfterWrites(writes.done));
                     }
@@ -298,7 +357,7 @@ pub fn run_on_this_thread(
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                if let Some((dev, off)) = virtio_target(&mut blk, addr) {
+                if let Some((dev, off)) = virtio_target(blk, addr) {
                     dev.mmio_read(off, data);
                     Step::Continue
                 } else {
@@ -323,7 +382,7 @@ pub fn run_on_this_thread(
         match step {
             Step::Continue => {}
             Step::Finish(exit) => break exit,
-            Step::Fault(what) => return Err(fault_at(&vcpu, &what)),
+            Step::Fault(what) => return Err(fault_at(vcpu, &what)),
         }
     };
     Ok(RawOutcome {
