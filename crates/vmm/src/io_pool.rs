@@ -1,25 +1,29 @@
-//! Host I/O between the image files and guest memory, with large reads split across
+//! Host I/O between the image files and guest memory, with large reads shared between
 //! the vCPU thread and a small pool of worker threads.
 //!
 //! Copying page-cache data into guest memory is most of a bulk read's cost, and the
-//! vCPU waits for it. A read of at least [`PARALLEL_MIN`] bytes is cut into equal parts
-//! (one per worker plus one): the workers take one part each, the vCPU thread does the
-//! first, then waits for the others before the request completes. Writes are not
-//! split: ext4 (like most Linux file systems) serialises buffered writes to one file on
-//! its inode lock, so a second writer only waits.
+//! vCPU waits for it. A read of at least [`PARALLEL_MIN`] bytes is cut into chunks of
+//! [`CHUNK`] bytes that the vCPU thread and the workers take in turn from a shared
+//! counter until none is left; the request completes when every chunk is done. Work
+//! is shared rather than assigned, so a worker that starts late (a sleeping thread
+//! takes ~35 µs to wake here) or gets little CPU (other jobs on the machine) costs at
+//! most the chunk it has in hand: the vCPU thread takes the rest, and a job no worker
+//! has started yet is withdrawn. Writes are not split: ext4 (like most Linux file
+//! systems) serialises buffered writes to one file on its inode lock, so a second
+//! writer only waits.
 //!
 //! A worker blocks every signal and confines itself with its own seccomp allowlist
 //! ([`crate::seccomp::build_io_worker`]) before it takes its first job; a worker that
-//! cannot do so exits, and its parts are then done by the vCPU thread. Workers touch
-//! guest memory and the image files only through the [`Piece`]s they are handed, and a
-//! job never outlives the call that submitted it: [`IoPool::execute`] returns (or
-//! unwinds) only once every part is finished, so guest memory stays mapped while a
-//! worker writes into it. A worker only ever waits for a job or does one bounded
-//! `pread64`/`pwrite64` loop, so waiting for it cannot hang on anything the guest
-//! controls. Dropping the pool stops and joins every worker.
+//! cannot do so exits, and the vCPU thread does every chunk. Workers touch guest memory
+//! and the image files only through the [`Piece`]s they are handed, and a job never
+//! outlives the call that submitted it: [`IoPool::execute`] returns (or unwinds) only
+//! once no worker uses the pieces any more, so guest memory stays mapped while a worker
+//! writes into it. A worker only ever waits for a job or does bounded `pread64` loops,
+//! so waiting for it cannot hang on anything the guest controls. Dropping the pool
+//! stops and joins every worker.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
@@ -27,33 +31,33 @@ use seccompiler::BpfProgram;
 
 use crate::Error;
 
-/// Reads of at least this many bytes are split. Below it the hand-off to a worker costs
-/// about as much as it saves.
+/// Reads of at least this many bytes are shared. Below it the hand-off to a worker
+/// costs about as much as it saves.
 pub const PARALLEL_MIN: usize = 512 << 10;
-/// Parts start at multiples of this (relative to the request), so that each part copies
-/// whole page-cache pages.
-const PART_ALIGN: usize = 4096;
-/// Workers per VM: the vCPU thread does one part of a split read, each worker another.
-/// The project's machines have 2 cores.
+/// The unit of sharing: ~30 µs of copying here. Smaller chunks cost more system calls;
+/// larger ones let a slow worker hold up the request longer.
+pub const CHUNK: usize = 256 << 10;
+/// Workers per VM. The project's machines have 2 cores: the vCPU thread and one worker.
 pub const WORKERS: usize = 1;
 /// Small: a worker runs a copy loop and nothing else.
 const WORKER_STACK: usize = 128 << 10;
-/// How long an idle worker polls for the next job before it sleeps, in `spin_loop`
-/// rounds (~30 ns each on the project's machines, so ~0.25 ms). Bulk reads come a few
-/// hundred microseconds apart, and waking a sleeping thread costs ~35 µs here, a
-/// quarter of the part it would copy.
-const SPIN_FOR_JOB: u32 = 8 << 10;
-/// How long the vCPU thread polls for the workers' parts before it sleeps (~2 ms): it
-/// has nothing else to do, and a part of a 4 MiB read takes ~0.25 ms.
-const SPIN_FOR_DONE: u32 = 64 << 10;
+/// How long the vCPU thread polls for a worker's last chunk before it sleeps, in
+/// `spin_loop` rounds (~30 ns each here, so ~0.15 ms with the yields): a chunk takes
+/// ~30 µs, and a futex wake-up ~35 µs.
+const SPIN_FOR_DONE: u32 = 4 << 10;
 
-/// Poll `ready` for up to `rounds` rounds; whether it became true.
+/// Poll `ready` for up to `rounds` rounds, yielding the CPU now and then (a thread we
+/// wait for may share it); whether `ready` became true.
 fn spin_until(rounds: u32, ready: impl Fn() -> bool) -> bool {
-    for _ in 0..rounds {
+    for i in 0..rounds {
         if ready() {
             return true;
         }
-        std::hint::spin_loop();
+        if i % 128 == 127 {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
     ready()
 }
@@ -66,7 +70,6 @@ pub enum Dir {
     /// Guest memory to file (`pwrite64`).
     Write,
 }
-
 /// One contiguous range of guest memory and where it lives in a file.
 #[derive(Debug, Clone, Copy)]
 pub struct Piece {
@@ -168,6 +171,18 @@ fn run_all(dir: Dir, pieces: impl IntoIterator<Item = Piece>) -> bool {
     pieces.into_iter().all(|p| p.run(dir))
 }
 
+/// Take chunks from `next` until none is left, and do them; false if one failed.
+fn run_chunks(dir: Dir, pieces: &[Piece], total: usize, next: &AtomicUsize) -> bool {
+    let mut ok = true;
+    loop {
+        let from = next.fetch_add(1, Ordering::Relaxed).saturating_mul(CHUNK);
+        if from >= total {
+            return ok;
+        }
+        ok &= run_all(dir, part(pieces, from, (from + CHUNK).min(total)));
+    }
+}
+
 /// The pieces of a request that cover its bytes `[from, to)`.
 fn part(pieces: &[Piece], from: usize, to: usize) -> impl Iterator<Item = Piece> + '_ {
     pieces
@@ -183,9 +198,10 @@ fn part(pieces: &[Piece], from: usize, to: usize) -> impl Iterator<Item = Piece>
 /// What a worker and its submitter share.
 struct SlotState {
     dir: Dir,
-    /// The job's pieces. The vector travels to the worker and back, so that its
-    /// allocation is reused and the worker never allocates or frees.
+    /// The request's pieces and length. The vector travels to the worker and back, so
+    /// that its allocation is reused and the worker never allocates or frees.
     pieces: Vec<Piece>,
+    total: usize,
     /// A job is waiting or running.
     pending: bool,
     /// The worker has taken the pending job.
@@ -196,7 +212,7 @@ struct SlotState {
     shutdown: bool,
     /// The worker has exited (or never got going); it takes no more jobs.
     dead: bool,
-    /// The worker sleeps on `Slot::job` (else it polls `Slot::busy`, or works).
+    /// The worker sleeps on `Slot::job`.
     worker_asleep: bool,
     /// The submitter sleeps on `Slot::done`.
     submitter_asleep: bool,
@@ -210,8 +226,8 @@ struct Slot {
     done: Condvar,
     /// `SlotState::pending`, readable without the lock, for polling.
     busy: AtomicBool,
-    /// `SlotState::shutdown`, readable without the lock, for polling.
-    stop: AtomicBool,
+    /// The pool's chunk counter for the current request.
+    next: Arc<AtomicUsize>,
 }
 
 impl Slot {
@@ -227,14 +243,15 @@ struct Worker {
 }
 
 impl Worker {
-    /// Hand the worker a job; false if it takes no jobs any more.
-    fn submit(&self, dir: Dir, pieces: impl Iterator<Item = Piece>) -> bool {
+    /// Offer the worker a share of a request; false if it takes no jobs any more.
+    fn submit(&self, dir: Dir, pieces: &[Piece], total: usize) -> bool {
         let mut st = self.slot.lock();
         if st.dead || st.pending {
             return false;
         }
         st.pieces.clear();
-        st.pieces.extend(pieces);
+        st.pieces.extend_from_slice(pieces);
+        st.total = total;
         st.dir = dir;
         st.pending = true;
         self.slot.busy.store(true, Ordering::Release);
@@ -246,10 +263,22 @@ impl Worker {
         true
     }
 
-    /// Wait for the submitted job; its result (false if the worker died meanwhile).
+    /// Once the caller found no chunk left: withdraw the job if the worker has not
+    /// taken it, else wait for the chunk it has in hand. False if a chunk of the
+    /// worker's failed, or it died holding one.
     fn wait(&self) -> bool {
-        spin_until(SPIN_FOR_DONE, || !self.slot.busy.load(Ordering::Acquire));
         let mut st = self.slot.lock();
+        if st.pending && !st.running {
+            st.pending = false;
+            self.slot.busy.store(false, Ordering::Release);
+            return true;
+        }
+        if !st.pending {
+            return st.ok;
+        }
+        drop(st);
+        spin_until(SPIN_FOR_DONE, || !self.slot.busy.load(Ordering::Acquire));
+        st = self.slot.lock();
         while st.pending && !st.dead {
             st.submitter_asleep = true;
             st = self
@@ -258,12 +287,6 @@ impl Worker {
                 .wait(st)
                 .unwrap_or_else(PoisonError::into_inner);
             st.submitter_asleep = false;
-        }
-        if st.pending && !st.running {
-            // The worker went away before it took the job: do it here.
-            let ok = run_all(st.dir, st.pieces.iter().copied());
-            st.pending = false;
-            return ok;
         }
         !st.pending && st.ok
     }
@@ -300,11 +323,11 @@ fn worker_main(slot: &Slot, program: BpfProgram) {
     let mut st = slot.lock();
     loop {
         if st.pending {
-            let dir = st.dir;
+            let (dir, total) = (st.dir, st.total);
             let pieces = std::mem::take(&mut st.pieces);
             st.running = true;
             drop(st);
-            let ok = run_all(dir, pieces.iter().copied());
+            let ok = run_chunks(dir, &pieces, total, &slot.next);
             st = slot.lock();
             st.pieces = pieces;
             st.ok = ok;
@@ -317,26 +340,18 @@ fn worker_main(slot: &Slot, program: BpfProgram) {
         } else if st.shutdown {
             return;
         } else {
-            // Poll a while: the next bulk read is usually close.
-            drop(st);
-            spin_until(SPIN_FOR_JOB, || {
-                slot.busy.load(Ordering::Acquire) || slot.stop.load(Ordering::Acquire)
-            });
-            st = slot.lock();
-            if !st.pending && !st.shutdown {
-                st.worker_asleep = true;
-                st = slot.job.wait(st).unwrap_or_else(PoisonError::into_inner);
-                st.worker_asleep = false;
-            }
+            st.worker_asleep = true;
+            st = slot.job.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.worker_asleep = false;
         }
     }
 }
 
-/// Waits for every submitted part when dropped, also while unwinding: guest memory must
-/// not be unmapped under a worker.
+/// Waits for every submitted share when dropped, also while unwinding: guest memory
+/// must not be unmapped under a worker.
 struct Outstanding<'a> {
     workers: &'a [Worker],
-    /// Bit i: worker i has a part of the current request.
+    /// Bit i: worker i was offered a share of the current request.
     submitted: u32,
 }
 
@@ -366,6 +381,8 @@ impl Drop for Outstanding<'_> {
 /// The I/O workers of one VM.
 pub struct IoPool {
     workers: Vec<Worker>,
+    /// Chunks taken of the current request.
+    next: Arc<AtomicUsize>,
 }
 
 const _: () = assert!(WORKERS < 32);
@@ -375,6 +392,7 @@ impl IoPool {
     pub fn inline() -> IoPool {
         IoPool {
             workers: Vec::new(),
+            next: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -387,6 +405,7 @@ impl IoPool {
                 state: Mutex::new(SlotState {
                     dir: Dir::Read,
                     pieces: Vec::with_capacity(8),
+                    total: 0,
                     pending: false,
                     running: false,
                     ok: false,
@@ -398,7 +417,7 @@ impl IoPool {
                 job: Condvar::new(),
                 done: Condvar::new(),
                 busy: AtomicBool::new(false),
-                stop: AtomicBool::new(false),
+                next: Arc::clone(&pool.next),
             });
             let theirs = Arc::clone(&slot);
             let program = program.clone();
@@ -419,45 +438,28 @@ impl IoPool {
     /// failed. Returns only when no worker touches the pieces any more.
     pub fn execute(&self, dir: Dir, pieces: &[Piece]) -> bool {
         let total: usize = pieces.iter().map(|p| p.len).sum();
+        // Workers only ever read (their seccomp filter has no pwrite64).
         if dir == Dir::Write || total < PARALLEL_MIN || self.workers.is_empty() {
             return run_all(dir, pieces.iter().copied());
         }
-        let parts = self.workers.len() + 1;
-        let part_len = total.div_ceil(parts).next_multiple_of(PART_ALIGN);
+        // No worker holds a job (the previous request waited for them all), so nobody
+        // reads the counter while it is reset; submitting publishes it.
+        self.next.store(0, Ordering::Relaxed);
         let mut outstanding = Outstanding {
             workers: &self.workers,
             submitted: 0,
         };
-        let bounds = |k: usize| ((part_len * k).min(total), (part_len * (k + 1)).min(total));
-        // Parts 1.. to the workers first, so that they start while this thread works.
-        let mut late = 0u32;
         for (i, w) in self.workers.iter().enumerate() {
-            let (from, to) = bounds(i + 1);
-            if from >= to {
-                continue;
-            }
-            if w.submit(dir, part(pieces, from, to)) {
+            if w.submit(dir, pieces, total) {
                 outstanding.submitted |= 1 << i;
-            } else {
-                late |= 1 << i;
             }
         }
-        let (from, to) = bounds(0);
-        let mut ok = run_all(dir, part(pieces, from, to));
-        // The parts of workers that are gone.
-        for i in 0..self.workers.len() {
-            if late & (1 << i) != 0 {
-                let (from, to) = bounds(i + 1);
-                ok &= run_all(dir, part(pieces, from, to));
-            }
-        }
+        let ok = run_chunks(dir, pieces, total, &self.next);
         outstanding.finish() && ok
     }
-}
 
-impl IoPool {
-    /// Tell every worker to exit (they finish no job: none is pending between
-    /// requests); [`Drop`] joins them.
+    /// Tell every worker to exit (none holds a job between requests); [`Drop`] joins
+    /// them.
     pub fn stop(&self) {
         for w in &self.workers {
             let mut st = w.slot.lock();
@@ -465,7 +467,6 @@ impl IoPool {
                 continue;
             }
             st.shutdown = true;
-            w.slot.stop.store(true, Ordering::Release);
             drop(st);
             w.slot.job.notify_one();
         }
@@ -525,6 +526,20 @@ mod tests {
         IoPool::start(WORKERS, &crate::seccomp::build_io_worker(fds).unwrap()).unwrap()
     }
 
+    /// Hand a whole request to the first worker and let it do every chunk.
+    fn worker_only(pool: &IoPool, dir: Dir, p: &[Piece]) -> bool {
+        let total = p.iter().map(|q| q.len).sum();
+        pool.next.store(0, Ordering::Relaxed);
+        let w = &pool.workers[0];
+        assert!(w.submit(dir, p, total));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while w.slot.busy.load(Ordering::Acquire) {
+            assert!(std::time::Instant::now() < deadline, "the worker is stuck");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        w.wait()
+    }
+
     #[test]
     fn parts_cover_the_request_exactly() {
         let mut buf = vec![0u8; 10];
@@ -549,7 +564,12 @@ mod tests {
         let data = contents.len() - 4096;
         assert_eq!(&buf[..data], &contents[4096..]);
         assert!(buf[data..].iter().all(|&b| b == 0));
-        assert!(pool.workers[0].slot.lock().ok, "the worker did a part");
+
+        // The same request done by the worker alone.
+        buf.fill(0xaa);
+        assert!(worker_only(&pool, Dir::Read, &p));
+        assert_eq!(&buf[..data], &contents[4096..]);
+        assert!(buf[data..].iter().all(|&b| b == 0));
 
         // Small reads stay on this thread and give the same bytes.
         let mut small = vec![0u8; 4096];
@@ -567,6 +587,7 @@ mod tests {
         let pos = i64::MAX as u64 - (600 << 10);
         let p = pieces(file.as_raw_fd(), &mut buf, &[1 << 20], pos);
         assert!(!pool.execute(Dir::Read, &p));
+        assert!(!worker_only(&pool, Dir::Read, &p));
         // The pool still works afterwards.
         let p = pieces(file.as_raw_fd(), &mut buf, &[1 << 20], 0);
         assert!(pool.execute(Dir::Read, &p));
@@ -583,14 +604,25 @@ mod tests {
         let p = pieces(file.as_raw_fd(), &mut buf, &[1 << 20], 0);
         assert!(pool.execute(Dir::Read, &p));
         assert_eq!(buf, contents);
-        assert!(pool.workers[0].slot.lock().dead);
+        // Once it is gone, the vCPU side does everything, without waiting.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !pool.workers[0].slot.lock().dead {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker did not exit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        buf.fill(0);
+        assert!(pool.execute(Dir::Read, &p));
+        assert_eq!(buf, contents);
     }
 
     const CONFINED_CHILD: &str = "INSTAR_IO_POOL_CONFINED_CHILD";
 
-    /// Run by `workers_are_confined_to_the_device_files` in a child process: a split
-    /// read of a file the worker's filter does not name. The first half (this thread,
-    /// unconfined) succeeds; the worker's pread64 must kill the process with SIGSYS.
+    /// Run by `workers_are_confined_to_the_device_files` in a child process: the worker
+    /// alone reads a file its filter does not name; its pread64 must kill the process
+    /// with SIGSYS.
     #[test]
     fn confined_child() {
         if std::env::var_os(CONFINED_CHILD).is_none() {
@@ -601,7 +633,7 @@ mod tests {
         let pool = pool_for(&[allowed.as_raw_fd()]);
         let mut buf = vec![0u8; 2 << 20];
         let p = pieces(other.as_raw_fd(), &mut buf, &[2 << 20], 0);
-        let ok = pool.execute(Dir::Read, &p);
+        let ok = worker_only(&pool, Dir::Read, &p);
         println!("NOT KILLED: {ok}");
     }
 

@@ -36,16 +36,16 @@
 //!
 //! - A watchdog ends a guest that runs for [`Config::watchdog`] without a VM exit
 //!   (a doorbell or a virtio register access), at most a quarter of that later; see
-//!   [`watchdog`](crate::watchdog).
+//!   [`watchdog`].
 //! - The vCPU loop runs in a dedicated thread which, once the VM is set up, confines
 //!   itself with a seccomp allowlist: `KVM_RUN`/`KVM_GET_REGS` on its vCPU,
 //!   `pread64`/`fdatasync` on the device files, `pwrite64` on writable ones, `write` to
 //!   fds 1 and 2, the watchdog's signal return and timer deletion, non-executable
 //!   memory management, futex, and thread exit. Anything else kills the process with SIGSYS. The progress callback
 //!   runs in that thread, so it may only write to stdout/stderr.
-//! - Large reads (at least 512 KiB) are split between the vCPU thread and an I/O
-//!   worker thread per VM (see `io_pool`), which blocks all signals and confines itself
-//!   before its first job: `pread64` on the device files, futex, non-executable memory
+//! - Large reads (at least 512 KiB) are shared, in 256 KiB chunks, between the vCPU
+//!   thread and an I/O worker thread per VM (see `io_pool`), which blocks all signals
+//!   and confines itself before its first job: `pread64` on the device files, futex, non-executable memory
 //!   management, `write` to fd 2, and thread exit. The worker is stopped and joined
 //!   when the VM ends, however it ends. Only calls that copy image data (a safe
 //!   rebase, a large read self-test) get a worker.

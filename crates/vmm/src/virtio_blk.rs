@@ -3,8 +3,8 @@
 //! One device per image file. The guest is hostile: every descriptor is checked against
 //! guest memory (vm-memory slices) and every request against the device's size; a
 //! read-only device refuses writes whatever the guest negotiated. Data moves with
-//! `pread64`/`pwrite64` straight between the file and guest memory, large reads split
-//! across threads by [`crate::io_pool`]; every buffer of a request is checked before
+//! `pread64`/`pwrite64` straight between the file and guest memory, large reads shared
+//! between threads by [`crate::io_pool`]; every buffer of a request is checked before
 //! any data moves. There are no
 //! interrupts: the guest polls the used ring, and a notify is answered by completing
 //! every available request before the vCPU resumes.
