@@ -133,6 +133,10 @@ pub struct RebaseRequest {
     pub new_chain: Vec<ChainImage>,
     /// Safe mode: the `-b` image is `old_chain[i]` (QEMU's in-chain optimisation).
     pub in_chain: Option<u8>,
+    /// The host has checked that the overlay's external data file (if it names one)
+    /// can be opened, as QEMU's open of the overlay requires. When `false`, an overlay
+    /// that names one is refused before anything is written.
+    pub data_file_checked: bool,
     /// Report progress with [`crate::layout::DOORBELL_PROGRESS`].
     pub progress: bool,
 }
@@ -303,6 +307,7 @@ mod tests {
                 format: Format::Raw,
             }],
             in_chain: None,
+            data_file_checked: false,
             progress: false,
         });
         let mut area = [0u8; 256];

@@ -294,6 +294,9 @@ pub fn rebase(
         .metadata()
         .map(|m| FileId::of(&m))
         .map_err(|e| stat_failure(Role::Overlay.prefix(&ctx), &e))?;
+    if let Some(done) = unsafe_in_one_vm(&ctx, guest, &overlay, wanted)? {
+        return Ok(done);
+    }
     let info = match probe(guest, &overlay, wanted, true)? {
         Answer::Ok(info) => info,
         Answer::Refused(r) => return Err(refusal_failure(&ctx, Role::Overlay, &r)),
@@ -435,6 +438,8 @@ pub fn rebase(
         old_chain,
         new_chain,
         in_chain: new.in_chain,
+        // check_data_file() ran after the probe.
+        data_file_checked: true,
         progress: args.progress && mode == Mode::Safe,
     };
     let call = Call {
@@ -469,6 +474,70 @@ pub fn rebase(
         stats: outcome.stats,
         new_backing: new.record,
     })
+}
+
+/// `-u` with a valid `-F` (or a detach) on what should be a qcow2 overlay: one VM that
+/// validates the overlay as QEMU's read-write open does and rewrites its header, instead
+/// of a probe VM and then a rebase VM. The requests are the ones the full path would
+/// send. Any refusal (not qcow2, an external data file to check, a bad header, no
+/// sandbox) returns `None` without a write, and the full path then reports it with
+/// QEMU's words in QEMU's order.
+fn unsafe_in_one_vm(
+    ctx: &Ctx,
+    guest: &mut dyn Guest,
+    overlay: &ImageFile,
+    wanted: Option<Format>,
+) -> Result<Option<Done>, Failure> {
+    let args = ctx.args;
+    if !args.unsafe_mode
+        || !matches!(wanted, None | Some(Format::Qcow2))
+        || args.backing.len() > MAX_BACKING_NAME
+    {
+        return Ok(None);
+    }
+    let format = match args.backing_format.as_deref().map(lossy) {
+        Some(f) if drivers::is_qemu_driver(&f) => Some(f),
+        Some(_) => return Ok(None),
+        None if args.backing.is_empty() => None,
+        // The new backing must be probed: the full path.
+        None => return Ok(None),
+    };
+    let record =
+        (!args.backing.is_empty()).then(|| (args.backing.clone(), format.unwrap_or_default()));
+    let request = RebaseRequest {
+        overlay_format: Format::Qcow2,
+        unsafe_mode: true,
+        new_backing: record.as_ref().map(|(name, format)| NewBacking {
+            name: name.as_bytes().to_vec(),
+            format: Some(format.as_bytes().to_vec()),
+        }),
+        old_chain: Vec::new(),
+        new_chain: Vec::new(),
+        in_chain: None,
+        progress: false,
+        data_file_checked: false,
+    };
+    let call = Call {
+        device_sizes: vec![overlay.len],
+        request: Request::Rebase(request),
+    };
+    let devices = [Attached {
+        file: &overlay.file,
+        writable: true,
+    }];
+    let Ok(response) = guest.run(&call, &devices, &mut |_| {}) else {
+        return Ok(None);
+    };
+    let Ok(Answer::Ok(outcome)) = guest::rebase_answer(response) else {
+        return Ok(None);
+    };
+    finish_overlay(ctx, overlay, outcome.overlay_len)?;
+    Ok(Some(Done {
+        overlay_format: Format::Qcow2,
+        mode: Mode::Unsafe,
+        stats: outcome.stats,
+        new_backing: record,
+    }))
 }
 
 /// Check that the overlay's external data file can be opened, as QEMU's open of the

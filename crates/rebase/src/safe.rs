@@ -73,7 +73,7 @@ pub(crate) fn rebase<'a>(
     let overlay = take(&mut slots, OVERLAY)?;
 
     // 1. Everything that can fail before a write.
-    let (mut header, _) = open_for_change(overlay, name, format)?;
+    let (mut header, _) = open_for_change(overlay, req, name, format)?;
 
     let old_layers = open_chain(&req.old_chain, &mut slots, "old")?;
     let new_layers = open_chain(&req.new_chain, &mut slots, "new")?;

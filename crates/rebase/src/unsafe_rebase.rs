@@ -62,11 +62,18 @@ fn check_rewritable(header: &Header) -> Result<(), GuestError> {
 /// before anything is written. Returns the changed header and the new cluster 0.
 pub(crate) fn open_for_change(
     dev: &mut dyn BlockDev,
+    req: &RebaseRequest,
     name: Option<&[u8]>,
     format: Option<&[u8]>,
 ) -> Result<(Header, alloc::vec::Vec<u8>), GuestError> {
     let (mut header, _) = qcow2_info(dev, OpenMode::ReadWrite, OVERLAY)?;
     check_rewritable(&header)?;
+    if header.has_data_file() && !req.data_file_checked {
+        return Err(GuestError {
+            kind: ErrorKind::Plain,
+            message: String::from("the overlay's external data file was not checked by the host"),
+        });
+    }
     if name.is_some() && format.is_none() {
         return Err(change_error("backing format must be specified"));
     }
@@ -111,7 +118,7 @@ pub(crate) fn rebase(
         });
     }
 
-    let (_, cluster) = open_for_change(dev, name, format)?;
+    let (_, cluster) = open_for_change(dev, req, name, format)?;
 
     hooks.write_phase();
     dev.write_at(0, &cluster)

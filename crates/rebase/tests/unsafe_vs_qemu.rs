@@ -202,6 +202,7 @@ fn run_case(c: &Case) {
             old_chain: vec![],
             new_chain: vec![],
             in_chain: None,
+            data_file_checked: true,
             progress: false,
         });
         let resp = run_guest(&dir.join("i.qcow2"), request);
@@ -485,6 +486,7 @@ fn refused(make: Make, expect: &str) {
         old_chain: vec![],
         new_chain: vec![],
         in_chain: None,
+        data_file_checked: true,
         progress: false,
     });
     match run_guest(&path, request) {

@@ -182,6 +182,7 @@ fn request(unsafe_mode: bool, name: &str, format: Option<&str>) -> RebaseRequest
         old_chain: vec![],
         new_chain: vec![],
         in_chain: None,
+        data_file_checked: true,
         progress: false,
     }
 }
