@@ -74,7 +74,9 @@ impl Format {
 
     /// The format with QEMU driver name `name` (case-sensitive, like QEMU).
     pub fn from_name(name: &[u8]) -> Option<Format> {
-        Format::ALL.into_iter().find(|f| f.name().as_bytes() == name)
+        Format::ALL
+            .into_iter()
+            .find(|f| f.name().as_bytes() == name)
     }
 
     /// Whether instar can read images of this format.

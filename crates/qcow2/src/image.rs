@@ -421,7 +421,11 @@ impl<D: BlockDev> Qcow2Image<D> {
         len: u64,
     ) -> Result<&[u8], ImageError> {
         let slice_start = l2_offset + (l2_index & !(self.slice_entries - 1)) * esize;
-        if self.slice.as_ref().is_none_or(|(off, _)| *off != slice_start) {
+        if self
+            .slice
+            .as_ref()
+            .is_none_or(|(off, _)| *off != slice_start)
+        {
             // Entries past the end of the file read as zeros, as the block layer's do;
             // the caller already refused a run that needs them.
             let mut buf = vec![0u8; (self.slice_entries * esize) as usize];
