@@ -14,7 +14,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 (cd guest && cargo clippy --quiet -- -D warnings)
 
 echo "== cargo test"
-cargo test --workspace --no-fail-fast
+cargo test --workspace --all-targets --no-fail-fast
 
 echo "== QEMU iotests with rebase routed to instar (scripts/iotests.sh)"
 cargo build --quiet -p instar
