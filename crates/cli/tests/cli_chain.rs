@@ -8,10 +8,8 @@
 mod cli_support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
 
 use cli_support::*;
 
@@ -728,47 +726,6 @@ fn chain_formats_match_qemu() {
     }
 }
 
-/// A qemu-io process keeping an image open read-write until dropped.
-struct Holder {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl Holder {
-    fn open(q: &Qemu, dir: &Path, image: &str) -> Holder {
-        let mut child = Command::new(&q.io)
-            .args(["-f", "qcow2", image])
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-io");
-        let mut stdin = child.stdin.take().expect("stdin");
-        // qemu-io opens the image before reading commands: an answer proves the locks.
-        stdin.write_all(b"length\n").expect("write");
-        stdin.flush().expect("flush");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read");
-        assert!(!line.is_empty(), "qemu-io could not open {image}");
-        Holder {
-            child,
-            stdin: Some(stdin),
-        }
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        if let Some(mut s) = self.stdin.take() {
-            let _ = s.write_all(b"quit\n");
-        }
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn old_chain_in_use_is_refused_like_qemu() {
     let Some((q, s)) = setup("chain-locked") else {
@@ -793,7 +750,7 @@ fn old_chain_in_use_is_refused_like_qemu() {
         &["-b", "mid.qcow2", "-F", "qcow2"],
     );
     create(&q, d, "qcow2", "nb.qcow2", "1M", &[]);
-    let _held = Holder::open(&q, d, "base.qcow2");
+    let _held = QemuIo::open(&q, d, "base.qcow2", false);
     let args = ["rebase", "-b", "nb.qcow2", "-F", "qcow2", "ovl.qcow2"];
     let rq = run(&q.img, &args, d);
     assert_eq!(rq.status, 1);

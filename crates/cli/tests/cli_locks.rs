@@ -6,54 +6,7 @@ mod cli_support;
 
 use cli_support::*;
 use instar::locks::{self, lock_image};
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
-
-/// A qemu-io process keeping an image open (and locked) until dropped.
-struct QemuIo {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl QemuIo {
-    fn open(q: &Qemu, dir: &Path, image: &str, read_only: bool) -> QemuIo {
-        let mut cmd = Command::new(&q.io);
-        if read_only {
-            cmd.arg("-r");
-        }
-        let mut child = cmd
-            .args(["-f", "qcow2", image])
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-io");
-        let mut stdin = child.stdin.take().expect("stdin");
-        // qemu-io opens the image before reading commands: an answer proves the locks.
-        stdin.write_all(b"length\n").expect("write");
-        stdin.flush().expect("flush");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read");
-        assert!(!line.is_empty(), "qemu-io could not open {image}");
-        QemuIo {
-            child,
-            stdin: Some(stdin),
-        }
-    }
-}
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        if let Some(mut s) = self.stdin.take() {
-            let _ = s.write_all(b"quit\n");
-        }
-        let _ = self.child.wait();
-    }
-}
 
 /// A forked qemu-nbd serving an image read-write on a Unix socket, stopped when dropped.
 struct QemuNbd {
