@@ -98,28 +98,19 @@ pub(crate) fn rebase<'a>(
             size: image.virtual_size(),
             write_align: image.subcluster_size(),
         };
-        let mut overlay_status = OverlayAlloc(&mut image);
-        let mut old_content = (old_len > 0).then_some(OldContent(&old));
-        let mut in_chain = new_from.map(|k| InChain(&old, k));
-        let mut new_content: Option<Box<dyn Content + '_>> = match new_from {
-            Some(k) => Some(Box::new(InChainContent(&old, k))),
-            None if !new_view.is_empty() => Some(Box::new(ViewContent(&mut new_view))),
-            None => None,
+        let chains = Chains {
+            old: &old,
+            old_len,
+            new_from,
+            new_view: &mut new_view,
         };
-        copy::plan(
+        plan_over(
             geom,
-            &mut overlay_status,
-            in_chain.as_mut().map(|c| c as &mut dyn ChainStatus),
-            old_content.as_mut().map(|c| c as &mut dyn Content),
-            new_content.as_deref_mut(),
-            // Each report is a VM exit: only when `-p` asked for it.
-            &mut |steps| {
-                if req.progress {
-                    hooks.progress(steps)
-                }
-            },
-        )
-        .map_err(copy_error)?
+            &mut OverlayAlloc(&mut image),
+            chains,
+            req.progress,
+            hooks,
+        )?
     };
 
     // 3. Write.
@@ -155,6 +146,47 @@ pub(crate) fn rebase<'a>(
         stats: stats(&plan.ops, cluster_size),
         overlay_len: Some(overlay_len.max(written_end).max(cluster.len() as u64)),
     })
+}
+
+/// The old and new chains as qemu-img sets them up for the copy loop.
+pub(crate) struct Chains<'r, 'v, 'a> {
+    pub old: Shared<'r, 'a>,
+    pub old_len: usize,
+    /// In-chain: the new content is the old chain from this layer down.
+    pub new_from: Option<usize>,
+    pub new_view: &'v mut ChainView<'a>,
+}
+
+/// Pass 1 for an overlay of any format: plan the copy over `chains`, reporting progress
+/// only when `-p` asked for it (each report is a VM exit).
+pub(crate) fn plan_over(
+    geom: Geometry,
+    overlay: &mut dyn OverlayStatus,
+    chains: Chains<'_, '_, '_>,
+    progress: bool,
+    hooks: &mut dyn Hooks,
+) -> Result<copy::Plan, GuestError> {
+    let old = chains.old;
+    let mut old_content = (chains.old_len > 0).then_some(OldContent(old));
+    let mut in_chain = chains.new_from.map(|k| InChain(old, k));
+    let mut new_content: Option<Box<dyn Content + '_>> = match chains.new_from {
+        Some(k) => Some(Box::new(InChainContent(old, k))),
+        None if !chains.new_view.is_empty() => Some(Box::new(ViewContent(chains.new_view))),
+        None => None,
+    };
+    copy::plan(
+        geom,
+        overlay,
+        in_chain.as_mut().map(|c| c as &mut dyn ChainStatus),
+        old_content.as_mut().map(|c| c as &mut dyn Content),
+        new_content.as_deref_mut(),
+        &mut |steps| {
+            if progress {
+                hooks.progress(steps)
+            }
+        },
+    )
+    .map_err(copy_error)
 }
 
 /// Clusters and bytes of data copied (zero writes copy nothing).

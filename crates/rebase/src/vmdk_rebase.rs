@@ -21,7 +21,6 @@
 //! reads back as intended), the new parent (a vmdk, its CID), both chains, the plan,
 //! and room for every grain the plan writes.
 
-use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::{String, ToString};
 use core::cell::RefCell;
@@ -33,11 +32,10 @@ use instar_chain::view::ChainView;
 use instar_vmdk::writer::{check_rewritable, write_descriptor};
 use instar_vmdk::{Below, GrainKind, RewriteError, SparseWriter, VmdkImage, WriteError};
 
-use crate::copy::{self, ChainStatus, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
+use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
 use crate::probe::open_error;
 use crate::safe::{
-    self, copy_error, open_chain, stats, take, InChain, InChainContent, OldContent, Shared,
-    ViewContent,
+    self, copy_error, open_chain, plan_over, stats, take, Chains, OldContent, Shared,
 };
 use crate::unsafe_rebase::change_error;
 use crate::{device, Hooks, IO_ERROR};
@@ -213,27 +211,19 @@ fn safe<'a>(
             size: image.virtual_size(),
             write_align: image.grain_size(),
         };
-        let mut overlay_status = GrainAlloc(&mut image);
-        let mut old_content = (old_len > 0).then_some(OldContent(&old));
-        let mut in_chain = new_from.map(|k| InChain(&old, k));
-        let mut new_content: Option<Box<dyn Content + '_>> = match new_from {
-            Some(k) => Some(Box::new(InChainContent(&old, k))),
-            None if !new_view.is_empty() => Some(Box::new(ViewContent(&mut new_view))),
-            None => None,
+        let chains = Chains {
+            old: &old,
+            old_len,
+            new_from,
+            new_view: &mut new_view,
         };
-        let plan = copy::plan(
+        let plan = plan_over(
             geom,
-            &mut overlay_status,
-            in_chain.as_mut().map(|c| c as &mut dyn ChainStatus),
-            old_content.as_mut().map(|c| c as &mut dyn Content),
-            new_content.as_deref_mut(),
-            &mut |steps| {
-                if req.progress {
-                    hooks.progress(steps)
-                }
-            },
-        )
-        .map_err(copy_error)?;
+            &mut GrainAlloc(&mut image),
+            chains,
+            req.progress,
+            hooks,
+        )?;
         (plan, geom.write_align)
     };
 
