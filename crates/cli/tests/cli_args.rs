@@ -227,3 +227,51 @@ fn driver_list_is_qemu_10_2s() {
         .collect();
     assert_eq!(names, instar::drivers::QEMU_DRIVERS);
 }
+
+#[test]
+fn watchdog_setting_is_validated() {
+    // INSTAR_WATCHDOG_SECS configures the sandbox watchdog; a bad value is an error
+    // before anything is opened.
+    for bad in ["abc", "0", "-1", "inf", "100000"] {
+        let out = std::process::Command::new(INSTAR)
+            .args([
+                "rebase",
+                "-u",
+                "-b",
+                "x",
+                "-F",
+                "raw",
+                "/nonexistent/ovl.qcow2",
+            ])
+            .env("INSTAR_WATCHDOG_SECS", bad)
+            .output()
+            .expect("run instar");
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with(&format!(
+                "instar: Invalid INSTAR_WATCHDOG_SECS value '{bad}'"
+            )),
+            "{bad}: {err}"
+        );
+    }
+    // A good value gets as far as opening the (missing) overlay.
+    let out = std::process::Command::new(INSTAR)
+        .args([
+            "rebase",
+            "-u",
+            "-b",
+            "x",
+            "-F",
+            "raw",
+            "/nonexistent/ovl.qcow2",
+        ])
+        .env("INSTAR_WATCHDOG_SECS", "2.5")
+        .output()
+        .expect("run instar");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "instar: Could not open '/nonexistent/ovl.qcow2': Could not open \
+         '/nonexistent/ovl.qcow2': No such file or directory\n"
+    );
+}
