@@ -18,13 +18,18 @@ impl Guest for SandboxGuest {
         devices: &[Attached<'_>],
         on_progress: &mut (dyn FnMut(u32) + Send),
     ) -> Result<Response, String> {
-        let devices: Vec<Device<'_>> = devices
-            .iter()
-            .map(|d| Device {
-                file: d.file,
-                writable: d.writable,
-            })
-            .collect();
-        sandbox::run(call, &devices, &self.options, on_progress).map_err(|e| e.to_string())
+        sandbox::run(call, &devices_of(devices), &self.options, on_progress)
+            .map_err(|e| e.to_string())
     }
+}
+
+/// The sandbox's view of the files a [`Guest`] call attaches.
+pub fn devices_of<'a>(attached: &[Attached<'a>]) -> Vec<Device<'a>> {
+    attached
+        .iter()
+        .map(|d| Device {
+            file: d.file,
+            writable: d.writable,
+        })
+        .collect()
 }

@@ -21,6 +21,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use instar::guest::{Attached, Guest};
 use instar::sandbox::{self, Device, Options, SandboxError};
+use instar::sandbox_guest::devices_of;
 use instar_abi::{Call, Request, Response, SelfTest};
 use qemu::{Fx, Qemu, Scratch};
 
@@ -67,13 +68,7 @@ impl Guest for StoppingGuest {
         devices: &[Attached<'_>],
         on_progress: &mut (dyn FnMut(u32) + Send),
     ) -> Result<Response, String> {
-        let devices: Vec<Device<'_>> = devices
-            .iter()
-            .map(|d| Device {
-                file: d.file,
-                writable: d.writable,
-            })
-            .collect();
+        let devices = devices_of(devices);
         let opts = Options {
             stop_after_writes: self.stop_after,
             ..Options::default()
