@@ -431,10 +431,7 @@ pub fn rebase(
     let request = RebaseRequest {
         overlay_format: info.format,
         unsafe_mode: mode == Mode::Unsafe,
-        new_backing: new.record.as_ref().map(|(name, format)| NewBacking {
-            name: name.as_bytes().to_vec(),
-            format: Some(format.as_bytes().to_vec()),
-        }),
+        new_backing: header_backing(new.record.as_ref()),
         old_chain,
         new_chain,
         in_chain: new.in_chain,
@@ -476,6 +473,14 @@ pub fn rebase(
     })
 }
 
+/// What the guest writes into the header for `record` (name verbatim, format).
+fn header_backing(record: Option<&(OsString, String)>) -> Option<NewBacking> {
+    record.map(|(name, format)| NewBacking {
+        name: name.as_bytes().to_vec(),
+        format: Some(format.as_bytes().to_vec()),
+    })
+}
+
 /// `-u` with a valid `-F` (or a detach) on what should be a qcow2 overlay: one VM that
 /// validates the overlay as QEMU's read-write open does and rewrites its header, instead
 /// of a probe VM and then a rebase VM. The requests are the ones the full path would
@@ -507,10 +512,7 @@ fn unsafe_in_one_vm(
     let request = RebaseRequest {
         overlay_format: Format::Qcow2,
         unsafe_mode: true,
-        new_backing: record.as_ref().map(|(name, format)| NewBacking {
-            name: name.as_bytes().to_vec(),
-            format: Some(format.as_bytes().to_vec()),
-        }),
+        new_backing: header_backing(record.as_ref()),
         old_chain: Vec::new(),
         new_chain: Vec::new(),
         in_chain: None,
