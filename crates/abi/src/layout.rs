@@ -52,8 +52,13 @@ pub const DOORBELL_PANIC: u32 = 2;
 /// accumulates in `f32` exactly as qemu-img does, so that the printed lines match.
 pub const DOORBELL_PROGRESS: u32 = 3;
 /// The guest has finished all its checks and is about to write to a read-write device.
-/// The argument is unused. Lets the host (and tests) see that nothing was written before.
+/// The argument is the low 32 bits of the declared write end: the offset no write of
+/// the plan goes past (the high 32 bits come first, with [`DOORBELL_WRITE_END_HIGH`]).
+/// The host refuses every write before this doorbell and every write past the declared
+/// end (and past its own bound, which a guest cannot raise). Rung at most once.
 pub const DOORBELL_WRITE_PHASE: u32 = 4;
+/// The high 32 bits of the write end that the next [`DOORBELL_WRITE_PHASE`] declares.
+pub const DOORBELL_WRITE_END_HIGH: u32 = 5;
 
 /// First virtio-mmio device.
 pub const VIRTIO_MMIO_BASE: u64 = 0xD000_0000;

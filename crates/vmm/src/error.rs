@@ -35,6 +35,12 @@ pub enum Error {
     /// The watchdog ended a guest that made no progress.
     #[error("internal error in sandbox: the guest made no progress for {0:?}")]
     Watchdog(Duration),
+    /// The run's total deadline passed ([`crate::Config::deadline`]).
+    #[error(
+        "internal error in sandbox: the guest did not finish within its deadline of {} s",
+        .0.as_secs_f64()
+    )]
+    Deadline(Duration),
     /// Fault injection ([`crate::Config::stop_after_writes`]): the guest was stopped
     /// right after this many writes reached the device files.
     #[error("sandbox stopped after {0} writes (fault injection)")]

@@ -316,7 +316,7 @@ fn block_all_signals() {
 fn worker_main(slot: &Slot, program: BpfProgram) {
     let _dead = DeadOnExit(slot);
     block_all_signals();
-    if seccompiler::apply_filter(&program).is_err() {
+    if crate::seccomp::apply(&program).is_err() {
         return;
     }
     drop(program);
@@ -327,6 +327,8 @@ fn worker_main(slot: &Slot, program: BpfProgram) {
             let pieces = std::mem::take(&mut st.pieces);
             st.running = true;
             drop(st);
+            #[cfg(feature = "test-hooks")]
+            crate::test_hooks::reached(crate::test_hooks::Site::IoWorker);
             let ok = run_chunks(dir, &pieces, total, &slot.next);
             st = slot.lock();
             st.pieces = pieces;

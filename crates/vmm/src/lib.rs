@@ -65,6 +65,7 @@
 //! after the `pwrite`. `Some(0)` stops at the first write request, before it is written.
 //! The `instar` binary always runs with `None`; only a caller of the library can set it.
 
+mod chain;
 mod elf;
 mod error;
 mod io_pool;
@@ -72,14 +73,17 @@ mod memory;
 mod sanitize;
 mod seccomp;
 mod teardown;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 mod virtio_blk;
 mod vm;
 pub mod watchdog;
 
+use std::any::Any;
 use std::fs::File;
 use std::time::Duration;
 
-use instar_abi::{Call, Response, MAX_REPORTED_NAME};
+use instar_abi::{Call, Request, Response, SelfTest, MAX_REPORTED_NAME};
 
 pub use error::Error;
 pub use memory::{MAX_RAM, MIN_RAM};
@@ -105,10 +109,61 @@ pub struct Config {
     /// Fault injection for crash-consistency tests (see the crate docs): stop the VM
     /// right after this many completed writes. `None` (the default) never stops.
     pub stop_after_writes: Option<u64>,
+    /// The most the whole run may take, whatever the guest does. `None` (the default):
+    /// [`default_deadline`] of the work.
+    pub deadline: Option<Duration>,
+    /// The virtual size of the image the call works on (a safe rebase's overlay), when
+    /// the caller knows it: it bounds how far the overlay may grow ([`write_cap`]) and
+    /// scales the default deadline. Only the host's own knowledge belongs here (e.g.
+    /// from a probe in another VM), never this guest's word.
+    pub virtual_size: Option<u64>,
 }
 
 /// The default watchdog limit.
 pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(30);
+
+/// The smallest default deadline: far more than any probe or rebase of a small image
+/// needs (milliseconds), room for a slow or loaded machine.
+pub const DEADLINE_FLOOR: Duration = Duration::from_secs(300);
+/// The slowest rate the default deadline allows for the work, in bytes per second:
+/// several times slower than a spinning disk.
+pub const DEADLINE_RATE: u64 = 16 << 20;
+
+/// The default total deadline of a run over devices of `device_bytes` bytes in all,
+/// working over an image of `virtual_size` bytes (when known): [`DEADLINE_FLOOR`] plus
+/// the time to move, at [`DEADLINE_RATE`], every device byte once and the virtual size
+/// three times (a safe rebase reads the old and the new chain over it and may write it).
+pub fn default_deadline(device_bytes: u64, virtual_size: Option<u64>) -> Duration {
+    let work = device_bytes.saturating_add(virtual_size.unwrap_or(0).saturating_mul(3));
+    DEADLINE_FLOOR.saturating_add(Duration::from_secs(work / DEADLINE_RATE))
+}
+
+/// Room for metadata when the overlay's growth is bounded by its virtual size: every
+/// table a write can need (L2 tables, refcount blocks and table, grain tables) and a
+/// few clusters of rounding at the largest cluster size.
+const METADATA_SLACK: u64 = 64 << 20;
+/// The largest qcow2 cluster: a header rewrite writes at most this at offset 0.
+const MAX_CLUSTER: u64 = 2 << 20;
+
+/// The host's bound on where writes to a writable device of `len` bytes may end, for
+/// `call` (the guest's declared write end is checked against it, never the reverse):
+/// - a `-u` rebase rewrites the header only: the first cluster or the file;
+/// - `SelfTest::Write` writes one sector;
+/// - a safe rebase with a known `virtual_size` writes at most the virtual size of data
+///   and its metadata: `len + size + (len + size) / 8 + 64 MiB` (qcow2 metadata is at
+///   most 1/32 of the data and file with 512-byte clusters, a grain table 1/128);
+/// - otherwise [`virtio_blk::WRITABLE_CAPACITY`].
+pub fn write_cap(len: u64, call: &Call, virtual_size: Option<u64>) -> u64 {
+    match (&call.request, virtual_size) {
+        (Request::Rebase(r), _) if r.unsafe_mode => len.max(MAX_CLUSTER),
+        (Request::SelfTest(SelfTest::Write { .. }), _) => len.max(512),
+        (Request::Rebase(_), Some(size)) => {
+            let both = len.saturating_add(size);
+            both.saturating_add(both / 8).saturating_add(METADATA_SLACK)
+        }
+        _ => len.max(virtio_blk::WRITABLE_CAPACITY),
+    }
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -116,6 +171,8 @@ impl Default for Config {
             ram_size: instar_abi::layout::DEFAULT_RAM_SIZE,
             watchdog: DEFAULT_WATCHDOG,
             stop_after_writes: None,
+            deadline: None,
+            virtual_size: None,
         }
     }
 }
@@ -144,6 +201,7 @@ pub fn run(
     config: &Config,
     on_progress: &mut (dyn FnMut(u32) + Send),
 ) -> Result<Outcome, Error> {
+    seccomp::install_panic_hook();
     teardown::start();
     let raw = std::thread::scope(|s| {
         std::thread::Builder::new()
@@ -153,7 +211,12 @@ pub fn run(
             })
             .map_err(Error::setup("starting the vCPU thread"))?
             .join()
-            .unwrap_or_else(|_| Err(Error::GuestFault("the vCPU thread panicked".into())))
+            .unwrap_or_else(|payload| {
+                Err(Error::GuestFault(format!(
+                    "the vCPU thread panicked: {}",
+                    panic_message(payload.as_ref())
+                )))
+            })
     })?;
     let response = match raw.exit {
         vm::RawExit::Done(area) => validate(
@@ -170,6 +233,16 @@ pub fn run(
         write_phase: raw.write_phase,
         writes: raw.writes,
     })
+}
+
+/// The text of a panic payload, sanitised (it may quote guest values).
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    sanitize(text.as_bytes())
 }
 
 /// Bound and sanitise what the guest said.

@@ -2,9 +2,17 @@
 //!
 //! Only the current thread is filtered (no TSYNC): the caller's threads go on
 //! unconfined after the run. Anything else kills the whole process with SIGSYS.
+//!
+//! A confined thread must never reach a refused call by itself, panics included: the
+//! default panic hook asks for the thread's id (`gettid`) and, with `RUST_BACKTRACE`,
+//! reads files. [`apply`] marks the thread confined, and the hook [`install_panic_hook`]
+//! puts in front of the previous one does nothing on such a thread: the message stays
+//! in the panic payload, which the thread that joins it reports.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
+use std::sync::Once;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
@@ -122,7 +130,10 @@ fn thread_rules(rules: &mut BTreeMap<i64, Vec<SeccompRule>>) -> Result<(), Error
         ])?],
     );
     rules.insert(libc::SYS_mprotect, vec![rule(vec![no_exec()?])?]);
+    // glibc's realloc of a large block moves it with mremap, which keeps the mapping's
+    // protection (it cannot add PROT_EXEC).
     for sys in [
+        libc::SYS_mremap,
         libc::SYS_munmap,
         libc::SYS_madvise,
         libc::SYS_brk,
@@ -149,8 +160,31 @@ fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, Error> 
     filter.try_into().map_err(filter_error)
 }
 
+thread_local! {
+    /// Whether this thread runs under one of the filters.
+    static CONFINED: Cell<bool> = const { Cell::new(false) };
+}
+
+static PANIC_HOOK: Once = Once::new();
+
+/// Put a panic hook in front of the current one (once per process): silent on
+/// confined threads, the previous hook everywhere else. Call from an unconfined thread
+/// before any thread is confined.
+pub fn install_panic_hook() {
+    PANIC_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONFINED.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// Confine the current thread.
 pub fn apply(program: &BpfProgram) -> Result<(), Error> {
     seccompiler::apply_filter(program)
-        .map_err(|e| Error::Config(format!("cannot apply the seccomp filter: {e}")))
+        .map_err(|e| Error::Config(format!("cannot apply the seccomp filter: {e}")))?;
+    CONFINED.with(|c| c.set(true));
+    Ok(())
 }

@@ -11,7 +11,8 @@
 //! thread) and lives as long as the process. It confines itself with a seccomp allowlist
 //! ([`crate::seccomp::build_teardown`]: close, memory management, futex, exit) before
 //! it drops anything. Whenever it is not there (it could not start or confine itself),
-//! [`later`] drops the objects on the spot.
+//! [`later`] drops the objects on the spot. A panic on the thread (the panic hook is
+//! silent there, see [`crate::seccomp`]) ends it the same way: later sends fail.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Mutex, PoisonError};
@@ -36,13 +37,15 @@ fn spawn() -> Option<Sender<Item>> {
                 libc::sigfillset(&mut set);
                 libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             }
-            if seccompiler::apply_filter(&program).is_err() {
+            if crate::seccomp::apply(&program).is_err() {
                 // Dropping `rx` makes every later send fail: the objects are then
                 // dropped by their owners.
                 return;
             }
             drop(program);
             for item in rx {
+                #[cfg(feature = "test-hooks")]
+                crate::test_hooks::reached(crate::test_hooks::Site::Teardown);
                 drop(item);
             }
         })

@@ -9,6 +9,14 @@
 //! interrupts: the guest polls the used ring, and a notify is answered by completing
 //! every available request before the vCPU resumes.
 //!
+//! Every guest-driven quantity is bounded before the device allocates or loops (see
+//! docs/sandbox-bounds.md): a chain holds at most [`crate::chain::MAX_CHAIN`]
+//! descriptors (read by [`crate::chain::walk`] into a buffer allocated once), one
+//! notify serves at most the queue size of requests (more made available at once ends
+//! the VM) and moves at most [`MAX_NOTIFY_BYTES`], and the queue's layout is frozen
+//! while it is ready. A writable device refuses writes until the guest has declared its
+//! write phase, and past the declared end or the host's bound ([`BlockDevice::new`]).
+//!
 //! Completed writes are counted in a [`WriteCount`] shared by all devices of a VM; with
 //! a limit set (fault injection for crash-consistency tests), the device that completes
 //! the limit-th write stops serving requests at once and the VM is stopped.
@@ -16,9 +24,12 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 
+use std::sync::atomic::Ordering;
+
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 
+use crate::chain::{self, Seg, MAX_CHAIN};
 use crate::io_pool::{Dir, IoPool, Piece};
 use crate::memory::GuestMemory;
 
@@ -78,10 +89,14 @@ const QUEUE_MAX: u16 = 256;
 /// bulk data in requests of several MiB.
 pub const SIZE_MAX: u32 = 16 << 20;
 pub const SEG_MAX: u32 = 128;
-/// A writable device can grow (qcow2 allocates at the end of the file): its capacity is
-/// this many bytes, or the file's length if larger. The guest knows the exact size from
-/// the call, not from the capacity.
+/// The bound on a writable device's growth when the caller gives none
+/// ([`crate::Config::virtual_size`] unset): writes may then reach this offset, or the
+/// file's length if larger, as far as the guest's declared write end allows. The guest
+/// knows the exact size from the call, not from the capacity.
 pub const WRITABLE_CAPACITY: u64 = 1 << 50;
+/// Data one notify may move, over all its requests. A real guest has one request of at
+/// most 4 MiB in flight; guest RAM is at most 2 GiB. Requests past it fail.
+pub const MAX_NOTIFY_BYTES: u64 = 1 << 30;
 /// GET_ID answer length.
 const ID_LEN: usize = 20;
 
@@ -135,6 +150,18 @@ pub struct BlockDevice<'a> {
     queue: Queue,
     /// Set when the guest misprogrammed the queue; the device then ignores notifies.
     broken: bool,
+    /// The current request's descriptors; never grows past [`MAX_CHAIN`].
+    segs: Vec<Seg>,
+    /// The host's bound on the end of writes (a sector multiple).
+    write_cap: u64,
+    /// The end writes may reach: 0 until the write phase, then the guest's declared
+    /// end within `write_cap`.
+    write_end: u64,
+}
+
+/// `len` rounded up to a whole sector, saturating at the last whole sector.
+fn round_up_to_sector(len: u64) -> u64 {
+    len.div_ceil(SECTOR_SIZE).saturating_mul(SECTOR_SIZE)
 }
 
 fn low(v: u64) -> u32 {
@@ -145,14 +172,22 @@ fn high(v: u64) -> u32 {
 }
 
 impl<'a> BlockDevice<'a> {
-    /// A device over `backing`, whose length is `len` bytes.
-    pub fn new(index: usize, backing: Backing<'a>, len: u64, writable: bool) -> Self {
-        let sectors_bytes = len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-        let capacity_bytes = if writable {
-            sectors_bytes.max(WRITABLE_CAPACITY)
+    /// A device over `backing`, whose length is `len` bytes. A writable one may be
+    /// written up to `write_cap` (or its length, if larger), once the write phase began.
+    pub fn new(
+        index: usize,
+        backing: Backing<'a>,
+        len: u64,
+        writable: bool,
+        write_cap: u64,
+    ) -> Self {
+        let sectors_bytes = round_up_to_sector(len);
+        let write_cap = if writable {
+            sectors_bytes.max(round_up_to_sector(write_cap))
         } else {
-            sectors_bytes
+            0
         };
+        let capacity_bytes = sectors_bytes.max(write_cap);
         BlockDevice {
             index,
             backing,
@@ -167,7 +202,16 @@ impl<'a> BlockDevice<'a> {
             // QUEUE_MAX is a valid power of two, so this cannot fail.
             queue: Queue::new(QUEUE_MAX).unwrap_or_else(|_| unreachable!()),
             broken: false,
+            segs: Vec::with_capacity(MAX_CHAIN),
+            write_cap,
+            write_end: 0,
         }
+    }
+
+    /// The write phase began: writes may now reach `declared_end` (rounded up to a
+    /// sector), within the host's bound.
+    pub fn start_writes(&mut self, declared_end: u64) {
+        self.write_end = round_up_to_sector(declared_end).min(self.write_cap);
     }
 
     pub fn fd(&self) -> RawFd {
@@ -245,7 +289,8 @@ impl<'a> BlockDevice<'a> {
         data.copy_from_slice(&v.to_le_bytes());
     }
 
-    /// An MMIO write at `offset` within this device's window.
+    /// An MMIO write at `offset` within this device's window. `Err` ends the VM, with
+    /// the reason.
     pub fn mmio_write(
         &mut self,
         offset: u64,
@@ -253,12 +298,14 @@ impl<'a> BlockDevice<'a> {
         mem: &GuestMemory,
         pool: &IoPool,
         writes: &mut WriteCount,
-    ) {
+    ) -> Result<(), String> {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            return;
+            return Ok(());
         };
         let v = u32::from_le_bytes(bytes);
         let q0 = self.queue_sel == 0;
+        // The queue's layout is frozen while it is ready (the driver must not change it).
+        let q0_idle = q0 && !self.queue.ready();
         match offset {
             REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
@@ -277,20 +324,20 @@ impl<'a> BlockDevice<'a> {
                 }
             }
             REG_QUEUE_SEL => self.queue_sel = v,
-            REG_QUEUE_NUM if q0 => self.queue.set_size(v as u16),
+            REG_QUEUE_NUM if q0_idle => self.queue.set_size(v as u16),
             REG_QUEUE_READY if q0 => {
                 self.queue.set_ready(v == 1);
                 if v == 1 && !self.queue.is_valid(mem) {
                     self.broken = true;
                 }
             }
-            REG_QUEUE_DESC_LOW if q0 => self.queue.set_desc_table_address(Some(v), None),
-            REG_QUEUE_DESC_HIGH if q0 => self.queue.set_desc_table_address(None, Some(v)),
-            REG_QUEUE_DRIVER_LOW if q0 => self.queue.set_avail_ring_address(Some(v), None),
-            REG_QUEUE_DRIVER_HIGH if q0 => self.queue.set_avail_ring_address(None, Some(v)),
-            REG_QUEUE_DEVICE_LOW if q0 => self.queue.set_used_ring_address(Some(v), None),
-            REG_QUEUE_DEVICE_HIGH if q0 => self.queue.set_used_ring_address(None, Some(v)),
-            REG_QUEUE_NOTIFY if v == 0 => self.process_queue(mem, pool, writes),
+            REG_QUEUE_DESC_LOW if q0_idle => self.queue.set_desc_table_address(Some(v), None),
+            REG_QUEUE_DESC_HIGH if q0_idle => self.queue.set_desc_table_address(None, Some(v)),
+            REG_QUEUE_DRIVER_LOW if q0_idle => self.queue.set_avail_ring_address(Some(v), None),
+            REG_QUEUE_DRIVER_HIGH if q0_idle => self.queue.set_avail_ring_address(None, Some(v)),
+            REG_QUEUE_DEVICE_LOW if q0_idle => self.queue.set_used_ring_address(Some(v), None),
+            REG_QUEUE_DEVICE_HIGH if q0_idle => self.queue.set_used_ring_address(None, Some(v)),
+            REG_QUEUE_NOTIFY if v == 0 => return self.process_queue(mem, pool, writes),
             REG_INTERRUPT_ACK => {}
             REG_STATUS => {
                 if v == 0 {
@@ -301,63 +348,110 @@ impl<'a> BlockDevice<'a> {
             }
             _ => {}
         }
+        Ok(())
     }
 
-    /// Complete every available request, or stop as soon as the write limit is hit.
-    pub fn process_queue(&mut self, mem: &GuestMemory, pool: &IoPool, writes: &mut WriteCount) {
+    /// Complete the requests available at the notify: at most the queue size of them,
+    /// moving at most [`MAX_NOTIFY_BYTES`]. Stops early when the write limit is hit or
+    /// the VM's deadline passed (the run loop then ends the VM). `Err`: the guest made
+    /// more requests available than the queue holds.
+    pub fn process_queue(
+        &mut self,
+        mem: &GuestMemory,
+        pool: &IoPool,
+        writes: &mut WriteCount,
+    ) -> Result<(), String> {
         if self.broken || !self.queue.ready() {
-            return;
+            return Ok(());
         }
-        while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let descs: Vec<(GuestAddress, u32, bool)> = chain
-                .map(|d| (d.addr(), d.len(), d.is_write_only()))
-                .collect();
-            let used = self.handle_request(mem, pool, &descs, writes);
+        let size = self.queue.size();
+        // Read once: a request whose buffer overlaps the ring cannot extend the batch.
+        let Ok(avail) = self.queue.avail_idx(mem, Ordering::Acquire) else {
+            self.broken = true;
+            return Ok(());
+        };
+        let pending = avail.0.wrapping_sub(self.queue.next_avail());
+        if size == 0 || pending > size {
+            return Err(format!(
+                "device {}: the guest made {pending} requests available at once, the queue \
+                 holds {size}",
+                self.index
+            ));
+        }
+        let mut budget = MAX_NOTIFY_BYTES;
+        for _ in 0..pending {
+            if crate::watchdog::deadline_passed() {
+                return Ok(());
+            }
+            let next = self.queue.next_avail();
+            // The ring entry: 4 bytes of flags and index, then 2 bytes per slot.
+            let slot = self
+                .queue
+                .avail_ring()
+                .checked_add(4 + 2 * u64::from(next % size));
+            let Some(Ok(head)) = slot.map(|a| mem.read_obj::<u16>(GuestAddress(a))) else {
+                self.broken = true;
+                return Ok(());
+            };
+            self.queue.set_next_avail(next.wrapping_add(1));
+            let table = GuestAddress(self.queue.desc_table());
+            let used = match chain::walk(mem, table, size, head, &mut self.segs) {
+                Ok(()) => self.handle_request(mem, pool, &mut budget, writes),
+                // A malformed chain: no status byte can be trusted, used length 0.
+                Err(_) => 0,
+            };
             if writes.stopped {
                 // As if the host died right after the write reached the file: the
                 // guest never sees it complete.
-                return;
+                return Ok(());
             }
             if self.queue.add_used(mem, head, used).is_err() {
                 self.broken = true;
-                return;
+                return Ok(());
             }
         }
+        Ok(())
     }
 
-    /// Serve one request; returns the number of bytes written to guest memory.
+    /// Serve the request in `self.segs`; returns the number of bytes written to guest
+    /// memory.
     fn handle_request(
         &self,
         mem: &GuestMemory,
         pool: &IoPool,
-        descs: &[(GuestAddress, u32, bool)],
+        budget: &mut u64,
         writes: &mut WriteCount,
     ) -> u32 {
+        let descs = self.segs.as_slice();
         // Header (device-readable) first, status byte (device-writable) last.
-        let (Some(&(hdr_addr, hdr_len, false)), Some(&(st_addr, st_len, true))) =
-            (descs.first(), descs.last())
-        else {
+        let (Some(hdr), Some(st)) = (descs.first(), descs.last()) else {
             return 0;
         };
-        if descs.len() < 2 || hdr_len < 16 || st_len < 1 {
+        if descs.len() < 2 || hdr.write_only || !st.write_only || hdr.len < 16 || st.len < 1 {
             return 0;
         }
-        let Ok(hdr) = mem.read_obj::<[u8; 16]>(hdr_addr) else {
+        let Ok(hdr) = mem.read_obj::<[u8; 16]>(hdr.addr) else {
             return 0;
         };
         let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let sector = u64::from_le_bytes([
             hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
         ]);
-        // The status byte is the last byte of the last descriptor.
-        let status_addr = st_addr.0 + (st_len as u64 - 1);
-        let mut data = descs[1..descs.len() - 1].to_vec();
-        if st_len > 1 {
-            data.push((st_addr, st_len - 1, true));
-        }
+        // The status byte is the last byte of the last descriptor; the bytes before it
+        // are a data buffer.
+        let Some(status_addr) = st.addr.0.checked_add(u64::from(st.len) - 1) else {
+            return 0;
+        };
+        let lead = (st.len > 1).then_some(Seg {
+            len: st.len - 1,
+            ..*st
+        });
+        let data = Data {
+            middle: &descs[1..descs.len() - 1],
+            lead,
+        };
         let (status, written) = match req_type {
-            T_IN => self.transfer(mem, pool, sector, &data, true),
+            T_IN => self.transfer(mem, pool, sector, data, budget, true),
             T_OUT if !self.writable => (S_IOERR, 0),
             T_OUT => {
                 if writes.limit_reached() {
@@ -365,7 +459,7 @@ impl<'a> BlockDevice<'a> {
                     writes.stopped = true;
                     (S_IOERR, 0)
                 } else {
-                    let r = self.transfer(mem, pool, sector, &data, false);
+                    let r = self.transfer(mem, pool, sector, data, budget, false);
                     if r.0 == S_OK {
                         writes.done += 1;
                         writes.stopped = writes.limit_reached();
@@ -378,7 +472,7 @@ impl<'a> BlockDevice<'a> {
                 let r = unsafe { libc::fdatasync(self.fd()) };
                 (if r == 0 { S_OK } else { S_IOERR }, 0)
             }
-            T_GET_ID => self.get_id(mem, &data),
+            T_GET_ID => self.get_id(mem, data),
             _ => (S_UNSUPP, 0),
         };
         if writes.stopped {
@@ -390,39 +484,51 @@ impl<'a> BlockDevice<'a> {
         written.saturating_add(1)
     }
 
-    fn get_id(&self, mem: &GuestMemory, data: &[(GuestAddress, u32, bool)]) -> (u8, u32) {
-        let [(addr, len, true)] = data else {
+    fn get_id(&self, mem: &GuestMemory, data: Data<'_>) -> (u8, u32) {
+        let mut segs = data.iter();
+        let (Some(seg), None) = (segs.next(), segs.next()) else {
             return (S_IOERR, 0);
         };
+        if !seg.write_only {
+            return (S_IOERR, 0);
+        }
         let mut id = [0u8; ID_LEN];
         let text = format!("instar-{}", self.index);
-        id[..text.len()].copy_from_slice(text.as_bytes());
-        let n = (*len as usize).min(ID_LEN);
-        match mem.write_slice(&id[..n], *addr) {
+        let n = text.len().min(ID_LEN);
+        id[..n].copy_from_slice(&text.as_bytes()[..n]);
+        let n = (seg.len as usize).min(ID_LEN);
+        match mem.write_slice(&id[..n], seg.addr) {
             Ok(()) => (S_OK, n as u32),
             Err(_) => (S_IOERR, 0),
         }
     }
 
-    /// A read (`into_guest`) or write of the data descriptors at `sector`.
+    /// A read (`into_guest`) or write of the data descriptors at `sector`, charged to
+    /// the notify's `budget`.
     fn transfer(
         &self,
         mem: &GuestMemory,
         pool: &IoPool,
         sector: u64,
-        data: &[(GuestAddress, u32, bool)],
+        data: Data<'_>,
+        budget: &mut u64,
         into_guest: bool,
     ) -> (u8, u32) {
-        if data.is_empty() || data.len() > SEG_MAX as usize {
+        let count = data.iter().count();
+        if count == 0 || count > SEG_MAX as usize {
             return (S_IOERR, 0);
         }
+        // At most SEG_MAX * SIZE_MAX = 2 GiB: no overflow.
         let mut total: u64 = 0;
-        for &(_, len, write_only) in data {
+        for seg in data.iter() {
             // A read needs device-writable buffers, a write device-readable ones.
-            if write_only != into_guest || len > SIZE_MAX {
+            if seg.write_only != into_guest || seg.len > SIZE_MAX {
                 return (S_IOERR, 0);
             }
-            total += len as u64;
+            total += u64::from(seg.len);
+        }
+        if total > *budget {
+            return (S_IOERR, 0);
         }
         let Some(start) = sector.checked_mul(SECTOR_SIZE) else {
             return (S_IOERR, 0);
@@ -434,14 +540,17 @@ impl<'a> BlockDevice<'a> {
         {
             return (S_IOERR, 0);
         }
-        if !into_guest && !self.writable {
+        // Writes: only in the write phase, and never past the end it allows.
+        if !into_guest && (!self.writable || start + total > self.write_end) {
             return (S_IOERR, 0);
         }
+        *budget -= total;
         // Every buffer is checked before any data moves.
-        let mut pieces = Vec::with_capacity(data.len());
+        let mut pieces = Vec::with_capacity(count);
         let mut pos = start;
-        for &(addr, len, _) in data {
-            let Ok(slice) = mem.get_slice(addr, len as usize) else {
+        for seg in data.iter() {
+            let len = seg.len;
+            let Ok(slice) = mem.get_slice(seg.addr, len as usize) else {
                 return (S_IOERR, 0);
             };
             // SAFETY: the slice is guest RAM checked by get_slice. Guest RAM is one plain
@@ -457,8 +566,23 @@ impl<'a> BlockDevice<'a> {
         if !pool.execute(dir, &pieces) {
             return (S_IOERR, 0);
         }
+        // total <= 2 GiB fits a u32.
         let written = if into_guest { total as u32 } else { 0 };
         (S_OK, written)
+    }
+}
+
+/// A request's data buffers: the descriptors between the header and the status, then
+/// the bytes of the status descriptor before its last one.
+#[derive(Clone, Copy)]
+struct Data<'s> {
+    middle: &'s [Seg],
+    lead: Option<Seg>,
+}
+
+impl Data<'_> {
+    fn iter(&self) -> impl Iterator<Item = Seg> + '_ {
+        self.middle.iter().copied().chain(self.lead)
     }
 }
 
@@ -473,6 +597,7 @@ mod tests {
     const BUF: u64 = 0x20000;
     const F_WRITE: u16 = 2;
     const F_NEXT: u16 = 1;
+    const QSIZE: u16 = 256;
 
     struct TempFile(std::path::PathBuf);
     impl Drop for TempFile {
@@ -512,7 +637,7 @@ mod tests {
             let mut d = Driver {
                 mem,
                 pool,
-                dev: BlockDevice::new(3, Backing::Borrowed(file), len, writable),
+                dev: BlockDevice::new(3, Backing::Borrowed(file), len, writable, 1 << 20),
                 next_desc: 0,
                 avail_idx: 0,
                 writes: WriteCount::default(),
@@ -521,21 +646,26 @@ mod tests {
             d.w(REG_DRIVER_FEATURES_SEL, 1);
             d.w(REG_DRIVER_FEATURES, 1);
             d.w(REG_QUEUE_SEL, 0);
-            d.w(REG_QUEUE_NUM, 16);
+            d.w(REG_QUEUE_NUM, QSIZE as u32);
             d.w(REG_QUEUE_DESC_LOW, DESC as u32);
             d.w(REG_QUEUE_DRIVER_LOW, AVAIL as u32);
             d.w(REG_QUEUE_DEVICE_LOW, USED as u32);
             d.w(REG_QUEUE_READY, 1);
+            // Most tests are in the write phase; `phase_and_end_bound_writes` is not.
+            d.dev.start_writes(u64::MAX);
             d
         }
         fn w(&mut self, reg: u64, v: u32) {
+            self.try_w(reg, v).unwrap();
+        }
+        fn try_w(&mut self, reg: u64, v: u32) -> Result<(), String> {
             self.dev.mmio_write(
                 reg,
                 &v.to_le_bytes(),
                 &self.mem,
                 &self.pool,
                 &mut self.writes,
-            );
+            )
         }
         fn r(&mut self, reg: u64) -> u32 {
             let mut b = [0u8; 4];
@@ -544,6 +674,12 @@ mod tests {
         }
         /// Queue one chain without notifying.
         fn add(&mut self, chain: &[(u64, u32, bool)]) {
+            let at = self.next_desc;
+            self.add_at(at, chain);
+        }
+        /// Queue one chain at descriptor `at`.
+        fn add_at(&mut self, at: u16, chain: &[(u64, u32, bool)]) {
+            self.next_desc = at % QSIZE;
             let head = self.next_desc;
             for (i, &(addr, len, write)) in chain.iter().enumerate() {
                 let idx = self.next_desc;
@@ -556,7 +692,7 @@ mod tests {
                 self.mem.write_obj(idx + 1, GuestAddress(at + 14)).unwrap();
                 self.next_desc += 1;
             }
-            let slot = AVAIL + 4 + 2 * (self.avail_idx % 16) as u64;
+            let slot = AVAIL + 4 + 2 * (self.avail_idx % QSIZE) as u64;
             self.mem.write_obj(head, GuestAddress(slot)).unwrap();
             self.avail_idx += 1;
             self.mem
@@ -886,5 +1022,111 @@ mod tests {
         d.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
         d.notify();
         assert_eq!(d.used_idx(), 0);
+    }
+
+    #[test]
+    fn phase_and_end_bound_writes() {
+        let (t, file) = temp("phase", &[7u8; 1024]);
+        let mut d = Driver::new(&file, true);
+        d.dev.write_end = 0;
+        d.mem.write_slice(&[9u8; 512], GuestAddress(BUF)).unwrap();
+        // Before the write phase: refused.
+        assert_eq!(d.request(T_OUT, 0, 512, false).0, S_IOERR);
+        // Declared end 1000 bytes: sector 1 (ending at 1024) is allowed, sector 2 not.
+        d.dev.start_writes(1000);
+        assert_eq!(d.request(T_OUT, 2, 512, false).0, S_IOERR);
+        assert_eq!(d.request(T_OUT, 1, 512, false).0, S_OK);
+        // A declaration past the host's bound (1 MiB here) is cut to it.
+        d.dev.start_writes(u64::MAX);
+        assert_eq!(d.request(T_OUT, 2048, 512, false).0, S_IOERR);
+        assert_eq!(d.request(T_OUT, 2047, 512, false).0, S_OK);
+        assert_eq!(std::fs::metadata(&t.0).unwrap().len(), 1 << 20);
+        assert_eq!(d.writes.done, 2);
+    }
+
+    #[test]
+    fn status_at_the_top_of_the_address_space_fails_cleanly() {
+        let (_t, file) = temp("top", &[0u8; 512]);
+        let mut d = Driver::new(&file, false);
+        let hdr = BUF - 0x100;
+        d.header(hdr, T_IN, 0);
+        let i = d.used_idx();
+        d.add(&[(hdr, 16, false), (u64::MAX, 2, true)]);
+        d.notify();
+        assert_eq!((d.used_idx(), d.used_len(i)), (i + 1, 0));
+        d.add(&[(hdr, 16, false), (BUF, 512, true), (u64::MAX - 1, 2, true)]);
+        d.notify();
+        assert_eq!((d.used_idx(), d.used_len(i + 1)), (i + 2, 0));
+    }
+
+    #[test]
+    fn avail_jumps_past_the_queue_end_the_vm() {
+        let (_t, file) = temp("jump", &[0u8; 512]);
+        let mut d = Driver::new(&file, false);
+        d.mem.write_obj(257u16, GuestAddress(AVAIL + 2)).unwrap();
+        let err = d.try_w(REG_QUEUE_NOTIFY, 0).unwrap_err();
+        assert!(err.contains("257 requests available at once"), "{err}");
+        assert_eq!(d.used_idx(), 0);
+    }
+
+    #[test]
+    fn a_request_overwriting_the_avail_index_cannot_extend_its_notify() {
+        // A read whose data lands on avail->idx, turning 1 available request into many:
+        // the notify still serves the one it saw.
+        let mut contents = vec![0u8; 512];
+        contents[2..4].copy_from_slice(&16u16.to_le_bytes());
+        let (_t, file) = temp("overlap", &contents);
+        let mut d = Driver::new(&file, false);
+        let hdr = BUF - 0x100;
+        let st = BUF - 0x10;
+        d.header(hdr, T_IN, 0);
+        d.add(&[(hdr, 16, false), (AVAIL, 512, true), (st, 1, true)]);
+        d.notify();
+        assert_eq!(d.status(st), S_OK);
+        assert_eq!(d.used_idx(), 1);
+        let idx: u16 = d.mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+        assert_eq!(idx, 16, "the read did land on the ring");
+    }
+
+    #[test]
+    fn the_queue_layout_is_frozen_while_ready() {
+        let (_t, file) = temp("frozen", &[3u8; 512]);
+        let mut d = Driver::new(&file, false);
+        d.w(REG_QUEUE_DESC_LOW, 0x5000);
+        d.w(REG_QUEUE_DEVICE_LOW, 0x7000);
+        d.w(REG_QUEUE_NUM, 256);
+        assert_eq!(d.dev.queue.desc_table(), DESC);
+        assert_eq!(d.dev.queue.used_ring(), USED);
+        assert_eq!(d.dev.queue.size(), QSIZE);
+        assert_eq!(d.request(T_IN, 0, 512, true).0, S_OK);
+    }
+
+    #[test]
+    fn a_notify_moves_at_most_its_byte_budget() {
+        let (_t, file) = temp("budget", &vec![1u8; 16 << 20]);
+        let mut d = Driver::new(&file, false);
+        // 65 requests of 16 MiB (two 8 MiB segments over the same buffer), all from one
+        // chain: the 65th would take the notify past 1 GiB.
+        let hdr = BUF - 0x100;
+        let st = BUF - 0x10;
+        d.header(hdr, T_IN, 0);
+        d.add(&[
+            (hdr, 16, false),
+            (BUF, 8 << 20, true),
+            (BUF, 8 << 20, true),
+            (st, 1, true),
+        ]);
+        for k in 1..65u64 {
+            d.mem
+                .write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * k))
+                .unwrap();
+        }
+        d.mem.write_obj(65u16, GuestAddress(AVAIL + 2)).unwrap();
+        d.notify();
+        assert_eq!(d.used_idx(), 65);
+        for k in 0..64 {
+            assert_eq!(d.used_len(k), (16 << 20) + 1, "request {k}");
+        }
+        assert_eq!((d.used_len(64), d.status(st)), (1, S_IOERR));
     }
 }

@@ -6,9 +6,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::OnceLock;
 
 use instar_abi::layout::{
-    DOORBELL_ADDR, DOORBELL_DONE, DOORBELL_PANIC, DOORBELL_PROGRESS, DOORBELL_WRITE_PHASE,
-    MAX_DEVICES, PAGE_TABLES_ADDR, REQUEST_ADDR, REQUEST_SIZE, RESPONSE_ADDR, RESPONSE_SIZE,
-    VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE,
+    DOORBELL_ADDR, DOORBELL_DONE, DOORBELL_PANIC, DOORBELL_PROGRESS, DOORBELL_WRITE_END_HIGH,
+    DOORBELL_WRITE_PHASE, MAX_DEVICES, PAGE_TABLES_ADDR, REQUEST_ADDR, REQUEST_SIZE, RESPONSE_ADDR,
+    RESPONSE_SIZE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE,
 };
 use instar_abi::{Call, Request, SelfTest};
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -207,7 +207,8 @@ pub fn run_on_this_thread(
             .map_err(Error::setup("reading a device file's size"))?
             .len();
         call.device_sizes.push(len);
-        blk.push(BlockDevice::new(i, backing, len, dev.writable));
+        let cap = crate::write_cap(len, &call, config.virtual_size);
+        blk.push(BlockDevice::new(i, backing, len, dev.writable, cap));
     }
 
     // Workers for large reads start now, so that they confine themselves while the VM
@@ -282,7 +283,11 @@ fn confine_and_run(
     config: &Config,
     on_progress: &mut (dyn FnMut(u32) + Send),
 ) -> Result<RawOutcome, Error> {
-    let watchdog = Watchdog::new(vcpu.get_kvm_run(), config.watchdog)?;
+    let deadline = config.deadline.unwrap_or_else(|| {
+        let bytes = blk.iter().fold(0u64, |sum, d| sum.saturating_add(d.len()));
+        crate::default_deadline(bytes, config.virtual_size)
+    });
+    let watchdog = Watchdog::new(vcpu.get_kvm_run(), config.watchdog, deadline)?;
     let writable_fds: Vec<i32> = blk
         .iter()
         .filter(|d| d.writable())
@@ -296,6 +301,7 @@ fn confine_and_run(
     // Everything the loop needs is allocated before the filter goes on.
     let mut response = vec![0u8; RESPONSE_SIZE];
     let mut write_phase = false;
+    let mut write_end_high = 0u32;
     let mut writes = WriteCount {
         stop_after: config.stop_after_writes,
         ..WriteCount::default()
@@ -334,12 +340,25 @@ fn confine_and_run(
                                     }
                                 }
                                 DOORBELL_PROGRESS => {
+                                    #[cfg(feature = "test-hooks")]
+                                    crate::test_hooks::reached(crate::test_hooks::Site::Vcpu);
                                     on_progress(arg);
                                     Step::Continue
                                 }
-                                DOORBELL_WRITE_PHASE => {
-                                    write_phase = true;
+                                DOORBELL_WRITE_END_HIGH if !write_phase => {
+                                    write_end_high = arg;
                                     Step::Continue
+                                }
+                                DOORBELL_WRITE_PHASE if !write_phase => {
+                                    write_phase = true;
+                                    let end = u64::from(write_end_high) << 32 | u64::from(arg);
+                                    for dev in blk.iter_mut() {
+                                        dev.start_writes(end);
+                                    }
+                                    Step::Continue
+                                }
+                                DOORBELL_WRITE_END_HIGH | DOORBELL_WRITE_PHASE => {
+                                    Step::Fault("the guest announced its write phase twice".into())
                                 }
                                 _ => Step::Fault(format!("unknown doorbell code {code}")),
                             }
@@ -347,11 +366,14 @@ fn confine_and_run(
                         Err(_) => Step::Fault(format!("doorbell write of {} bytes", data.len())),
                     }
                 } else if let Some((dev, off)) = virtio_target(blk, addr) {
-                    dev.mmio_write(off, data, mem, pool, &mut writes);
+                    let served = dev.mmio_write(off, data, mem, pool, &mut writes);
                     if writes.stopped {
                         return Err(Error::StoppedAfterWrites(writes.done));
                     }
-                    Step::Continue
+                    match served {
+                        Ok(()) => Step::Continue,
+                        Err(why) => Step::Fault(why),
+                    }
                 } else {
                     Step::Fault(format!("write to unmapped address {addr:#x}"))
                 }
@@ -372,6 +394,9 @@ fn confine_and_run(
             }
             Ok(other) => Step::Fault(format!("unexpected VM exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR => {
+                if watchdog.deadline_passed() {
+                    return Err(Error::Deadline(deadline));
+                }
                 if watchdog.fired() {
                     return Err(Error::Watchdog(config.watchdog));
                 }

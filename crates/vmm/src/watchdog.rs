@@ -14,6 +14,13 @@
 //! a VM exit, and at most one tick later (limit × (1 + 1/[`TICKS`]), plus signal
 //! latency). Time the host spends serving an exit never counts.
 //!
+//! A second, one-shot timer on the same thread ends the VM at its total deadline
+//! ([`crate::Config::deadline`]), however the guest behaves: the handler sets a
+//! thread-local flag and `immediate_exit`, so the next `KVM_RUN` returns `EINTR`, and a
+//! device serving a notify stops between requests ([`deadline_passed`]). It catches
+//! what the no-exit watchdog cannot: a guest that keeps exiting (doorbell floods,
+//! endless register reads or requests).
+//!
 //! A process-wide `setitimer` would not do: its signal goes to any thread of the
 //! process, and several sandboxes may run at once (the test harness runs tests in
 //! parallel).
@@ -33,12 +40,16 @@ use crate::Error;
 pub const TICKS: u32 = 4;
 /// `SEEN` when the last tick found the guest not running.
 const NOT_RUNNING: u64 = u64::MAX;
+/// `sigev_value` of the deadline timer (the tick timer has 0).
+const DEADLINE_TAG: usize = 1;
 
 thread_local! {
     /// The `kvm_run` of the vCPU this thread runs (null when none).
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(ptr::null_mut()) };
     /// Set by the handler when it stopped the guest.
     static FIRED: Cell<bool> = const { Cell::new(false) };
+    /// Set by the handler when the deadline passed.
+    static DEADLINE: Cell<bool> = const { Cell::new(false) };
     /// VM exits so far (the run loop writes, the handler reads).
     static EXITS: AtomicU64 = const { AtomicU64::new(0) };
     /// Whether the thread is in (or about to enter) `KVM_RUN`.
@@ -63,6 +74,13 @@ extern "C" fn on_alarm(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
     // this same thread.
     let run = KVM_RUN.with(Cell::get);
     if run.is_null() {
+        return;
+    }
+    // SAFETY: as above; si_value is set for SI_TIMER signals.
+    if unsafe { (*info).si_value() }.sival_ptr as usize == DEADLINE_TAG {
+        DEADLINE.with(|f| f.set(true));
+        // SAFETY: as below.
+        unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).immediate_exit), 1) };
         return;
     }
     let exits = EXITS.with(|e| e.load(Ordering::Relaxed));
@@ -118,14 +136,58 @@ fn timespec(d: Duration) -> libc::timespec {
     }
 }
 
-/// The watchdog of the vCPU running on the current thread.
+/// Whether the deadline of the VM running on this thread has passed (false on any
+/// other thread).
+pub fn deadline_passed() -> bool {
+    DEADLINE.with(Cell::get)
+}
+
+/// A POSIX timer that signals this thread with SIGALRM, tagged with `tag`.
+fn thread_timer(tag: usize) -> Result<libc::timer_t, Error> {
+    // SAFETY: a zeroed sigevent is valid.
+    let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+    sev.sigev_notify = libc::SIGEV_THREAD_ID;
+    sev.sigev_signo = libc::SIGALRM;
+    sev.sigev_value = libc::sigval {
+        sival_ptr: tag as *mut libc::c_void,
+    };
+    // SAFETY: gettid has no preconditions.
+    sev.sigev_notify_thread_id = unsafe { libc::gettid() };
+    let mut timer: libc::timer_t = ptr::null_mut();
+    // SAFETY: valid sigevent and out-pointer.
+    if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer) } != 0 {
+        return Err(Error::setup("creating the watchdog timer")(
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(timer)
+}
+
+/// Arm `timer` to fire after `first`, then every `period` (zero: once).
+fn arm(timer: libc::timer_t, first: Duration, period: Duration) -> Result<(), Error> {
+    let spec = libc::itimerspec {
+        it_interval: timespec(period),
+        it_value: timespec(first),
+    };
+    // SAFETY: the timer was created by thread_timer; `spec` is a valid itimerspec.
+    if unsafe { libc::timer_settime(timer, 0, &spec, ptr::null_mut()) } != 0 {
+        return Err(Error::setup("arming the watchdog timer")(
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// The watchdog and the deadline of the vCPU running on the current thread.
 pub struct Watchdog {
     timer: libc::timer_t,
+    deadline_timer: Option<libc::timer_t>,
 }
 
 impl Watchdog {
-    /// Register `run` (this thread's vCPU) and start ticking for a limit of `limit`.
-    pub fn new(run: *mut kvm_run, limit: Duration) -> Result<Watchdog, Error> {
+    /// Register `run` (this thread's vCPU), start ticking for a limit of `limit`, and
+    /// stop the VM once `deadline` has passed.
+    pub fn new(run: *mut kvm_run, limit: Duration, deadline: Duration) -> Result<Watchdog, Error> {
         install_handler()?;
         // Unblock SIGALRM on this thread in case the caller blocked it.
         // SAFETY: plain signal-mask manipulation of the current thread.
@@ -135,37 +197,23 @@ impl Watchdog {
             libc::sigaddset(&mut set, libc::SIGALRM);
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, ptr::null_mut());
         }
-        // SAFETY: a zeroed sigevent is valid.
-        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
-        sev.sigev_notify = libc::SIGEV_THREAD_ID;
-        sev.sigev_signo = libc::SIGALRM;
-        // SAFETY: gettid has no preconditions.
-        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
-        let mut timer: libc::timer_t = ptr::null_mut();
-        // SAFETY: valid sigevent and out-pointer.
-        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer) } != 0 {
-            return Err(Error::setup("creating the watchdog timer")(
-                io::Error::last_os_error(),
-            ));
-        }
+        let mut watchdog = Watchdog {
+            timer: thread_timer(0)?,
+            deadline_timer: None,
+        };
+        watchdog.deadline_timer = Some(thread_timer(DEADLINE_TAG)?);
         KVM_RUN.with(|c| c.set(run));
         FIRED.with(|f| f.set(false));
+        DEADLINE.with(|f| f.set(false));
         EXITS.with(|e| e.store(0, Ordering::Relaxed));
         IN_GUEST.with(|g| g.store(false, Ordering::Relaxed));
         SEEN.with(|s| s.set(NOT_RUNNING));
         STALE.with(|s| s.set(0));
-        let watchdog = Watchdog { timer };
-        // A zero period would disarm the timer.
-        let period = timespec((limit / TICKS).max(Duration::from_micros(1)));
-        let spec = libc::itimerspec {
-            it_interval: period,
-            it_value: period,
-        };
-        // SAFETY: the timer was just created; `spec` is a valid itimerspec.
-        if unsafe { libc::timer_settime(watchdog.timer, 0, &spec, ptr::null_mut()) } != 0 {
-            return Err(Error::setup("arming the watchdog timer")(
-                io::Error::last_os_error(),
-            ));
+        // A zero period or first expiry would disarm a timer.
+        let period = (limit / TICKS).max(Duration::from_micros(1));
+        arm(watchdog.timer, period, period)?;
+        if let Some(t) = watchdog.deadline_timer {
+            arm(t, deadline.max(Duration::from_micros(1)), Duration::ZERO)?;
         }
         Ok(watchdog)
     }
@@ -186,13 +234,23 @@ impl Watchdog {
     pub fn fired(&self) -> bool {
         FIRED.with(Cell::get)
     }
+
+    /// Whether the deadline passed.
+    pub fn deadline_passed(&self) -> bool {
+        deadline_passed()
+    }
 }
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
         KVM_RUN.with(|c| c.set(ptr::null_mut()));
         IN_GUEST.with(|g| g.store(false, Ordering::Relaxed));
-        // SAFETY: the timer was created by `new`; deleting it also disarms it.
-        unsafe { libc::timer_delete(self.timer) };
+        // SAFETY: the timers were created by `new`; deleting one also disarms it.
+        unsafe {
+            libc::timer_delete(self.timer);
+            if let Some(t) = self.deadline_timer {
+                libc::timer_delete(t);
+            }
+        }
     }
 }
