@@ -20,7 +20,7 @@ mod selftest;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use instar_abi::layout::{DOORBELL_PROGRESS, DOORBELL_WRITE_PHASE, MAX_DEVICES};
+use instar_abi::layout::{DOORBELL_PROGRESS, MAX_DEVICES};
 use instar_abi::{Call, ErrorKind, GuestError, Request, Response};
 use instar_blockdev::BlockDev;
 
@@ -31,8 +31,8 @@ impl instar_rebase::Hooks for DoorbellHooks {
     fn progress(&mut self, steps: u32) {
         runtime::ring(DOORBELL_PROGRESS, steps);
     }
-    fn write_phase(&mut self) {
-        runtime::ring(DOORBELL_WRITE_PHASE, 0);
+    fn write_phase(&mut self, end: u64) {
+        runtime::write_phase(end);
     }
 }
 

@@ -2,14 +2,21 @@
 
 use core::fmt::Write;
 use instar_abi::layout::{
-    doorbell, DOORBELL_ADDR, DOORBELL_DONE, DOORBELL_PANIC, REQUEST_ADDR, REQUEST_SIZE,
-    RESPONSE_ADDR, RESPONSE_SIZE,
+    doorbell, DOORBELL_ADDR, DOORBELL_DONE, DOORBELL_PANIC, DOORBELL_WRITE_END_HIGH,
+    DOORBELL_WRITE_PHASE, REQUEST_ADDR, REQUEST_SIZE, RESPONSE_ADDR, RESPONSE_SIZE,
 };
 
 /// Ring the doorbell: one 8-byte MMIO write, which the VMM sees as a VM exit.
 pub fn ring(code: u32, arg: u32) {
     // SAFETY: DOORBELL_ADDR is identity-mapped MMIO that only the VMM observes.
     unsafe { core::ptr::write_volatile(DOORBELL_ADDR as *mut u64, doorbell(code, arg)) }
+}
+
+/// Declare the write phase and its end: the host refuses writes before it, and past
+/// `end`.
+pub fn write_phase(end: u64) {
+    ring(DOORBELL_WRITE_END_HIGH, (end >> 32) as u32);
+    ring(DOORBELL_WRITE_PHASE, end as u32);
 }
 
 /// The request area the VMM filled before starting the vCPU.

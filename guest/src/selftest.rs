@@ -44,6 +44,7 @@ pub fn run(test: &SelfTest, disks: &mut [Disk]) -> Response {
             for chunk in sector.chunks_mut(WRITE_PATTERN.len()) {
                 chunk.copy_from_slice(WRITE_PATTERN);
             }
+            runtime::write_phase(sector.len() as u64);
             match disk.write_at(0, &sector).and_then(|()| disk.flush()) {
                 Ok(()) => Response::SelfTest(0),
                 Err(e) => error(e.to_string()),

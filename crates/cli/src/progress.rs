@@ -105,6 +105,20 @@ pub fn step_increment(size: u64) -> f32 {
 /// a sector.
 const MIN_STEP_BYTES: u64 = 512;
 
+/// The most steps qemu-img's copy loop can count over an image of `virtual_size` bytes
+/// whose files (overlay and chains) hold `file_bytes` bytes in all: an iteration ends
+/// 2 MiB after it started or where the allocation status changes, and every change is
+/// recorded in the files, at most two per byte (qcow2 extended L2 entries describe 32
+/// subclusters in 16 bytes; plain L2 and vmdk grain table entries take 8 and 4). So at
+/// most `ceil(size / 2 MiB)` iterations plus one per change: this many progress lines,
+/// and no more, could qemu-img print.
+pub fn max_steps(virtual_size: u64, file_bytes: u64) -> u64 {
+    virtual_size
+        .div_ceil(STEP_BYTES)
+        .saturating_add(file_bytes.saturating_mul(2))
+        .saturating_add(1)
+}
+
 /// Turns the guest's cumulative step counts into `qemu_progress_print` calls.
 ///
 /// qemu-img counts one step per loop iteration that is not skipped, and an iteration can
@@ -112,7 +126,9 @@ const MIN_STEP_BYTES: u64 = 512;
 /// in-chain optimisation the old chain's, changes), so a run can count more steps than
 /// `size / 2 MiB`; past 100% each prints `(100.00/100%)` again, as in qemu-img.
 /// The count comes from the guest, so it is bounded: it may only grow, and never past
-/// one step per sector of the image.
+/// one step per sector of the image (the sandbox also bounds it by the files, see
+/// [`max_steps`]). Steps too small to move an `f32` percentage print nothing and are
+/// skipped at once: an image of 2^61 bytes must not cost 2^32 rounds.
 #[derive(Debug)]
 pub struct StepCounter {
     increment: f32,
@@ -134,7 +150,12 @@ impl StepCounter {
         let steps = u64::from(steps).min(self.max_steps);
         while self.seen < steps {
             self.seen += 1;
+            let before = progress.current;
             progress.print(self.increment, 100);
+            // Same state, same sum: every later step would change nothing either.
+            if progress.current == before && before != 100.0 && before != 0.0 {
+                self.seen = steps;
+            }
         }
     }
 }
@@ -209,5 +230,27 @@ mod tests {
         assert_eq!(c.seen, 8192);
         c.advance(1, &mut p);
         assert_eq!(c.seen, 8192);
+    }
+
+    #[test]
+    fn steps_that_change_nothing_are_skipped() {
+        // 2^61 bytes: each step adds ~9e-11, which stops changing the f32 sum long before
+        // u32::MAX steps; nothing past the first line is printed, and it is quick.
+        let mut p = Progress::new(Target::Capture);
+        p.print(0.0, 100);
+        let mut c = StepCounter::new(1 << 61);
+        let t = std::time::Instant::now();
+        c.advance(u32::MAX, &mut p);
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(c.seen, u64::from(u32::MAX));
+        assert_eq!(p.captured(), "    (0.00/100%)\r");
+    }
+
+    #[test]
+    fn the_step_bound_follows_the_files() {
+        assert_eq!(max_steps(0, 0), 1);
+        assert_eq!(max_steps(5 << 20, 0), 4);
+        assert_eq!(max_steps(4 << 20, 1000), 2 + 2000 + 1);
+        assert_eq!(max_steps(u64::MAX, u64::MAX), u64::MAX);
     }
 }

@@ -53,6 +53,12 @@ pub struct Options {
     /// many completed writes, failing with [`SandboxError::StoppedAfterWrites`]. The
     /// `instar` binary never sets it; `None` by default.
     pub stop_after_writes: Option<u64>,
+    /// The most one VM may take in all (`INSTAR_DEADLINE_SECS`); `None`: the sandbox's
+    /// default for the work (`instar_vmm::default_deadline`).
+    pub deadline: Option<Duration>,
+    /// The virtual size of the image the call works on, from the host's own probe:
+    /// bounds the overlay's growth and scales the default deadline.
+    pub virtual_size: Option<u64>,
 }
 
 impl Default for Options {
@@ -62,6 +68,8 @@ impl Default for Options {
             ram_size: c.ram_size,
             watchdog: c.watchdog,
             stop_after_writes: c.stop_after_writes,
+            deadline: c.deadline,
+            virtual_size: c.virtual_size,
         }
     }
 }
@@ -94,6 +102,8 @@ pub fn run_detailed(
         ram_size: opts.ram_size,
         watchdog: opts.watchdog,
         stop_after_writes: opts.stop_after_writes,
+        deadline: opts.deadline,
+        virtual_size: opts.virtual_size,
     };
     instar_vmm::run(GUEST_ELF, call, &devices, &config, on_progress)
 }

@@ -1,14 +1,69 @@
 //! The real [`Guest`]: one micro-VM per call, through [`crate::sandbox`].
+//!
+//! It remembers what its own probes of a read-write open found (the overlay's virtual
+//! size, by file identity), so that the rebase call that follows gets host-side bounds
+//! no guest can raise: how far the overlay may grow and the default deadline
+//! ([`Options::virtual_size`]), and how many progress steps count
+//! ([`crate::progress::max_steps`]).
 
-use instar_abi::{Call, Response};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+
+use instar_abi::{Call, Request, Response};
 
 use crate::guest::{Attached, Guest};
+use crate::progress;
 use crate::sandbox::{self, Device, Options};
 
 /// Runs each call in a fresh sandbox with default limits.
 #[derive(Debug, Default)]
 pub struct SandboxGuest {
     pub options: Options,
+    /// Files probed as a read-write open, and the virtual size found.
+    probed: Vec<(FileId, u64)>,
+}
+
+/// A file's identity and length: a file that changed is not the one probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+}
+
+fn file_id(file: &File) -> Option<FileId> {
+    let m = file.metadata().ok()?;
+    Some(FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+    })
+}
+
+impl SandboxGuest {
+    /// The probed virtual size of a rebase's overlay (device 0, writable).
+    fn overlay_size(&self, call: &Call, devices: &[Attached<'_>]) -> Option<u64> {
+        let overlay = devices.first().filter(|d| d.writable)?;
+        if !matches!(call.request, Request::Rebase(_)) {
+            return None;
+        }
+        let id = file_id(overlay.file)?;
+        self.probed
+            .iter()
+            .find(|(p, _)| *p == id)
+            .map(|&(_, size)| size)
+    }
+
+    fn remember(&mut self, call: &Call, devices: &[Attached<'_>], response: &Response) {
+        let (Request::Probe(p), Response::Probe(info)) = (&call.request, response) else {
+            return;
+        };
+        let file = devices.get(usize::from(p.dev)).map(|d| d.file);
+        if let Some(id) = file.filter(|_| p.writable).and_then(file_id) {
+            self.probed.retain(|(q, _)| *q != id);
+            self.probed.push((id, info.virtual_size));
+        }
+    }
 }
 
 impl Guest for SandboxGuest {
@@ -18,8 +73,23 @@ impl Guest for SandboxGuest {
         devices: &[Attached<'_>],
         on_progress: &mut (dyn FnMut(u32) + Send),
     ) -> Result<Response, String> {
-        sandbox::run(call, &devices_of(devices), &self.options, on_progress)
-            .map_err(|e| e.to_string())
+        let mut options = self.options.clone();
+        options.virtual_size = self.overlay_size(call, devices);
+        let file_bytes = devices
+            .iter()
+            .filter_map(|d| d.file.metadata().ok())
+            .fold(0u64, |sum, m| sum.saturating_add(m.len()));
+        let bound = options
+            .virtual_size
+            .map(|size| progress::max_steps(size, file_bytes));
+        let mut bounded = |steps: u32| {
+            let steps = bound.map_or(steps, |b| u64::from(steps).min(b) as u32);
+            on_progress(steps)
+        };
+        let response = sandbox::run(call, &devices_of(devices), &options, &mut bounded)
+            .map_err(|e| e.to_string())?;
+        self.remember(call, devices, &response);
+        Ok(response)
     }
 }
 

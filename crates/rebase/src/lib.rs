@@ -12,6 +12,7 @@ mod safe;
 mod unsafe_rebase;
 mod vmdk_info;
 mod vmdk_rebase;
+mod write_end;
 
 use alloc::format;
 use alloc::string::String;
@@ -26,8 +27,9 @@ pub trait Hooks {
     /// Safe mode: `steps` copy-loop steps so far were not skipped (see
     /// `instar_abi::layout::DOORBELL_PROGRESS`).
     fn progress(&mut self, steps: u32);
-    /// Every check has passed; the first write to the overlay follows.
-    fn write_phase(&mut self);
+    /// Every check has passed; the first write to the overlay follows. No write goes
+    /// past `end` (see `instar_abi::layout::DOORBELL_WRITE_PHASE`).
+    fn write_phase(&mut self, end: u64);
 }
 
 /// Handle `call` over `devs` (index = device index). `SelfTest` requests are the guest

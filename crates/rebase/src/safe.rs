@@ -114,7 +114,9 @@ pub(crate) fn rebase<'a>(
     };
 
     // 3. Write.
-    hooks.write_phase();
+    hooks.write_phase(
+        crate::write_end::plan_end(overlay_len, cluster_size, &plan.ops).max(cluster_size),
+    );
     // QEMU opens the overlay with its old backing; v2 write-zeroes then fall back to
     // writing zero data. A v2 overlay without a backing file would lose content in
     // QEMU (its zero write becomes a no-op discard): instar writes zero data there too.

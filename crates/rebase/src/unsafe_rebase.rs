@@ -120,7 +120,10 @@ pub(crate) fn rebase(
 
     let (_, cluster) = open_for_change(dev, req, name, format)?;
 
-    hooks.write_phase();
+    hooks.write_phase(crate::write_end::header_end(
+        dev.size(),
+        cluster.len() as u64,
+    ));
     dev.write_at(0, &cluster)
         .map_err(|_| change_error(IO_ERROR))?;
     dev.flush().map_err(|_| change_error(IO_ERROR))?;

@@ -151,8 +151,8 @@ pub(crate) fn rebase(
     let block = descriptor.with_parent(parent).map_err(rewrite_error)?;
 
     if req.unsafe_mode {
-        hooks.write_phase();
         let dev = device(devs, OVERLAY)?;
+        hooks.write_phase(descriptor_end(dev.size(), &block));
         write_descriptor(dev, &block).map_err(|_| change_error(IO_ERROR))?;
         return Ok(RebaseOutcome::default());
     }
@@ -237,7 +237,10 @@ fn safe<'a>(
         writer.check(offset, len, zero).map_err(vmdk_write_error)?;
     }
 
-    hooks.write_phase();
+    hooks.write_phase(
+        crate::write_end::plan_end(overlay_len, grain, &plan.ops)
+            .max(descriptor_end(overlay_len, block)),
+    );
     {
         let mut old_content = (old_len > 0).then_some(OldContent(&old));
         let mut sink = GrainSink {
@@ -315,4 +318,11 @@ impl<D: BlockDev> Sink for GrainSink<'_, '_, '_, D> {
             .write_zeroes(offset, len, below)
             .map_err(|e| CopyError::Write(e.to_string()))
     }
+}
+
+/// The end of a descriptor rewrite (`write_descriptor` writes `block` at
+/// `DESC_OFFSET`) on an overlay of `len` bytes.
+fn descriptor_end(len: u64, block: &[u8]) -> u64 {
+    let end = instar_vmdk::descriptor::DESC_OFFSET.saturating_add(block.len() as u64);
+    crate::write_end::header_end(len, end)
 }

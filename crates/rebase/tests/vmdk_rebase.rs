@@ -149,6 +149,7 @@ fn run_vmdk(dir: &Path, files: &[&str], req: RebaseRequest) -> Run {
             assert_eq!(ovl.data, data[0]);
         }
         Response::Rebase(out) => {
+            hooks.check_writes(ovl);
             let mut bytes = ovl.data.clone();
             if let Some(len) = out.overlay_len {
                 assert!(len as usize <= bytes.len() + 511 && len as usize >= data[0].len());

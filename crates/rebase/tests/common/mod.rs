@@ -80,12 +80,32 @@ pub fn ok(dir: &Path, prog: &Path, args: &[&str]) {
 #[derive(Default)]
 pub struct RecordingHooks {
     pub write_phase: bool,
+    /// The write end declared with the write phase.
+    pub write_end: Option<u64>,
 }
 
 impl Hooks for RecordingHooks {
     fn progress(&mut self, _hundredths: u32) {}
-    fn write_phase(&mut self) {
+    fn write_phase(&mut self, end: u64) {
+        assert!(!self.write_phase, "write phase announced twice");
         self.write_phase = true;
+        self.write_end = Some(end);
+    }
+}
+
+impl RecordingHooks {
+    /// Every write of `dev` came after the write phase and ends within its declared end.
+    pub fn check_writes(&self, dev: &MemDev) {
+        if dev.writes.is_empty() {
+            return;
+        }
+        let end = self.write_end.expect("writes without a write phase");
+        for &(offset, len) in &dev.writes {
+            assert!(
+                offset + len as u64 <= end,
+                "write of {len} at {offset} past the declared end {end}"
+            );
+        }
     }
 }
 
@@ -113,7 +133,10 @@ pub fn run_guest(path: &Path, request: Request) -> Response {
             assert!(!hooks.write_phase, "write phase announced before an error");
             assert_eq!(dev.data, data);
         }
-        _ => std::fs::write(path, &dev.data).unwrap(),
+        _ => {
+            hooks.check_writes(&dev);
+            std::fs::write(path, &dev.data).unwrap()
+        }
     }
     resp
 }
