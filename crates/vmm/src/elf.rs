@@ -13,21 +13,21 @@ fn bad(what: &str) -> Error {
 }
 
 fn u16_at(b: &[u8], off: usize) -> Result<u16, Error> {
-    b.get(off..off + 2)
+    b.get(off..off.checked_add(2).ok_or_else(|| bad("truncated"))?)
         .and_then(|s| s.try_into().ok())
         .map(u16::from_le_bytes)
         .ok_or_else(|| bad("truncated"))
 }
 
 fn u32_at(b: &[u8], off: usize) -> Result<u32, Error> {
-    b.get(off..off + 4)
+    b.get(off..off.checked_add(4).ok_or_else(|| bad("truncated"))?)
         .and_then(|s| s.try_into().ok())
         .map(u32::from_le_bytes)
         .ok_or_else(|| bad("truncated"))
 }
 
 fn u64_at(b: &[u8], off: usize) -> Result<u64, Error> {
-    b.get(off..off + 8)
+    b.get(off..off.checked_add(8).ok_or_else(|| bad("truncated"))?)
         .and_then(|s| s.try_into().ok())
         .map(u64::from_le_bytes)
         .ok_or_else(|| bad("truncated"))
@@ -65,10 +65,11 @@ pub fn load(mem: &GuestMemory, ram_size: u64, elf: &[u8]) -> Result<u64, Error> 
         if u32_at(elf, ph)? != PT_LOAD {
             continue;
         }
-        let offset = u64_at(elf, ph + 8)?;
-        let vaddr = u64_at(elf, ph + 16)?;
-        let filesz = u64_at(elf, ph + 32)?;
-        let memsz = u64_at(elf, ph + 40)?;
+        let field = |at: usize| ph.checked_add(at).ok_or_else(|| bad("header overflow"));
+        let offset = u64_at(elf, field(8)?)?;
+        let vaddr = u64_at(elf, field(16)?)?;
+        let filesz = u64_at(elf, field(32)?)?;
+        let memsz = u64_at(elf, field(40)?)?;
         let end = vaddr
             .checked_add(memsz)
             .ok_or_else(|| bad("segment overflow"))?;

@@ -34,14 +34,29 @@
 //!
 //! # Limits
 //!
+//! Every guest-driven bound, with its value and why, is listed in
+//! `docs/sandbox-bounds.md`; in short:
+//!
 //! - A watchdog ends a guest that runs for [`Config::watchdog`] without a VM exit
 //!   (a doorbell or a virtio register access), at most a quarter of that later; see
 //!   [`watchdog`].
+//! - A total deadline ([`Config::deadline`], by default [`default_deadline`] of the
+//!   work) ends any guest, also one that keeps exiting: [`Error::Deadline`].
+//! - A request has at most `seg_max` (128) data segments plus header and status, read
+//!   into a buffer allocated once; indirect tables are no longer than that, never
+//!   nested. A notify serves at most the queue size (256) of requests (more made
+//!   available at once ends the VM) and moves at most 1 GiB. The queue layout is frozen
+//!   while it is ready.
+//! - Writes are refused before the guest's write phase (`DOORBELL_WRITE_PHASE`, at most
+//!   once) and past the write end it declares, or the host's [`write_cap`], whichever is
+//!   lower.
+//! - A panic on a confined thread never reaches a refused system call (the panic hook
+//!   is silent there): a vCPU-thread panic is an [`Error::GuestFault`] naming it.
 //! - The vCPU loop runs in a dedicated thread which, once the VM is set up, confines
 //!   itself with a seccomp allowlist: `KVM_RUN`/`KVM_GET_REGS` on its vCPU,
 //!   `pread64`/`fdatasync` on the device files, `pwrite64` on writable ones, `write` to
 //!   fds 1 and 2, the watchdog's signal return and timer deletion, non-executable
-//!   memory management, futex, and thread exit. Anything else kills the process with SIGSYS. The progress callback
+//!   memory management (`mremap` included), futex, and thread exit. Anything else kills the process with SIGSYS. The progress callback
 //!   runs in that thread, so it may only write to stdout/stderr.
 //! - Large reads (at least 512 KiB) are shared, in 256 KiB chunks, between the vCPU
 //!   thread and an I/O worker thread per VM (see `io_pool`), which blocks all signals
@@ -64,6 +79,10 @@
 //! write complete, and nothing after it runs, as if the host process had died right
 //! after the `pwrite`. `Some(0)` stops at the first write request, before it is written.
 //! The `instar` binary always runs with `None`; only a caller of the library can set it.
+//!
+//! The `test-hooks` feature (never enabled by the binary; the crate's own tests turn it
+//! on) adds [`test_hooks`], which makes the next pass through a site of a confined
+//! thread panic.
 
 mod chain;
 mod elf;

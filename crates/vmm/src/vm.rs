@@ -299,9 +299,11 @@ fn confine_and_run(
         writable_fds: &writable_fds,
     })?;
     // Everything the loop needs is allocated before the filter goes on.
-    let mut response = vec![0u8; RESPONSE_SIZE];
-    let mut write_phase = false;
-    let mut write_end_high = 0u32;
+    let mut doorbells = Doorbells {
+        response: vec![0u8; RESPONSE_SIZE],
+        write_phase: false,
+        write_end_high: 0,
+    };
     let mut writes = WriteCount {
         stop_after: config.stop_after_writes,
         ..WriteCount::default()
@@ -321,47 +323,7 @@ fn confine_and_run(
                     match <[u8; 8]>::try_from(data) {
                         Ok(b) => {
                             let v = u64::from_le_bytes(b);
-                            let (code, arg) = ((v >> 32) as u32, v as u32);
-                            match code {
-                                DOORBELL_DONE | DOORBELL_PANIC => {
-                                    match mem.read_slice(&mut response, GuestAddress(RESPONSE_ADDR))
-                                    {
-                                        Ok(()) => {
-                                            let area = std::mem::take(&mut response);
-                                            Step::Finish(if code == DOORBELL_DONE {
-                                                RawExit::Done(area)
-                                            } else {
-                                                RawExit::Panic(area)
-                                            })
-                                        }
-                                        Err(_) => {
-                                            Step::Fault("cannot read the response area".into())
-                                        }
-                                    }
-                                }
-                                DOORBELL_PROGRESS => {
-                                    #[cfg(feature = "test-hooks")]
-                                    crate::test_hooks::reached(crate::test_hooks::Site::Vcpu);
-                                    on_progress(arg);
-                                    Step::Continue
-                                }
-                                DOORBELL_WRITE_END_HIGH if !write_phase => {
-                                    write_end_high = arg;
-                                    Step::Continue
-                                }
-                                DOORBELL_WRITE_PHASE if !write_phase => {
-                                    write_phase = true;
-                                    let end = u64::from(write_end_high) << 32 | u64::from(arg);
-                                    for dev in blk.iter_mut() {
-                                        dev.start_writes(end);
-                                    }
-                                    Step::Continue
-                                }
-                                DOORBELL_WRITE_END_HIGH | DOORBELL_WRITE_PHASE => {
-                                    Step::Fault("the guest announced its write phase twice".into())
-                                }
-                                _ => Step::Fault(format!("unknown doorbell code {code}")),
-                            }
+                            doorbells.ring((v >> 32) as u32, v as u32, mem, blk, on_progress)
                         }
                         Err(_) => Step::Fault(format!("doorbell write of {} bytes", data.len())),
                     }
@@ -412,9 +374,69 @@ fn confine_and_run(
     };
     Ok(RawOutcome {
         exit,
-        write_phase,
+        write_phase: doorbells.write_phase,
         writes: writes.done,
     })
+}
+
+/// The doorbell's state over a run.
+struct Doorbells {
+    /// Where the response area is copied (allocated before the filter goes on).
+    response: Vec<u8>,
+    write_phase: bool,
+    /// The high half of the write end the next WRITE_PHASE declares.
+    write_end_high: u32,
+}
+
+impl Doorbells {
+    /// Serve the doorbell `code` with `arg`.
+    fn ring(
+        &mut self,
+        code: u32,
+        arg: u32,
+        mem: &GuestMemory,
+        blk: &mut [BlockDevice<'_>],
+        on_progress: &mut (dyn FnMut(u32) + Send),
+    ) -> Step {
+        match code {
+            DOORBELL_DONE | DOORBELL_PANIC => {
+                if mem
+                    .read_slice(&mut self.response, GuestAddress(RESPONSE_ADDR))
+                    .is_err()
+                {
+                    return Step::Fault("cannot read the response area".into());
+                }
+                let area = std::mem::take(&mut self.response);
+                Step::Finish(if code == DOORBELL_DONE {
+                    RawExit::Done(area)
+                } else {
+                    RawExit::Panic(area)
+                })
+            }
+            DOORBELL_PROGRESS => {
+                #[cfg(feature = "test-hooks")]
+                crate::test_hooks::reached(crate::test_hooks::Site::Vcpu);
+                on_progress(arg);
+                Step::Continue
+            }
+            DOORBELL_WRITE_END_HIGH | DOORBELL_WRITE_PHASE if self.write_phase => {
+                Step::Fault("the guest announced its write phase twice".into())
+            }
+            DOORBELL_WRITE_END_HIGH => {
+                self.write_end_high = arg;
+                Step::Continue
+            }
+            DOORBELL_WRITE_PHASE => {
+                self.write_phase = true;
+                let end = u64::from(self.write_end_high) << 32 | u64::from(arg);
+                for dev in blk.iter_mut() {
+                    dev.start_writes(end);
+                }
+                Step::Continue
+            }
+            _ => Step::Fault(format!("unknown doorbell code {code}")),
+        }
+    }
 }
 
 /// The device whose MMIO window holds `addr`, and the offset inside it.

@@ -94,7 +94,7 @@ extern "C" fn on_alarm(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
         STALE.with(|s| s.set(0));
         return;
     }
-    let stale = STALE.with(Cell::get) + 1;
+    let stale = STALE.with(Cell::get).saturating_add(1);
     STALE.with(|s| s.set(stale));
     if stale >= TICKS {
         FIRED.with(|f| f.set(true));

@@ -75,10 +75,8 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(tag: &str, contents: &[u8]) -> Scratch {
-        let path = std::env::temp_dir().join(format!(
-            "instar-hostile-{}-{tag}",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("instar-hostile-{}-{tag}", std::process::id()));
         File::create(&path).unwrap().write_all(contents).unwrap();
         Scratch(path)
     }
@@ -192,7 +190,14 @@ fn direct_chain(data: u32) -> (Vec<u32>, Vec<u8>) {
     status_preset(&mut g);
     g.desc(DESC, 0, HDR, 16, F_NEXT, 1);
     for i in 1..=data {
-        g.desc(DESC, i, BUF + 512 * u64::from(i - 1), 512, F_NEXT | F_WRITE, (i + 1) as u16);
+        g.desc(
+            DESC,
+            i,
+            BUF + 512 * u64::from(i - 1),
+            512,
+            F_NEXT | F_WRITE,
+            (i + 1) as u16,
+        );
     }
     g.desc(DESC, data + 1, STATUS, 1, F_WRITE, 0);
     g.avail(0, 0);
@@ -636,7 +641,10 @@ fn flood(body: impl FnOnce(&mut Guest)) {
         &config,
     );
     let took = start.elapsed();
-    assert!(matches!(r, Err(Error::Deadline(d)) if d == deadline), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::Deadline(d)) if d == deadline),
+        "{r:?}"
+    );
     assert_eq!(
         r.unwrap_err().to_string(),
         "internal error in sandbox: the guest did not finish within its deadline of 1 s"
