@@ -91,6 +91,18 @@ pub fn run_detailed(
     opts: &Options,
     on_progress: &mut (dyn FnMut(u32) + Send),
 ) -> Result<instar_vmm::Outcome, SandboxError> {
+    run_guest(GUEST_ELF, call, devices, opts, on_progress)
+}
+
+/// Like [`run_detailed`] with another guest image than the embedded one: for tests of
+/// the host against hostile guests (`crates/cli/tests/hostile_cli.rs`).
+pub fn run_guest(
+    guest_elf: &[u8],
+    call: &Call,
+    devices: &[Device<'_>],
+    opts: &Options,
+    on_progress: &mut (dyn FnMut(u32) + Send),
+) -> Result<instar_vmm::Outcome, SandboxError> {
     let devices: Vec<instar_vmm::Device<'_>> = devices
         .iter()
         .map(|d| instar_vmm::Device {
@@ -105,5 +117,5 @@ pub fn run_detailed(
         deadline: opts.deadline,
         virtual_size: opts.virtual_size,
     };
-    instar_vmm::run(GUEST_ELF, call, &devices, &config, on_progress)
+    instar_vmm::run(guest_elf, call, &devices, &config, on_progress)
 }

@@ -21,6 +21,10 @@ pub struct SandboxGuest {
     pub options: Options,
     /// Files probed as a read-write open, and the virtual size found.
     probed: Vec<(FileId, u64)>,
+    /// Tests only: the guest image rebase calls run instead of the embedded one (probes
+    /// keep the real guest, so that the flow reaches the rebase). The binary never
+    /// sets it.
+    rebase_guest: Option<Vec<u8>>,
 }
 
 /// A file's identity and length: a file that changed is not the one probed.
@@ -41,6 +45,16 @@ fn file_id(file: &File) -> Option<FileId> {
 }
 
 impl SandboxGuest {
+    /// Tests only: a guest whose rebase calls run `elf` (a hostile guest), with
+    /// everything else as in the binary.
+    pub fn with_rebase_guest(options: Options, elf: Vec<u8>) -> SandboxGuest {
+        SandboxGuest {
+            options,
+            probed: Vec::new(),
+            rebase_guest: Some(elf),
+        }
+    }
+
     /// The probed virtual size of a rebase's overlay (device 0, writable).
     fn overlay_size(&self, call: &Call, devices: &[Attached<'_>]) -> Option<u64> {
         let overlay = devices.first().filter(|d| d.writable)?;
@@ -86,8 +100,14 @@ impl Guest for SandboxGuest {
             let steps = bound.map_or(steps, |b| u64::from(steps).min(b) as u32);
             on_progress(steps)
         };
-        let response = sandbox::run(call, &devices_of(devices), &options, &mut bounded)
-            .map_err(|e| e.to_string())?;
+        let devs = devices_of(devices);
+        let response = match (&self.rebase_guest, &call.request) {
+            (Some(elf), Request::Rebase(_)) => {
+                sandbox::run_guest(elf, call, &devs, &options, &mut bounded).map(|o| o.response)
+            }
+            _ => sandbox::run(call, &devs, &options, &mut bounded),
+        }
+        .map_err(|e| e.to_string())?;
         self.remember(call, devices, &response);
         Ok(response)
     }

@@ -183,16 +183,22 @@ impl Guest {
 
     /// Answer `Response::SelfTest(value)` and stop.
     pub fn answer(&mut self, value: u64) {
-        let mut area = vec![0u8; 64];
-        encode(&Response::SelfTest(value), &mut area).unwrap();
-        self.put(RESP, &area);
-        // mov rsi, RESP; mov rdi, RESPONSE_ADDR; mov rcx, 64; rep movsb
+        self.respond(&Response::SelfTest(value));
+    }
+
+    /// Answer `response` and stop.
+    pub fn respond(&mut self, response: &Response) {
+        let mut area = vec![0u8; 0x1000];
+        encode(response, &mut area).unwrap();
+        let len = 4 + u64::from(u32::from_le_bytes([area[0], area[1], area[2], area[3]]));
+        self.put(RESP, &area[..len as usize]);
+        // mov rsi, RESP; mov rdi, RESPONSE_ADDR; mov rcx, len; rep movsb
         self.code.extend_from_slice(&[0x48, 0xbe]);
         self.code.extend_from_slice(&RESP.to_le_bytes());
         self.code.extend_from_slice(&[0x48, 0xbf]);
         self.code.extend_from_slice(&RESPONSE_ADDR.to_le_bytes());
         self.code.extend_from_slice(&[0x48, 0xb9]);
-        self.code.extend_from_slice(&64u64.to_le_bytes());
+        self.code.extend_from_slice(&len.to_le_bytes());
         self.code.extend_from_slice(&[0xf3, 0xa4]);
         self.ring(DOORBELL_DONE, 0);
         self.code.extend_from_slice(&[0xeb, 0xfe]);
