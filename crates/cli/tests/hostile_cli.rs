@@ -229,3 +229,46 @@ fn maximal_progress_prints_no_more_than_qemu_img_could() {
     // Without the files' bound the guest would have had 2^31 of them.
     assert!(bound < 1 << 24, "{bound}");
 }
+
+/// The real binary with a deadline too short for any VM: the clear error, exit 1, the
+/// overlay unchanged; and bad values are refused before anything is opened.
+#[test]
+fn the_binary_honours_instar_deadline_secs() {
+    let name = "the_binary_honours_instar_deadline_secs";
+    let Some(dir) = images(name, "64M") else {
+        return;
+    };
+    let before = std::fs::read(dir.path("ovl.qcow2")).unwrap();
+    let args = ["rebase", "-b", "base.raw", "-F", "raw", "ovl.qcow2"];
+    let out = std::process::Command::new(cli_support::INSTAR)
+        .args(args)
+        .current_dir(&dir.0)
+        .env("INSTAR_DEADLINE_SECS", "0.000001")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "instar: internal error in sandbox: the guest did not finish within its deadline of \
+         0.000001 s\n"
+    );
+    assert_eq!(std::fs::read(dir.path("ovl.qcow2")).unwrap(), before);
+    for bad in ["0", "-1", "nan", "inf", "2592001", "x"] {
+        let out = std::process::Command::new(cli_support::INSTAR)
+            .args(args)
+            .current_dir(&dir.0)
+            .env("INSTAR_DEADLINE_SECS", bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "instar: Invalid INSTAR_DEADLINE_SECS value '{bad}': expected seconds, more \
+                 than 0 and at most 2592000\n"
+            )
+        );
+    }
+    assert_eq!(std::fs::read(dir.path("ovl.qcow2")).unwrap(), before);
+    unchanged_and_unlocked(&dir, &before);
+}
