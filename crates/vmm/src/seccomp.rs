@@ -181,8 +181,10 @@ pub fn install_panic_hook() {
     });
 }
 
-/// Confine the current thread.
+/// Confine the current thread (first making sure the panic hook is in place, while
+/// the thread may still make any call).
 pub fn apply(program: &BpfProgram) -> Result<(), Error> {
+    install_panic_hook();
     seccompiler::apply_filter(program)
         .map_err(|e| Error::Config(format!("cannot apply the seccomp filter: {e}")))?;
     CONFINED.with(|c| c.set(true));
