@@ -190,3 +190,30 @@ pub fn apply(program: &BpfProgram) -> Result<(), Error> {
     CONFINED.with(|c| c.set(true));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_confined_thread_may_grow_large_allocations_and_panic() {
+        // glibc moves a large block with mremap when it grows; the default panic hook
+        // would call gettid. Either refused would kill the whole test process.
+        let program = build_teardown().unwrap();
+        let joined = std::thread::spawn(move || {
+            apply(&program).unwrap();
+            let mut v: Vec<u8> = Vec::with_capacity(1 << 20);
+            for size in [4 << 20, 16 << 20, 64 << 20] {
+                v.resize(size, 1);
+            }
+            assert_eq!(v.len(), 64 << 20);
+            panic!("a panic on a confined thread");
+        })
+        .join();
+        let payload = joined.unwrap_err();
+        assert_eq!(
+            payload.downcast_ref::<&str>(),
+            Some(&"a panic on a confined thread")
+        );
+    }
+}
