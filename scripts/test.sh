@@ -16,6 +16,10 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --workspace --all-targets --no-fail-fast
 
+echo "== the malicious-guest suites in a release build (docs/sandbox-bounds.md)"
+cargo test --release -p instar-vmm --test hostile
+cargo test --release -p instar --test hostile_cli
+
 echo "== QEMU iotests with rebase routed to instar (scripts/iotests.sh)"
 cargo build --quiet -p instar
 INSTAR="${CARGO_TARGET_DIR:-target}/debug/instar" scripts/iotests.sh
