@@ -33,8 +33,11 @@ struct Seen {
 }
 
 /// In the child (`name` set in the environment): run `instar rebase ARGS` in the
-/// scratch directory with `guest` built by `make`, then print its status. In the
-/// parent: start the child in `dir` and return what it printed.
+/// scratch directory with `guest` built by `make`, print its status, whether the
+/// overlay is as it was (`ovl.orig`), the directory's files, and the status of a real
+/// rebase of the overlay run next in the same process (which needs every lock of the
+/// first run released). In the parent: save `ovl.orig`, start the child in `dir` and
+/// return what it printed.
 fn in_child(
     name: &str,
     dir: &Path,
@@ -48,8 +51,23 @@ fn in_child(
         let args: Vec<OsString> = args.iter().map(OsString::from).collect();
         let status = instar::cli::run(&args, &mut guest);
         eprintln!("CHILD-STATUS {status}");
+        let unchanged = std::fs::read("ovl.qcow2").unwrap() == std::fs::read("ovl.orig").unwrap();
+        eprintln!("CHILD-UNCHANGED {unchanged}");
+        let mut files: Vec<String> = std::fs::read_dir(".")
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        eprintln!("CHILD-FILES {}", files.join(","));
+        let real: Vec<OsString> = ["rebase", "-q", "-b", "base.raw", "-F", "raw", "ovl.qcow2"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let second = instar::cli::run(&real, &mut SandboxGuest::default());
+        eprintln!("CHILD-SECOND {second}");
         return None;
     }
+    std::fs::copy(dir.join("ovl.qcow2"), dir.join("ovl.orig")).unwrap();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env(CHILD, name)
@@ -101,15 +119,26 @@ fn options(deadline: Option<Duration>) -> Options {
     }
 }
 
-/// After a failed run: the overlay as it was, and a real rebase of it works (its
-/// lock was released).
-fn unchanged_and_unlocked(dir: &Scratch, before: &[u8]) {
-    assert_eq!(std::fs::read(dir.path("ovl.qcow2")).unwrap(), before);
-    let r = cli_support::instar(
-        &["rebase", "-b", "base.raw", "-F", "raw", "ovl.qcow2"],
-        &dir.0,
-    );
-    assert_eq!(r.status, 0, "{}", r.stderr);
+/// The value the child printed after `key`.
+fn field<'s>(seen: &'s Seen, key: &str) -> &'s str {
+    seen.stderr
+        .split_once(&format!("{key} "))
+        .and_then(|(_, rest)| rest.lines().next())
+        .unwrap_or_else(|| {
+            panic!(
+                "no {key} in:
+{}",
+                seen.stderr
+            )
+        })
+}
+
+/// After the hostile run: the overlay as it was, no other file in the directory, and
+/// the real rebase that followed in the same process worked (every lock released).
+fn unchanged_and_unlocked(seen: &Seen) {
+    assert_eq!(field(seen, "CHILD-UNCHANGED"), "true");
+    assert_eq!(field(seen, "CHILD-FILES"), "base.raw,ovl.orig,ovl.qcow2");
+    assert_eq!(field(seen, "CHILD-SECOND"), "0", "{}", seen.stderr);
 }
 
 #[test]
@@ -123,9 +152,6 @@ fn an_exit_flood_ends_at_the_deadline() {
     let here = dir
         .as_ref()
         .map_or_else(|| Path::new(".").to_path_buf(), |d| d.0.clone());
-    let before = dir
-        .as_ref()
-        .map(|d| std::fs::read(d.path("ovl.qcow2")).unwrap());
     let make = || {
         let mut g = Guest::default();
         g.forever(|g| g.ring(DOORBELL_PROGRESS, 1));
@@ -141,7 +167,7 @@ fn an_exit_flood_ends_at_the_deadline() {
         stderr.trim_end(),
         "instar: internal error in sandbox: the guest did not finish within its deadline of 1 s"
     );
-    unchanged_and_unlocked(dir.as_ref().unwrap(), before.as_ref().unwrap());
+    unchanged_and_unlocked(&seen);
 }
 
 #[test]
@@ -155,9 +181,6 @@ fn an_indirect_table_attack_then_escapes_in_the_answer() {
     let here = dir
         .as_ref()
         .map_or_else(|| Path::new(".").to_path_buf(), |d| d.0.clone());
-    let before = dir
-        .as_ref()
-        .map(|d| std::fs::read(d.path("ovl.qcow2")).unwrap());
     let make = || {
         let mut g = Guest::default();
         g.put(STATUS, &[0xff]);
@@ -191,7 +214,7 @@ fn an_indirect_table_attack_then_escapes_in_the_answer() {
         !stderr.trim_end().contains(['\x1b', '\x07', '\r']),
         "raw control bytes: {stderr:?}"
     );
-    unchanged_and_unlocked(dir.as_ref().unwrap(), before.as_ref().unwrap());
+    unchanged_and_unlocked(&seen);
 }
 
 #[test]
@@ -217,6 +240,8 @@ fn maximal_progress_prints_no_more_than_qemu_img_could() {
     };
     let (status, stderr) = status(&seen);
     assert_eq!(status, 0, "{stderr}");
+    assert_eq!(field(&seen, "CHILD-UNCHANGED"), "true");
+    assert_eq!(field(&seen, "CHILD-SECOND"), "0", "{}", seen.stderr);
     let dir = dir.unwrap();
     let files = std::fs::metadata(dir.path("ovl.qcow2")).unwrap().len()
         + std::fs::metadata(dir.path("base.raw")).unwrap().len();
@@ -270,5 +295,6 @@ fn the_binary_honours_instar_deadline_secs() {
         );
     }
     assert_eq!(std::fs::read(dir.path("ovl.qcow2")).unwrap(), before);
-    unchanged_and_unlocked(&dir, &before);
+    let r = cli_support::instar(&args, &dir.0);
+    assert_eq!(r.status, 0, "{}", r.stderr);
 }
