@@ -53,6 +53,9 @@ pub struct Options {
     /// many completed writes, failing with [`SandboxError::StoppedAfterWrites`]. The
     /// `instar` binary never sets it; `None` by default.
     pub stop_after_writes: Option<u64>,
+    /// Test-only (power-loss tests): record every completed write and flush in
+    /// `Outcome::io_log`. The `instar` binary never sets it; `false` by default.
+    pub record_writes: bool,
 }
 
 impl Default for Options {
@@ -62,6 +65,7 @@ impl Default for Options {
             ram_size: c.ram_size,
             watchdog: c.watchdog,
             stop_after_writes: c.stop_after_writes,
+            record_writes: c.record_writes,
         }
     }
 }
@@ -94,6 +98,7 @@ pub fn run_detailed(
         ram_size: opts.ram_size,
         watchdog: opts.watchdog,
         stop_after_writes: opts.stop_after_writes,
+        record_writes: opts.record_writes,
     };
     instar_vmm::run(GUEST_ELF, call, &devices, &config, on_progress)
 }

@@ -64,6 +64,8 @@
 //! write complete, and nothing after it runs, as if the host process had died right
 //! after the `pwrite`. `Some(0)` stops at the first write request, before it is written.
 //! The `instar` binary always runs with `None`; only a caller of the library can set it.
+//! [`Config::record_writes`], for power-loss tests likewise, lists every completed write
+//! request (device, byte offset, length) and flush in [`Outcome::io_log`].
 
 mod elf;
 mod error;
@@ -84,6 +86,7 @@ use instar_abi::{Call, Response, MAX_REPORTED_NAME};
 pub use error::Error;
 pub use memory::{MAX_RAM, MIN_RAM};
 pub use sanitize::sanitize;
+pub use virtio_blk::BlockOp;
 
 /// One image attached to the VM as a virtio-blk device, in device-index order.
 #[derive(Debug, Clone, Copy)]
@@ -105,6 +108,9 @@ pub struct Config {
     /// Fault injection for crash-consistency tests (see the crate docs): stop the VM
     /// right after this many completed writes. `None` (the default) never stops.
     pub stop_after_writes: Option<u64>,
+    /// Test-only: record every completed write and flush in [`Outcome::io_log`], so
+    /// that power-loss tests can rebuild what a disk may hold after any barrier.
+    pub record_writes: bool,
 }
 
 /// The default watchdog limit.
@@ -116,6 +122,7 @@ impl Default for Config {
             ram_size: instar_abi::layout::DEFAULT_RAM_SIZE,
             watchdog: DEFAULT_WATCHDOG,
             stop_after_writes: None,
+            record_writes: false,
         }
     }
 }
@@ -129,6 +136,8 @@ pub struct Outcome {
     pub write_phase: bool,
     /// Write requests that reached the device files (see [`Config::stop_after_writes`]).
     pub writes: u64,
+    /// Completed writes and flushes in order, when [`Config::record_writes`] is set.
+    pub io_log: Vec<BlockOp>,
 }
 
 /// Boot `guest_elf`, give it `call` and `devices`, and wait for its answer.
@@ -169,6 +178,7 @@ pub fn run(
         response,
         write_phase: raw.write_phase,
         writes: raw.writes,
+        io_log: raw.io_log,
     })
 }
 

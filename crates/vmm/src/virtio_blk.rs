@@ -96,6 +96,18 @@ pub struct WriteCount {
     /// Set when the limit was hit: the device served nothing after that write, and the
     /// VM must not resume.
     pub stopped: bool,
+    /// Test-only record of completed writes and flushes, in order
+    /// ([`crate::Config::record_writes`]); `None` records nothing.
+    pub log: Option<Vec<BlockOp>>,
+}
+
+/// One completed request that changes what a power loss can leave on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOp {
+    /// `len` bytes written at byte `offset` of device `device`.
+    Write { device: usize, offset: u64, len: u64 },
+    /// A flush of device `device` that succeeded.
+    Flush { device: usize },
 }
 
 impl WriteCount {
@@ -369,6 +381,13 @@ impl<'a> BlockDevice<'a> {
                     if r.0 == S_OK {
                         writes.done += 1;
                         writes.stopped = writes.limit_reached();
+                        if let Some(log) = &mut writes.log {
+                            log.push(BlockOp::Write {
+                                device: self.index,
+                                offset: sector.saturating_mul(SECTOR_SIZE),
+                                len: data.iter().map(|d| u64::from(d.1)).sum(),
+                            });
+                        }
                     }
                     r
                 }
@@ -376,6 +395,9 @@ impl<'a> BlockDevice<'a> {
             T_FLUSH => {
                 // SAFETY: fdatasync on a file descriptor this device owns or borrows.
                 let r = unsafe { libc::fdatasync(self.fd()) };
+                if let (0, Some(log)) = (r, &mut writes.log) {
+                    log.push(BlockOp::Flush { device: self.index });
+                }
                 (if r == 0 { S_OK } else { S_IOERR }, 0)
             }
             T_GET_ID => self.get_id(mem, &data),
@@ -785,6 +807,32 @@ mod tests {
             let last_status: u8 = d.status(st[3]);
             assert_eq!(last_status, if k > 3 { S_OK } else { 0xff }, "k={k}");
         }
+    }
+
+    #[test]
+    fn recording_lists_completed_writes_and_flushes_in_order() {
+        let (_t, file) = temp("record", &[0u8; 2048]);
+        let mut d = Driver::new(&file, true);
+        d.writes.log = Some(Vec::new());
+        // Refused (misaligned): not recorded.
+        assert_eq!(d.request(T_OUT, 0, 100, false).0, S_IOERR);
+        for (i, &(t, sector)) in [(T_OUT, 2), (T_FLUSH, 0), (T_OUT, 0), (T_OUT, 3)]
+            .iter()
+            .enumerate()
+        {
+            queue_write(&mut d, i as u64, t, sector, 7);
+        }
+        d.notify();
+        // The test driver's device is index 3.
+        let w = |offset| BlockOp::Write {
+            device: 3,
+            offset,
+            len: 512,
+        };
+        assert_eq!(
+            d.writes.log.as_deref(),
+            Some(&[w(1024), BlockOp::Flush { device: 3 }, w(0), w(1536)][..])
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub struct RawOutcome {
     pub exit: RawExit,
     pub write_phase: bool,
     pub writes: u64,
+    pub io_log: Vec<crate::BlockOp>,
 }
 
 const CR0_PE: u64 = 1;
@@ -298,6 +299,7 @@ fn confine_and_run(
     let mut write_phase = false;
     let mut writes = WriteCount {
         stop_after: config.stop_after_writes,
+        log: config.record_writes.then(|| Vec::with_capacity(4096)),
         ..WriteCount::default()
     };
     seccomp::apply(&program)?;
@@ -389,6 +391,7 @@ fn confine_and_run(
         exit,
         write_phase,
         writes: writes.done,
+        io_log: writes.log.unwrap_or_default(),
     })
 }
 
