@@ -105,7 +105,11 @@ pub struct WriteCount {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockOp {
     /// `len` bytes written at byte `offset` of device `device`.
-    Write { device: usize, offset: u64, len: u64 },
+    Write {
+        device: usize,
+        offset: u64,
+        len: u64,
+    },
     /// A flush of device `device` that succeeded.
     Flush { device: usize },
 }
