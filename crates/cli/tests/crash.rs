@@ -424,7 +424,7 @@ fn power_loss_states(
     let mut base = original.to_vec();
     sum.epochs = epochs.len();
     for (e, epoch) in epochs.iter().enumerate() {
-        for subset in power_loss::subsets(epoch.len(), 0x1457_a2 + e as u64) {
+        for subset in power_loss::subsets(epoch.len(), 0x0014_57a2 + e as u64) {
             let mut image = base.clone();
             for &i in &subset {
                 power_loss::apply(&mut image, &writes[epoch.start + i]);
