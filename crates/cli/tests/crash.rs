@@ -137,7 +137,8 @@ fn dirty(image: &[u8]) -> bool {
 /// dirty bit is set may have stale refcounts, which QEMU repairs when it opens it; such
 /// an image must come out of `qemu-img check -r all` (on a copy) with no error left.
 fn check(q: &Qemu, dir: &Path, name: &str) -> Result<&'static str, String> {
-    let out = qemu_img(q, &["check", "-f", "qcow2", name], dir);
+    let fmt = fmt_of(name);
+    let out = qemu_img(q, &["check", "-f", fmt, name], dir);
     let text = format!("{}{}", out.stdout, out.stderr);
     let leaks_only = out.status == 3 && text.contains("leaked clusters") && !text.contains("ERROR");
     if out.status == 0 {
@@ -166,13 +167,12 @@ fn check(q: &Qemu, dir: &Path, name: &str) -> Result<&'static str, String> {
     }
 }
 
-/// `qemu-img compare` of the original overlay (over the old backing) with `name`.
+/// `qemu-img compare` of the original overlay (`orig.FMT`, over the old backing) with
+/// `name`.
 fn same_content(q: &Qemu, dir: &Path, name: &str) -> Result<(), String> {
-    let out = qemu_img(
-        q,
-        &["compare", "-f", "qcow2", "-F", "qcow2", "orig.qcow2", name],
-        dir,
-    );
+    let fmt = fmt_of(name);
+    let orig = format!("orig.{fmt}");
+    let out = qemu_img(q, &["compare", "-f", fmt, "-F", fmt, &orig, name], dir);
     if out.status == 0 {
         Ok(())
     } else {
@@ -183,7 +183,38 @@ fn same_content(q: &Qemu, dir: &Path, name: &str) -> Result<(), String> {
     }
 }
 
-const REBASE_ARGS: [&str; 4] = ["-b", "new.qcow2", "-F", "qcow2"];
+/// The image format of a file name: `vmdk` for `*.vmdk`, else `qcow2`.
+fn fmt_of(name: &str) -> &'static str {
+    if name.ends_with(".vmdk") {
+        "vmdk"
+    } else {
+        "qcow2"
+    }
+}
+
+/// What a scenario runs: `instar rebase ARGS ovl.FMT` over a fixture of `old.FMT`,
+/// `new.FMT` and `ovl.FMT`.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    name: &'static str,
+    fmt: &'static str,
+    args: &'static [&'static str],
+}
+
+impl Case {
+    /// A safe-mode qcow2 rebase onto new.qcow2.
+    fn safe(name: &'static str) -> Case {
+        Case {
+            name,
+            fmt: "qcow2",
+            args: &["-b", "new.qcow2", "-F", "qcow2"],
+        }
+    }
+
+    fn ovl(&self) -> String {
+        format!("ovl.{}", self.fmt)
+    }
+}
 
 /// What one scenario found.
 #[derive(Debug, Default)]
@@ -208,16 +239,27 @@ impl Summary {
     }
 }
 
+/// One scenario's fixed parts: the reference qemu-img, the scratch directory holding the
+/// fixture, what runs, and the overlay before the rebase.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    q: &'a Qemu,
+    scratch: &'a Scratch,
+    case: &'a Case,
+    original: &'a [u8],
+}
+
 /// The full run's record: the device the writing VM wrote, and its writes and flushes.
 struct Recorded {
     device: usize,
     log: Vec<BlockOp>,
 }
 
-/// Build the fixture (old.qcow2, new.qcow2, ovl.qcow2) with `build`, run the rebase in
-/// full while recording its writes and flushes, then once per k in 0..=n with a stop
-/// after write k, then every power-loss state the record allows (see [`power_loss`]).
-fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) -> Option<Summary> {
+/// Build the fixture (old, new and ovl.FMT) with `build`, run the rebase in full while
+/// recording its writes and flushes, then once per k in 0..=n with a stop after write k,
+/// then every power-loss state the record allows (see [`power_loss`]).
+fn crash_every_write(case: &Case, build: &dyn Fn(&Fx)) -> Option<Summary> {
+    let name = case.name;
     let _serial = serial();
     if !kvm() {
         return None;
@@ -227,10 +269,11 @@ fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) -> Option<Summary> {
     let scratch = Scratch::new(&format!("crash-{}", name));
     let fx = Fx::new(scratch.fixture(), q);
     build(&fx);
-    fs::copy(fx.path("ovl.qcow2"), fx.path("orig.qcow2")).expect("copy the overlay");
-    let original = fx.read("ovl.qcow2");
+    let ovl = case.ovl();
+    fs::copy(fx.path(&ovl), fx.path(&format!("orig.{}", case.fmt))).expect("copy the overlay");
+    let original = fx.read(&ovl);
 
-    let rec = full_run(q, &scratch, name);
+    let rec = full_run(q, &scratch, case);
     if std::env::var_os("INSTAR_CRASH_LOG").is_some() {
         // The write/flush protocol of this scenario, for docs/crash-safety.md.
         eprintln!("{name}: {}", show_log(&rec.log));
@@ -241,7 +284,13 @@ fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) -> Option<Summary> {
         ..Summary::default()
     };
     let mut failures = Vec::new();
-    let writes = stop_points(q, &scratch, &original, &extents, &mut sum, &mut failures);
+    let run = Run {
+        q,
+        scratch: &scratch,
+        case,
+        original: &original,
+    };
+    let writes = stop_points(&run, &extents, &mut sum, &mut failures);
     eprintln!(
         "{}: {} writes; stops after k=0..={}: {} clean, {} with leaks, {} dirty and \
          repairable, {} failures",
@@ -262,15 +311,7 @@ fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) -> Option<Summary> {
         failures.join("\n")
     );
     let epochs = power_loss::epochs(&rec.log, rec.device);
-    power_loss_states(
-        q,
-        &scratch,
-        &original,
-        &writes,
-        &epochs,
-        &mut sum,
-        &mut failures,
-    );
+    power_loss_states(&run, &writes, &epochs, &mut sum, &mut failures);
     eprintln!(
         "{}: {} epochs between flushes (largest {} writes); {} distinct power-loss \
          images checked, {} failures",
@@ -304,13 +345,14 @@ fn show_log(log: &[BlockOp]) -> String {
 
 /// The rebase in full, recording: exactly one VM writes, to one device; the result is
 /// clean and reads as before. Returns that VM's record.
-fn full_run(q: &Qemu, scratch: &Scratch, name: &str) -> Recorded {
+fn full_run(q: &Qemu, scratch: &Scratch, case: &Case) -> Recorded {
+    let (name, ovl) = (case.name, case.ovl());
     let dir = scratch.copy("full");
     let recording = StoppingGuest {
         record: true,
         ..StoppingGuest::default()
     };
-    let (status, guest) = rebase(&REBASE_ARGS, &dir.join("ovl.qcow2"), recording);
+    let (status, guest) = rebase(case.args, &dir.join(&ovl), recording);
     assert_eq!(status, 0, "{}: the full rebase failed", name);
     let writing: Vec<usize> = (0..guest.writes.len())
         .filter(|&i| guest.writes[i] > 0)
@@ -344,8 +386,8 @@ fn full_run(q: &Qemu, scratch: &Scratch, name: &str) -> Recorded {
         "{}: the record misses writes",
         name
     );
-    assert_eq!(check(q, &dir, "ovl.qcow2"), Ok("clean"), "{}", name);
-    same_content(q, &dir, "ovl.qcow2").unwrap_or_else(|e| panic!("{}: {e}", name));
+    assert_eq!(check(q, &dir, &ovl), Ok("clean"), "{}", name);
+    same_content(q, &dir, &ovl).unwrap_or_else(|e| panic!("{}: {e}", name));
     Recorded {
         device: devices[0],
         log,
@@ -355,20 +397,25 @@ fn full_run(q: &Qemu, scratch: &Scratch, name: &str) -> Recorded {
 /// Stop after every write k in 0..=n and check the image left behind. Returns the
 /// bytes of each write (write k's extent in the image stopped right after it).
 fn stop_points(
-    q: &Qemu,
-    scratch: &Scratch,
-    original: &[u8],
+    run: &Run<'_>,
     extents: &[(u64, u64)],
     sum: &mut Summary,
     failures: &mut Vec<String>,
 ) -> Vec<power_loss::Write> {
+    let Run {
+        q,
+        scratch,
+        case,
+        original,
+    } = *run;
     let dir = scratch.copy("crash");
-    let work = dir.join("ovl.qcow2");
+    let ovl = case.ovl();
+    let work = dir.join(&ovl);
     let n = extents.len() as u64;
     let mut writes = Vec::new();
     for k in 0..=n {
         fs::write(&work, original).expect("reset the overlay");
-        let (status, guest) = rebase(&REBASE_ARGS, &work, stopping_at(k));
+        let (status, guest) = rebase(case.args, &work, stopping_at(k));
         if status != 1 || guest.stopped != Some(k) {
             failures.push(format!(
                 "k={k}: expected a stop after {k} writes, got exit {status}, stopped {:?}",
@@ -391,16 +438,16 @@ fn stop_points(
                 None => failures.push(format!("k={k}: write {offset:#x}+{len:#x} missing")),
             }
         }
-        match check(q, &dir, "ovl.qcow2") {
+        match check(q, &dir, &ovl) {
             Ok(v) => sum.count(v),
             Err(e) => failures.push(format!("k={k}: {e}")),
         }
-        if let Err(e) = same_content(q, &dir, "ovl.qcow2") {
+        if let Err(e) = same_content(q, &dir, &ovl) {
             failures.push(format!("k={k}: {e}"));
         }
         if std::env::var_os("INSTAR_KEEP_SCRATCH").is_some() {
             // Every stop's image, to see what each write changed.
-            let _ = fs::copy(&work, scratch.root().join(format!("stop-{k}.qcow2")));
+            let _ = fs::copy(&work, scratch.root().join(format!("stop-{k}.{}", case.fmt)));
         }
     }
     writes
@@ -410,16 +457,21 @@ fn stop_points(
 /// epoch, and each chosen subset of that epoch's writes (see [`power_loss::subsets`]).
 /// Each distinct image must pass [`check`] and read as before the rebase.
 fn power_loss_states(
-    q: &Qemu,
-    scratch: &Scratch,
-    original: &[u8],
+    run: &Run<'_>,
     writes: &[power_loss::Write],
     epochs: &[std::ops::Range<usize>],
     sum: &mut Summary,
     failures: &mut Vec<String>,
 ) {
+    let Run {
+        q,
+        scratch,
+        case,
+        original,
+    } = *run;
     let dir = scratch.copy("power");
-    let work = dir.join("ovl.qcow2");
+    let ovl = case.ovl();
+    let work = dir.join(&ovl);
     let mut seen = HashSet::new();
     let mut base = original.to_vec();
     sum.epochs = epochs.len();
@@ -444,11 +496,11 @@ fn power_loss_states(
                     reached
                 )
             };
-            match check(q, &dir, "ovl.qcow2") {
+            match check(q, &dir, &ovl) {
                 Ok(v) => sum.count(v),
                 Err(err) => failures.push(format!("{}: {err}", what())),
             }
-            if let Err(err) = same_content(q, &dir, "ovl.qcow2") {
+            if let Err(err) = same_content(q, &dir, &ovl) {
                 failures.push(format!("{}: {err}", what()));
             }
         }
@@ -561,8 +613,96 @@ fn clusters_512_with(fx: &Fx, old: bool, opts: &str, extra: &[&str]) {
     fx.io("qcow2", "ovl.qcow2", &cmds);
 }
 
+/// A safe-mode qcow2 scenario.
 fn run_scenario(name: &'static str, build: impl Fn(&Fx)) -> Option<Summary> {
-    crash_every_write(name, &build)
+    crash_every_write(&Case::safe(name), &build)
+}
+
+/// Unsafe mode rewrites the qcow2 header alone. The new backing is a copy of the old
+/// one, as when a backing file moves, so the content must not change either.
+#[test]
+fn crash_unsafe_qcow2() {
+    let case = Case {
+        name: "unsafe",
+        fmt: "qcow2",
+        args: &["-u", "-b", "new.qcow2", "-F", "qcow2"],
+    };
+    let sum = crash_every_write(&case, &|fx| {
+        clusters_64k(fx, true, "cluster_size=64k");
+        fx.write("new.qcow2", &fx.read("old.qcow2"));
+    });
+    if let Some(sum) = sum {
+        assert_eq!(sum.writes, 1, "unsafe mode writes the header once");
+    }
+}
+
+/// A monolithicSparse vmdk chain like [`backings`] + [`overlay_data`].
+fn vmdk_chain(fx: &Fx) {
+    fx.create("vmdk", "old.vmdk", "4M", &[]);
+    fx.io(
+        "vmdk",
+        "old.vmdk",
+        &[
+            "write -P 0x11 0 64k",
+            "write -P 0x12 128k 128k",
+            "write -P 0x13 1M 64k",
+            "write -P 0x15 3584k 192k",
+        ],
+    );
+    fx.create("vmdk", "new.vmdk", "4M", &[]);
+    fx.io(
+        "vmdk",
+        "new.vmdk",
+        &[
+            "write -P 0x11 0 64k",
+            "write -P 0x12 128k 64k",
+            "write -P 0x22 192k 64k",
+            "write -P 0x25 2M 64k",
+            "write -P 0x15 3584k 192k",
+            "write -P 0x26 3648k 512",
+        ],
+    );
+    fx.create("vmdk", "ovl.vmdk", "4M", &["-b", "old.vmdk", "-F", "vmdk"]);
+    fx.io(
+        "vmdk",
+        "ovl.vmdk",
+        &[
+            "write -P 0x31 64k 64k",
+            "write -P 0x32 196k 4k",
+            "write -P 0x33 1M 64k",
+        ],
+    );
+}
+
+/// Safe mode on a vmdk overlay: grains copied, grain tables updated, descriptor last.
+#[test]
+fn crash_safe_vmdk() {
+    let case = Case {
+        name: "vmdk",
+        fmt: "vmdk",
+        args: &["-b", "new.vmdk", "-F", "vmdk"],
+    };
+    if let Some(sum) = crash_every_write(&case, &vmdk_chain) {
+        assert!(sum.writes >= 4, "only {} writes", sum.writes);
+    }
+}
+
+/// Unsafe mode on a vmdk overlay rewrites the descriptor alone; the new parent is a
+/// copy of the old one (same CID), so the content must not change.
+#[test]
+fn crash_unsafe_vmdk() {
+    let case = Case {
+        name: "unsafe-vmdk",
+        fmt: "vmdk",
+        args: &["-u", "-b", "new.vmdk", "-F", "vmdk"],
+    };
+    let sum = crash_every_write(&case, &|fx| {
+        vmdk_chain(fx);
+        fx.write("new.vmdk", &fx.read("old.vmdk"));
+    });
+    if let Some(sum) = sum {
+        assert_eq!(sum.writes, 1, "unsafe mode writes the descriptor once");
+    }
 }
 
 #[test]
@@ -659,7 +799,7 @@ fn a_write_that_overtakes_a_barrier_is_caught() {
     clusters_64k(&fx, true, "cluster_size=64k");
     fs::copy(fx.path("ovl.qcow2"), fx.path("orig.qcow2")).expect("copy the overlay");
     let original = fx.read("ovl.qcow2");
-    let rec = full_run(q, &scratch, "overtake");
+    let rec = full_run(q, &scratch, &Case::safe("overtake"));
     let done = fs::read(scratch.root().join("full/ovl.qcow2")).expect("read the result");
     let extents = power_loss::write_extents(&rec.log, rec.device);
     let epochs = power_loss::epochs(&rec.log, rec.device);
