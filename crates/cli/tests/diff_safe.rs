@@ -1,12 +1,12 @@
 //! Differential tests for safe-mode rebase (`rebase -b NEW [-F FMT] FILE` without `-u`,
 //! and `-b ""`, which flattens): for each scenario the fixture is built with
-//! qemu-img/qemu-io, `qemu-img rebase` (10.2, 10.0 and 7.2) and `instar rebase` run on
-//! separate copies with the same arguments, and then:
-//! - instar's overlay is byte-identical to qemu-img 10.2's (same length, same holes:
-//!   `qemu-img info` is equal), no other file changed, `qemu-img check` is clean, and
-//!   `qemu-img compare` against the pre-rebase overlay (through its old chain) says
-//!   identical;
-//! - qemu-img 10.0 and 7.2 produce 10.2's file, except where a scenario names the
+//! qemu-img/qemu-io, `qemu-img rebase` (10.2, 11.1, 10.0 and 7.2) and `instar rebase` run
+//! on separate copies with the same arguments, and then:
+//! - instar's overlay is byte-identical to qemu-img 10.2's and to 11.1's (same length,
+//!   same holes: `qemu-img info` is equal), no other file changed, `qemu-img check` is
+//!   clean, and `qemu-img compare` against the pre-rebase overlay (through its old chain)
+//!   says identical;
+//! - qemu-img 11.1, 10.0 and 7.2 produce 10.2's file, except where a scenario names the
 //!   documented reason they do not (qemu-img-rebase.md §3.3, §3.9), and then they must
 //!   still differ;
 //! - instar's JSON `bytes_copied`/`clusters_copied` equal the data that appeared in the
