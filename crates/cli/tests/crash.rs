@@ -225,6 +225,8 @@ struct Summary {
     repaired: usize,
     /// Flush barriers that split the writes into epochs.
     epochs: usize,
+    /// Writes in the largest epoch.
+    largest_epoch: usize,
     /// Distinct power-loss images checked.
     power_states: usize,
 }
@@ -475,6 +477,7 @@ fn power_loss_states(
     let mut seen = HashSet::new();
     let mut base = original.to_vec();
     sum.epochs = epochs.len();
+    sum.largest_epoch = epochs.iter().map(|e| e.len()).max().unwrap_or(0);
     for (e, epoch) in epochs.iter().enumerate() {
         for subset in power_loss::subsets(epoch.len(), 0x0014_57a2 + e as u64) {
             let mut image = base.clone();
@@ -616,6 +619,34 @@ fn clusters_512_with(fx: &Fx, old: bool, opts: &str, extra: &[&str]) {
 /// A safe-mode qcow2 scenario.
 fn run_scenario(name: &'static str, build: impl Fn(&Fx)) -> Option<Summary> {
     crash_every_write(&Case::safe(name), &build)
+}
+
+/// Sixteen separate clusters to copy into an existing L2 table: their data writes and
+/// the refcount block share one epoch of more than 8 writes, so the power-loss states
+/// are every prefix plus 64 seeded subsets.
+#[test]
+fn crash_many_writes_in_one_epoch() {
+    let sum = run_scenario("one-epoch", |fx| {
+        fx.create("qcow2", "old.qcow2", "4M", &[]);
+        fx.create("qcow2", "new.qcow2", "4M", &[]);
+        let old: Vec<String> = (0..16)
+            .map(|i| format!("write -P {} {}k 64k", 0x40 + i, i * 192))
+            .collect();
+        let new: Vec<String> = (0..16)
+            .map(|i| format!("write -P {} {}k 4k", 0x80 + i, i * 192 + 8))
+            .collect();
+        fx.io("qcow2", "old.qcow2", &strs(&old));
+        fx.io("qcow2", "new.qcow2", &strs(&new));
+        overlay(fx, true, "cluster_size=64k");
+        fx.io("qcow2", "ovl.qcow2", &["write -P 0x61 3968k 64k"]);
+    });
+    if let Some(sum) = sum {
+        assert!(
+            sum.largest_epoch > power_loss::EXHAUSTIVE,
+            "largest epoch {}",
+            sum.largest_epoch
+        );
+    }
 }
 
 /// Unsafe mode rewrites the qcow2 header alone. The new backing is a copy of the old
