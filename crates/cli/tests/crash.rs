@@ -312,6 +312,7 @@ fn crash_every_write(case: &Case, build: &dyn Fn(&Fx)) -> Option<Summary> {
         sum.writes + 1,
         failures.join("\n")
     );
+    replay_matches_full_run(&run, &writes);
     let epochs = power_loss::epochs(&rec.log, rec.device);
     power_loss_states(&run, &writes, &epochs, &mut sum, &mut failures);
     eprintln!(
@@ -394,6 +395,24 @@ fn full_run(q: &Qemu, scratch: &Scratch, case: &Case) -> Recorded {
         device: devices[0],
         log,
     }
+}
+
+/// The recorded writes (extents from the full run, bytes from the stops) applied to the
+/// original overlay give the full run's file: the stopped runs wrote what the full run
+/// wrote. The host may have truncated the sector padding past the image's end.
+fn replay_matches_full_run(run: &Run<'_>, writes: &[power_loss::Write]) {
+    let mut image = run.original.to_vec();
+    for w in writes {
+        power_loss::apply(&mut image, w);
+    }
+    let path = run.scratch.root().join("full").join(run.case.ovl());
+    let full = fs::read(path).expect("read the full run's overlay");
+    assert!(
+        image.len() >= full.len() && image[..full.len()] == full[..],
+        "{}: replaying the recorded writes does not give the full run's file ({})",
+        run.case.name,
+        qemu::describe_diff(&full, &image).unwrap_or_default()
+    );
 }
 
 /// Stop after every write k in 0..=n and check the image left behind. Returns the
