@@ -877,6 +877,56 @@ fn a_write_that_overtakes_a_barrier_is_caught() {
     );
 }
 
+/// The VMM's record grows past its first allocation on the confined vCPU thread: a safe
+/// rebase with over 4096 writes (every other 512-byte cluster of a 4 MiB disk differs)
+/// runs to the end with every write and flush recorded.
+#[test]
+fn recording_keeps_every_op_of_a_long_run() {
+    let _serial = serial();
+    if !kvm() {
+        return;
+    }
+    let Some(refs) = qemu::refs() else {
+        return;
+    };
+    let scratch = Scratch::new("crash-long-record");
+    let fx = Fx::new(scratch.fixture(), &refs.v10_2);
+    let old = vec![0x11u8; 4 << 20];
+    let mut new = old.clone();
+    for sector in new.chunks_mut(1024) {
+        sector[..512].fill(0x22);
+    }
+    fx.write("old.raw", &old);
+    fx.write("new.raw", &new);
+    fx.create(
+        "qcow2",
+        "ovl.qcow2",
+        "4M",
+        &["-b", "old.raw", "-F", "raw", "-o", "cluster_size=512"],
+    );
+    let recording = StoppingGuest {
+        record: true,
+        ..StoppingGuest::default()
+    };
+    let args = ["-b", "new.raw", "-F", "raw"];
+    let (status, guest) = rebase(&args, &fx.path("ovl.qcow2"), recording);
+    assert_eq!(status, 0);
+    let (i, &n) = guest
+        .writes
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, w)| **w)
+        .expect("a VM ran");
+    assert!(n > 4096, "only {n} writes");
+    let log = &guest.logs[i];
+    let writes = log
+        .iter()
+        .filter(|op| matches!(op, BlockOp::Write { .. }))
+        .count();
+    assert_eq!(writes as u64, n);
+    assert!(log.len() > writes, "no flush recorded");
+}
+
 #[test]
 fn check_accepts_leaks_and_rejects_corruption() {
     let _serial = serial();

@@ -118,6 +118,20 @@ impl WriteCount {
     fn limit_reached(&self) -> bool {
         self.stop_after.is_some_and(|k| self.done >= k)
     }
+
+    fn record(&mut self, op: BlockOp) {
+        let Some(log) = &mut self.log else {
+            return;
+        };
+        if log.len() == log.capacity() {
+            // Grow by a fresh allocation and a copy: `realloc` of a large block may
+            // use mremap, which the vCPU thread's seccomp filter does not allow.
+            let mut bigger = Vec::with_capacity((log.capacity() * 2).max(64));
+            bigger.extend_from_slice(log);
+            *log = bigger;
+        }
+        log.push(op);
+    }
 }
 
 /// The file behind a device: borrowed from the caller, or a read-only reopen of it.
@@ -385,8 +399,8 @@ impl<'a> BlockDevice<'a> {
                     if r.0 == S_OK {
                         writes.done += 1;
                         writes.stopped = writes.limit_reached();
-                        if let Some(log) = &mut writes.log {
-                            log.push(BlockOp::Write {
+                        if writes.log.is_some() {
+                            writes.record(BlockOp::Write {
                                 device: self.index,
                                 offset: sector.saturating_mul(SECTOR_SIZE),
                                 len: data.iter().map(|d| u64::from(d.1)).sum(),
@@ -399,8 +413,8 @@ impl<'a> BlockDevice<'a> {
             T_FLUSH => {
                 // SAFETY: fdatasync on a file descriptor this device owns or borrows.
                 let r = unsafe { libc::fdatasync(self.fd()) };
-                if let (0, Some(log)) = (r, &mut writes.log) {
-                    log.push(BlockOp::Flush { device: self.index });
+                if r == 0 {
+                    writes.record(BlockOp::Flush { device: self.index });
                 }
                 (if r == 0 { S_OK } else { S_IOERR }, 0)
             }
@@ -837,6 +851,31 @@ mod tests {
             d.writes.log.as_deref(),
             Some(&[w(1024), BlockOp::Flush { device: 3 }, w(0), w(1536)][..])
         );
+    }
+
+    #[test]
+    fn the_record_grows_without_realloc_and_keeps_every_op() {
+        let mut w = WriteCount {
+            log: Some(Vec::new()),
+            ..WriteCount::default()
+        };
+        for i in 0..1000u64 {
+            w.record(BlockOp::Write {
+                device: 0,
+                offset: i,
+                len: 512,
+            });
+        }
+        let log = w.log.unwrap();
+        assert_eq!(log.len(), 1000);
+        assert!(log.iter().enumerate().all(|(i, op)| matches!(
+            op,
+            BlockOp::Write { offset, .. } if *offset == i as u64
+        )));
+        // Without a log nothing is kept.
+        let mut off = WriteCount::default();
+        off.record(BlockOp::Flush { device: 0 });
+        assert!(off.log.is_none());
     }
 
     #[test]
