@@ -1,12 +1,14 @@
-//! Crash consistency of safe-mode rebase: the sandbox is stopped right after its k-th
-//! write (the VMM's test-only `stop_after_writes` fault injection, reached through
-//! `instar::sandbox::Options`; the `instar` binary never sets it), for every k from 0 to
-//! the number of writes n of a full run. After each stop the overlay must pass
+//! Crash consistency of rebase (safe mode on qcow2 in many layouts; safe mode on vmdk;
+//! unsafe mode on both, onto a copy of the old backing): the sandbox is stopped right
+//! after its k-th write (the VMM's test-only `stop_after_writes` fault injection, reached
+//! through `instar::sandbox::Options`; the `instar` binary never sets it), for every k
+//! from 0 to the number of writes n of a full run. After each stop the overlay must pass
 //! `qemu-img check` (leaks allowed, no corruption; with lazy refcounts, an image left
 //! dirty must be repairable by the check QEMU runs when it opens it) and read exactly as
 //! before the rebase (`qemu-img compare` with a copy of the original overlay, which still
 //! names the old backing: the stopped overlay names the old backing until the final
-//! header write and the new one after it, and reads the same either way).
+//! header (or vmdk descriptor) write and the new one after it, and reads the same either
+//! way).
 //!
 //! Power-loss states go further: a stop after write k models a crash of the process,
 //! whose writes all reach the file; a power loss may also drop writes that were issued
