@@ -321,6 +321,15 @@ fn progress_output() {
     let q = run(&refs.v10_2.img, &argv, &a);
     assert_eq!(q.status, 0);
     assert_eq!(q.stdout, "    (0.00/100%)\r    (100.00/100%)\r\n");
+    if let Some(n) = refs.newest() {
+        let r = run(&n.img, &argv, &scratch.copy("qemu-newest"));
+        assert_eq!(
+            (r.status, &r.stdout),
+            (0, &q.stdout),
+            "qemu-img {}",
+            n.label
+        );
+    }
     let i = run(subject.path(), &argv, &b);
     assert_eq!(i.status, 0, "{}", i.stderr);
     let want = if subject.is_instar() {
@@ -994,7 +1003,7 @@ fn data_kept_64m_overlay() {
 #[test]
 fn long_options_and_backing_format_alias() {
     // 10.2 spells -F as -B (`--backing-format`) and has long options; instar accepts them.
-    // Compared with 10.2 only: 10.0 and 7.2 lack -B.
+    // Compared with 10.2 and 11.1 only: 10.0 and 7.2 lack -B.
     let Some((refs, subject)) = setup() else {
         return;
     };
@@ -1035,6 +1044,15 @@ fn long_options_and_backing_format_alias() {
         );
         if let Some(d) = describe_diff(&x, &y) {
             panic!("{shown}: overlay differs from qemu-img 10.2's: {d}");
+        }
+        if let Some(n) = refs.newest() {
+            let c = scratch.copy("qemu-newest");
+            let r = run(&n.img, &argv, &c);
+            assert_eq!(r.status, 0, "qemu-img {}: {}", n.label, r.stderr);
+            let z = std::fs::read(c.join("ovl.qcow2")).expect("read");
+            if let Some(d) = describe_diff(&z, &y) {
+                panic!("{shown}: overlay differs from qemu-img {}'s: {d}", n.label);
+            }
         }
     }
 }
