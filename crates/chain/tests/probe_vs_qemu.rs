@@ -8,24 +8,11 @@ use instar_abi::Format;
 use instar_blockdev::MemDev;
 use instar_chain::probe::probe;
 
-const DEFAULT_QEMU_IMG_10_2: &str = "/root/.cache/instar/qemu/10.2.2/bin/qemu-img";
-const QEMU_IMG_10_0: &str = "/usr/bin/qemu-img";
+use instar_testkit::qemu_ref;
 
+/// qemu-img 10.2; `None` skips the test, unless `INSTAR_REQUIRE_QEMU=1`.
 fn qemu_img() -> Option<PathBuf> {
-    let path = std::env::var_os("QEMU_IMG_10_2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU_IMG_10_2));
-    if path.is_file() {
-        return Some(path);
-    }
-    if std::env::var("INSTAR_REQUIRE_QEMU").as_deref() == Ok("1") {
-        panic!(
-            "qemu-img 10.2 not found at {} (set QEMU_IMG_10_2)",
-            path.display()
-        );
-    }
-    eprintln!("skipping: qemu-img 10.2 not found at {}", path.display());
-    None
+    qemu_ref::need(qemu_ref::REFERENCE, &[]).map(|b| b.img)
 }
 
 fn scratch() -> PathBuf {
@@ -101,8 +88,8 @@ fn formats_created_by_qemu_img() {
         assert_eq!(got.name(), expect, "{name}");
     }
     // LUKS needs a crypto library, which the 10.2 build here lacks.
-    if Path::new(QEMU_IMG_10_0).is_file() {
-        let st = Command::new(QEMU_IMG_10_0)
+    if let Some(q10_0) = qemu_ref::find("10.0", &qemu_ref::on_path()) {
+        let st = Command::new(&q10_0.img)
             .args([
                 "create",
                 "-q",

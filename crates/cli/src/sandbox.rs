@@ -59,6 +59,9 @@ pub struct Options {
     /// The virtual size of the image the call works on, from the host's own probe:
     /// bounds the overlay's growth and scales the default deadline.
     pub virtual_size: Option<u64>,
+    /// Test-only (power-loss tests): record every completed write and flush in
+    /// `Outcome::io_log`. The `instar` binary never sets it; `false` by default.
+    pub record_writes: bool,
 }
 
 impl Default for Options {
@@ -70,6 +73,7 @@ impl Default for Options {
             stop_after_writes: c.stop_after_writes,
             deadline: c.deadline,
             virtual_size: c.virtual_size,
+            record_writes: c.record_writes,
         }
     }
 }
@@ -116,6 +120,7 @@ pub fn run_guest(
         stop_after_writes: opts.stop_after_writes,
         deadline: opts.deadline,
         virtual_size: opts.virtual_size,
+        record_writes: opts.record_writes,
     };
     instar_vmm::run(guest_elf, call, &devices, &config, on_progress)
 }

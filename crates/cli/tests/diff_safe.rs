@@ -1,12 +1,12 @@
 //! Differential tests for safe-mode rebase (`rebase -b NEW [-F FMT] FILE` without `-u`,
 //! and `-b ""`, which flattens): for each scenario the fixture is built with
-//! qemu-img/qemu-io, `qemu-img rebase` (10.2, 10.0 and 7.2) and `instar rebase` run on
-//! separate copies with the same arguments, and then:
-//! - instar's overlay is byte-identical to qemu-img 10.2's (same length, same holes:
-//!   `qemu-img info` is equal), no other file changed, `qemu-img check` is clean, and
-//!   `qemu-img compare` against the pre-rebase overlay (through its old chain) says
-//!   identical;
-//! - qemu-img 10.0 and 7.2 produce 10.2's file, except where a scenario names the
+//! qemu-img/qemu-io, `qemu-img rebase` (10.2, 11.1, 10.0 and 7.2) and `instar rebase` run
+//! on separate copies with the same arguments, and then:
+//! - instar's overlay is byte-identical to qemu-img 10.2's and to 11.1's (same length,
+//!   same holes: `qemu-img info` is equal), no other file changed, `qemu-img check` is
+//!   clean, and `qemu-img compare` against the pre-rebase overlay (through its old chain)
+//!   says identical;
+//! - qemu-img 11.1, 10.0 and 7.2 produce 10.2's file, except where a scenario names the
 //!   documented reason they do not (qemu-img-rebase.md §3.3, §3.9), and then they must
 //!   still differ;
 //! - instar's JSON `bytes_copied`/`clusters_copied` equal the data that appeared in the
@@ -798,6 +798,21 @@ fn v2_without_old_backing_keeps_content() {
         .is_err(),
         "qemu-img 10.2 no longer loses content here; revisit this test"
     );
+    if let Some(n) = refs.newest() {
+        let nd = scratch.copy("qemu-newest");
+        assert_eq!(run(&n.img, &argv, &nd).status, 0);
+        assert!(
+            compare(
+                q,
+                scratch.root(),
+                "fixture/ovl.qcow2",
+                "qemu-newest/ovl.qcow2"
+            )
+            .is_err(),
+            "qemu-img {} no longer loses content here; revisit this test",
+            n.label
+        );
+    }
     // qemu-img on the overlay given an empty old backing: the same effective request.
     let qe = scratch.copy("qemu-empty-old");
     let u = run(
@@ -1054,6 +1069,15 @@ fn name_does_not_fit_refused_before_copying() {
         snapshot(&qd) != before,
         "qemu-img 10.2 no longer copies before failing; revisit this test"
     );
+    if let Some(n) = refs.newest() {
+        let no = run(&n.img, &argv, &scratch.copy("qemu-newest"));
+        assert_eq!(
+            (no.status, normalise_stderr(&no.stderr, &n.img)),
+            (1, normalise_stderr(&qo.stderr, &q.img)),
+            "qemu-img {} fails otherwise than 10.2",
+            n.label
+        );
+    }
 
     let d = scratch.copy("subject");
     let io = run(subject.path(), &argv, &d);

@@ -1,7 +1,8 @@
 //! Differential tests for unsafe-mode rebase (`rebase -u`): for each scenario the overlay
 //! left by `instar rebase -u` must be byte-identical to the one `qemu-img rebase -u` 10.2
-//! leaves (10.0 and 7.2 are compared with 10.2 too), `qemu-img info --output=json` must be
-//! equal under every reference build, and `qemu-img check` must be clean.
+//! leaves and to the one 11.1 (the newest release) leaves (10.0 and 7.2 are compared with
+//! 10.2 too), `qemu-img info --output=json` must be equal under every reference build, and
+//! `qemu-img check` must be clean.
 //!
 //! qemu-img needs `-F` whenever `-b` is not empty; instar probes the new backing when `-F`
 //! is absent. So scenarios whose new backing exists also run instar without `-F`, and that
@@ -143,6 +144,18 @@ fn run_case(c: &Case) {
                 failures.push(format!(
                     "{shown}\n  overlay differs from qemu-img 10.2's: {d}"
                 ));
+            }
+            // The newest release must give the same bytes too, unless documented.
+            for (q, _, after) in &reference[1..] {
+                let noted = c.version_notes.iter().any(|(l, _)| *l == q.label);
+                if refs.newest().is_some_and(|n| n.label == q.label) && !noted {
+                    if let Some(d) = describe_diff(&after[i], &got) {
+                        failures.push(format!(
+                            "{shown}\n  overlay differs from qemu-img {}'s: {d}",
+                            q.label
+                        ));
+                    }
+                }
             }
         }
         // No other file may change (backing files, external data files).
@@ -308,6 +321,15 @@ fn progress_output() {
     let q = run(&refs.v10_2.img, &argv, &a);
     assert_eq!(q.status, 0);
     assert_eq!(q.stdout, "    (0.00/100%)\r    (100.00/100%)\r\n");
+    if let Some(n) = refs.newest() {
+        let r = run(&n.img, &argv, &scratch.copy("qemu-newest"));
+        assert_eq!(
+            (r.status, &r.stdout),
+            (0, &q.stdout),
+            "qemu-img {}",
+            n.label
+        );
+    }
     let i = run(subject.path(), &argv, &b);
     assert_eq!(i.status, 0, "{}", i.stderr);
     let want = if subject.is_instar() {
@@ -981,7 +1003,7 @@ fn data_kept_64m_overlay() {
 #[test]
 fn long_options_and_backing_format_alias() {
     // 10.2 spells -F as -B (`--backing-format`) and has long options; instar accepts them.
-    // Compared with 10.2 only: 10.0 and 7.2 lack -B.
+    // Compared with 10.2 and 11.1 only: 10.0 and 7.2 lack -B.
     let Some((refs, subject)) = setup() else {
         return;
     };
@@ -1022,6 +1044,15 @@ fn long_options_and_backing_format_alias() {
         );
         if let Some(d) = describe_diff(&x, &y) {
             panic!("{shown}: overlay differs from qemu-img 10.2's: {d}");
+        }
+        if let Some(n) = refs.newest() {
+            let c = scratch.copy("qemu-newest");
+            let r = run(&n.img, &argv, &c);
+            assert_eq!(r.status, 0, "qemu-img {}: {}", n.label, r.stderr);
+            let z = std::fs::read(c.join("ovl.qcow2")).expect("read");
+            if let Some(d) = describe_diff(&z, &y) {
+                panic!("{shown}: overlay differs from qemu-img {}'s: {d}", n.label);
+            }
         }
     }
 }

@@ -14,31 +14,18 @@ use instar_blockdev::{IoError, MemDev};
 use instar_qcow2::header::{Header, OpenMode};
 use instar_qcow2::writer::{BackingRead, Finish, IoOp, Writer};
 
-const DEFAULT_BIN: &str = "/root/.cache/instar/qemu/10.2.2/bin";
-
-fn tool(env: &str, name: &str) -> Option<PathBuf> {
-    let p = std::env::var_os(env)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(DEFAULT_BIN).join(name));
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("INSTAR_REQUIRE_QEMU").as_deref() == Ok("1") {
-        panic!("{} not found and INSTAR_REQUIRE_QEMU=1", p.display());
-    }
-    eprintln!("skipping: {} not found", p.display());
-    None
-}
+use instar_testkit::qemu_ref;
 
 struct Qemu {
     img: PathBuf,
     io: PathBuf,
 }
 
+/// qemu-img and qemu-io 10.2; `None` skips the test, unless `INSTAR_REQUIRE_QEMU=1`.
 fn qemu() -> Option<Qemu> {
-    Some(Qemu {
-        img: tool("QEMU_IMG_10_2", "qemu-img")?,
-        io: tool("QEMU_IO_10_2", "qemu-io")?,
+    qemu_ref::need(qemu_ref::REFERENCE, &[]).map(|b| Qemu {
+        img: b.img,
+        io: b.io,
     })
 }
 

@@ -167,11 +167,12 @@ fn three_unknown(dir: &Path, q: &Path, header_length: u32) {
 
 fn run_case(c: &Case) {
     let Some(qemus) = all_qemu_imgs() else { return };
-    let q10 = &qemus[0];
-    for q in &qemus {
-        if c.only_10 && q.as_os_str() == QEMU_IMG_7_2 {
+    let q10 = &qemus[0].img;
+    for build in &qemus {
+        if c.only_10 && qemu_ref::matches(&build.version, "7.2") {
             continue;
         }
+        let q = &build.img;
         let dir = scratch(c.name);
         (c.make)(&dir, q10);
         std::fs::copy(dir.join("ovl.qcow2"), dir.join("q.qcow2")).unwrap();
@@ -713,13 +714,14 @@ broken! {
 #[test]
 fn luks_encrypted_qcow2() {
     // qemu-img 10.2 here is built without a crypto library; 10.0 can make the image.
-    if !Path::new(QEMU_IMG_10_0).is_file() {
+    if qemu_img_10_0().is_none() {
         return;
     }
     fn make(dir: &Path, _q: &Path) {
+        let q10_0 = qemu_img_10_0().expect("found above");
         ok(
             dir,
-            Path::new(QEMU_IMG_10_0),
+            &q10_0,
             &[
                 "create",
                 "-q",

@@ -1,24 +1,22 @@
-//! Helpers for the format crates' tests against real qemu-img / qemu-io: locating the
-//! reference binaries, scratch directories, fixtures, `qemu-img convert` / `map` output.
+//! Helpers for the tests against real qemu-img / qemu-io: locating the reference builds
+//! ([`qemu_ref`], used by every test crate), scratch directories, fixtures,
+//! `qemu-img convert` / `map` output.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// qemu-img 10.2 (env `QEMU_IMG_10_2`, else the cached build), else the system one.
-/// `None` means skip, unless `INSTAR_REQUIRE_QEMU=1`, which makes a missing binary fail.
+pub mod qemu_ref;
+
+/// qemu-img 10.2 (see [`qemu_ref`]), else the machine's own one on PATH. `None` means
+/// skip, unless `INSTAR_REQUIRE_QEMU=1`, which makes a missing binary fail.
 pub fn qemu_img() -> Option<PathBuf> {
-    let cands = [
-        std::env::var_os("QEMU_IMG_10_2").map(PathBuf::from),
-        Some(PathBuf::from(
-            "/root/.cache/instar/qemu/10.2.2/bin/qemu-img",
-        )),
-        Some(PathBuf::from("/usr/bin/qemu-img")),
-    ];
-    let found = cands.into_iter().flatten().find(|p| p.is_file());
+    let found = qemu_ref::find(qemu_ref::REFERENCE, &[])
+        .map(|b| b.img)
+        .or_else(|| qemu_ref::on_path().into_iter().find(|p| p.is_file()));
     if found.is_none() {
         assert!(
-            std::env::var("INSTAR_REQUIRE_QEMU").as_deref() != Ok("1"),
+            !qemu_ref::required(),
             "qemu-img not found and INSTAR_REQUIRE_QEMU=1"
         );
         eprintln!("qemu-img not found: skipping");

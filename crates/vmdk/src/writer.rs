@@ -13,9 +13,12 @@
 //!   the zeroed-grain flag; everything else is written as zero data (QEMU's
 //!   `-ENOTSUP` fallback).
 //!
-//! One difference in order: a request's grains are written first, then its table
-//! entries (both copies), then a flush, where QEMU flushes after each grain. A stop
-//! in between leaves at most unreferenced space at the end of the file.
+//! One difference in order: a request's grains are written first, then a flush, then
+//! its table entries (both copies), then a flush, where QEMU flushes after each grain.
+//! A stop in between leaves at most unreferenced space at the end of the file, and so
+//! does a power loss that keeps any subset of the writes issued after a flush: the
+//! grains an entry names are on the disk before the entry is written
+//! (docs/crash-safety.md).
 
 use alloc::collections::BTreeMap;
 use alloc::vec;
@@ -360,12 +363,15 @@ impl<D: BlockDev> SparseWriter<D> {
         Ok(())
     }
 
-    /// `vmdk_L2update` for each `(guest offset, entry)`: the primary table, then the
-    /// redundant one, each written back in whole sectors; then a flush.
+    /// `vmdk_L2update` for each `(guest offset, entry)`: a flush (the new grains the
+    /// entries point to are durable before any entry names them, so a power loss can
+    /// not leave an entry pointing at a grain that never reached the disk), the primary
+    /// table, then the redundant one, each written back in whole sectors; then a flush.
     fn set_entries(&mut self, updates: &[(u64, u32)]) -> Result<(), WriteError> {
         if updates.is_empty() {
             return Ok(());
         }
+        self.dev.flush()?;
         for backup in [false, true] {
             // Updates come in ascending order: one table at a time, written back
             // before the next is loaded (the cache may drop clean tables).

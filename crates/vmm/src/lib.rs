@@ -83,6 +83,9 @@
 //! The `test-hooks` feature (never enabled by the binary; the crate's own tests turn it
 //! on) adds [`test_hooks`], which makes the next pass through a site of a confined
 //! thread panic.
+//!
+//! [`Config::record_writes`], for power-loss tests likewise, lists every completed write
+//! request (device, byte offset, length) and flush in [`Outcome::io_log`].
 
 mod chain;
 mod elf;
@@ -107,6 +110,7 @@ use instar_abi::{Call, Request, Response, SelfTest, MAX_REPORTED_NAME};
 pub use error::Error;
 pub use memory::{MAX_RAM, MIN_RAM};
 pub use sanitize::sanitize;
+pub use virtio_blk::BlockOp;
 
 /// One image attached to the VM as a virtio-blk device, in device-index order.
 #[derive(Debug, Clone, Copy)]
@@ -136,6 +140,9 @@ pub struct Config {
     /// scales the default deadline. Only the host's own knowledge belongs here (e.g.
     /// from a probe in another VM), never this guest's word.
     pub virtual_size: Option<u64>,
+    /// Test-only: record every completed write and flush in [`Outcome::io_log`], so
+    /// that power-loss tests can rebuild what a disk may hold after any barrier.
+    pub record_writes: bool,
 }
 
 /// The default watchdog limit.
@@ -192,6 +199,7 @@ impl Default for Config {
             stop_after_writes: None,
             deadline: None,
             virtual_size: None,
+            record_writes: false,
         }
     }
 }
@@ -205,6 +213,8 @@ pub struct Outcome {
     pub write_phase: bool,
     /// Write requests that reached the device files (see [`Config::stop_after_writes`]).
     pub writes: u64,
+    /// Completed writes and flushes in order, when [`Config::record_writes`] is set.
+    pub io_log: Vec<BlockOp>,
 }
 
 /// Boot `guest_elf`, give it `call` and `devices`, and wait for its answer.
@@ -251,6 +261,7 @@ pub fn run(
         response,
         write_phase: raw.write_phase,
         writes: raw.writes,
+        io_log: raw.io_log,
     })
 }
 

@@ -111,11 +111,41 @@ pub struct WriteCount {
     /// Set when the limit was hit: the device served nothing after that write, and the
     /// VM must not resume.
     pub stopped: bool,
+    /// Test-only record of completed writes and flushes, in order
+    /// ([`crate::Config::record_writes`]); `None` records nothing.
+    pub log: Option<Vec<BlockOp>>,
+}
+
+/// One completed request that changes what a power loss can leave on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOp {
+    /// `len` bytes written at byte `offset` of device `device`.
+    Write {
+        device: usize,
+        offset: u64,
+        len: u64,
+    },
+    /// A flush of device `device` that succeeded.
+    Flush { device: usize },
 }
 
 impl WriteCount {
     fn limit_reached(&self) -> bool {
         self.stop_after.is_some_and(|k| self.done >= k)
+    }
+
+    fn record(&mut self, op: BlockOp) {
+        let Some(log) = &mut self.log else {
+            return;
+        };
+        if log.len() == log.capacity() {
+            // Grow by a fresh allocation and a copy: `realloc` of a large block may
+            // use mremap, which the vCPU thread's seccomp filter does not allow.
+            let mut bigger = Vec::with_capacity((log.capacity() * 2).max(64));
+            bigger.extend_from_slice(log);
+            *log = bigger;
+        }
+        log.push(op);
     }
 }
 
@@ -463,6 +493,13 @@ impl<'a> BlockDevice<'a> {
                     if r.0 == S_OK {
                         writes.done += 1;
                         writes.stopped = writes.limit_reached();
+                        if writes.log.is_some() {
+                            writes.record(BlockOp::Write {
+                                device: self.index,
+                                offset: sector.saturating_mul(SECTOR_SIZE),
+                                len: data.iter().map(|d| u64::from(d.len)).sum(),
+                            });
+                        }
                     }
                     r
                 }
@@ -470,6 +507,9 @@ impl<'a> BlockDevice<'a> {
             T_FLUSH => {
                 // SAFETY: fdatasync on a file descriptor this device owns or borrows.
                 let r = unsafe { libc::fdatasync(self.fd()) };
+                if r == 0 {
+                    writes.record(BlockOp::Flush { device: self.index });
+                }
                 (if r == 0 { S_OK } else { S_IOERR }, 0)
             }
             T_GET_ID => self.get_id(mem, data),
@@ -921,6 +961,57 @@ mod tests {
             let last_status: u8 = d.status(st[3]);
             assert_eq!(last_status, if k > 3 { S_OK } else { 0xff }, "k={k}");
         }
+    }
+
+    #[test]
+    fn recording_lists_completed_writes_and_flushes_in_order() {
+        let (_t, file) = temp("record", &[0u8; 2048]);
+        let mut d = Driver::new(&file, true);
+        d.writes.log = Some(Vec::new());
+        // Refused (misaligned): not recorded.
+        assert_eq!(d.request(T_OUT, 0, 100, false).0, S_IOERR);
+        for (i, &(t, sector)) in [(T_OUT, 2), (T_FLUSH, 0), (T_OUT, 0), (T_OUT, 3)]
+            .iter()
+            .enumerate()
+        {
+            queue_write(&mut d, i as u64, t, sector, 7);
+        }
+        d.notify();
+        // The test driver's device is index 3.
+        let w = |offset| BlockOp::Write {
+            device: 3,
+            offset,
+            len: 512,
+        };
+        assert_eq!(
+            d.writes.log.as_deref(),
+            Some(&[w(1024), BlockOp::Flush { device: 3 }, w(0), w(1536)][..])
+        );
+    }
+
+    #[test]
+    fn the_record_grows_without_realloc_and_keeps_every_op() {
+        let mut w = WriteCount {
+            log: Some(Vec::new()),
+            ..WriteCount::default()
+        };
+        for i in 0..1000u64 {
+            w.record(BlockOp::Write {
+                device: 0,
+                offset: i,
+                len: 512,
+            });
+        }
+        let log = w.log.unwrap();
+        assert_eq!(log.len(), 1000);
+        assert!(log.iter().enumerate().all(|(i, op)| matches!(
+            op,
+            BlockOp::Write { offset, .. } if *offset == i as u64
+        )));
+        // Without a log nothing is kept.
+        let mut off = WriteCount::default();
+        off.record(BlockOp::Flush { device: 0 });
+        assert!(off.log.is_none());
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub struct RawOutcome {
     pub exit: RawExit,
     pub write_phase: bool,
     pub writes: u64,
+    pub io_log: Vec<crate::BlockOp>,
 }
 
 const CR0_PE: u64 = 1;
@@ -306,6 +307,7 @@ fn confine_and_run(
     };
     let mut writes = WriteCount {
         stop_after: config.stop_after_writes,
+        log: config.record_writes.then(|| Vec::with_capacity(4096)),
         ..WriteCount::default()
     };
     seccomp::apply(&program)?;
@@ -376,6 +378,7 @@ fn confine_and_run(
         exit,
         write_phase: doorbells.write_phase,
         writes: writes.done,
+        io_log: writes.log.unwrap_or_default(),
     })
 }
 

@@ -2,7 +2,7 @@
 //! directories, and the skip rules.
 //!
 //! - Tools: qemu-img/qemu-io 10.2 from `QEMU_IMG_10_2` or `../shared/scripts/qemu-ref.sh
-//!   --list`; `qemu-nbd` from `PATH`. Missing tools skip a test with a note, or fail it
+//!   --list` (`instar_testkit::qemu_ref`); `qemu-nbd` from `PATH`. Missing tools skip a test with a note, or fail it
 //!   when `INSTAR_REQUIRE_QEMU=1`.
 //! - Tests that run the sandbox skip without a usable `/dev/kvm`, or fail when
 //!   `INSTAR_REQUIRE_KVM=1`.
@@ -12,6 +12,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
+
+use instar_testkit::qemu_ref;
 
 pub const INSTAR: &str = env!("CARGO_BIN_EXE_instar");
 
@@ -42,16 +44,6 @@ pub fn kvm(test: &str) -> bool {
     need(ok, "INSTAR_REQUIRE_KVM", "no usable /dev/kvm", test)
 }
 
-fn version_ok(img: &Path, prefix: &str) -> bool {
-    Command::new(img)
-        .arg("--version")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout).starts_with(&format!("qemu-img version {prefix}"))
-        })
-        .unwrap_or(false)
-}
-
 /// qemu-img and qemu-io of QEMU 10.2.
 pub struct Qemu {
     pub img: PathBuf,
@@ -60,27 +52,10 @@ pub struct Qemu {
 
 /// The 10.2 reference tools, or `None` (test skipped).
 pub fn qemu(test: &str) -> Option<Qemu> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("QEMU_IMG_10_2")
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/scripts/qemu-ref.sh");
-    if let Ok(out) = Command::new("bash").arg(&script).arg("--list").output() {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some((v, p)) = line.split_once('\t') {
-                if v.starts_with("10.2") {
-                    candidates.push(PathBuf::from(p.trim()));
-                }
-            }
-        }
-    }
-    let found = candidates
-        .into_iter()
-        .find(|img| version_ok(img, "10.2") && img.with_file_name("qemu-io").exists())
-        .map(|img| Qemu {
-            io: img.with_file_name("qemu-io"),
-            img,
-        });
+    let found = qemu_ref::find(qemu_ref::REFERENCE, &[]).map(|b| Qemu {
+        img: b.img,
+        io: b.io,
+    });
     if need(
         found.is_some(),
         "INSTAR_REQUIRE_QEMU",

@@ -3,8 +3,10 @@
 //! and instar on separate copies of one fixture, and comparing what they leave behind.
 //!
 //! Environment:
-//! - `QEMU_IMG_10_2`, `QEMU_IMG_10_0`, `QEMU_IMG_7_2`: paths of the reference qemu-img
-//!   builds (otherwise `../shared/scripts/qemu-ref.sh --list` and `qemu-img` on PATH).
+//! - `QEMU_IMG_10_2`, `QEMU_IMG_11_1`, `QEMU_IMG_10_0`, `QEMU_IMG_7_2`: paths of the
+//!   reference qemu-img builds (otherwise `../shared/scripts/qemu-ref.sh --list`, and
+//!   `qemu-img` on PATH for 10.0), each checked with `--version`: see
+//!   `instar_testkit::qemu_ref`.
 //! - `INSTAR_REQUIRE_QEMU=1` / `INSTAR_REQUIRE_KVM=1`: fail instead of skipping when a
 //!   reference build or `/dev/kvm` is missing.
 //! - `INSTAR_DIFF_SELFTEST=1`: run the qemu-img 10.0.2 build in place of instar (keeping the
@@ -22,20 +24,23 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
+use instar_testkit::qemu_ref;
+
 // ---------------------------------------------------------------------------------------
 // Reference binaries
 
 /// One installed qemu-img build and its qemu-io.
 #[derive(Debug, Clone)]
 pub struct Qemu {
-    /// "10.2", "10.0" or "7.2".
+    /// "10.2", "11.1", "10.0" or "7.2".
     pub label: &'static str,
     pub img: PathBuf,
     pub io: PathBuf,
 }
 
 /// The reference builds found on this machine. 10.2 is the reference the project targets;
-/// the others are compared with it when present.
+/// the others (11.1, the newest release, then 10.0 and 7.2) are compared with it when
+/// present, and expected to give the same bytes unless a scenario documents otherwise.
 #[derive(Debug)]
 pub struct Refs {
     pub v10_2: Qemu,
@@ -43,6 +48,11 @@ pub struct Refs {
 }
 
 impl Refs {
+    /// qemu-img 11.1, the newest release, when installed.
+    pub fn newest(&self) -> Option<&Qemu> {
+        self.others.iter().find(|q| q.label == "11.1")
+    }
+
     /// Every build, 10.2 first.
     pub fn all(&self) -> Vec<&Qemu> {
         let mut v = vec![&self.v10_2];
@@ -55,76 +65,26 @@ fn require(var: &str) -> bool {
     std::env::var(var).map(|v| v == "1").unwrap_or(false)
 }
 
-fn version_of(img: &Path) -> Option<String> {
-    let out = Command::new(img).arg("--version").output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let first = text.lines().next()?;
-    // "qemu-img version 10.0.2 (Debian ...)"
-    first
-        .strip_prefix("qemu-img version ")
-        .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
-}
-
-fn listed_by_script() -> BTreeMap<String, PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/scripts/qemu-ref.sh");
-    let mut map = BTreeMap::new();
-    if let Ok(out) = Command::new("bash").arg(&script).arg("--list").output() {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some((v, p)) = line.split_once('\t') {
-                map.insert(v.trim().to_string(), PathBuf::from(p.trim()));
-            }
-        }
-    }
-    map
-}
-
-fn find_build(
-    label: &'static str,
-    env_var: &str,
-    listed: &BTreeMap<String, PathBuf>,
-    fallback: &[PathBuf],
-) -> Option<Qemu> {
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Some(p) = std::env::var_os(env_var) {
-        candidates.push(PathBuf::from(p));
-    }
-    for (v, p) in listed {
-        if v.starts_with(label) {
-            candidates.push(p.clone());
-        }
-    }
-    candidates.extend(fallback.iter().cloned());
-    for img in candidates {
-        let Some(ver) = version_of(&img) else {
-            continue;
-        };
-        if !ver.starts_with(label) {
-            continue;
-        }
-        let io = img.with_file_name("qemu-io");
-        if io.exists() {
-            return Some(Qemu { label, img, io });
-        }
-    }
-    None
+fn find_build(label: &'static str, fallbacks: &[PathBuf]) -> Option<Qemu> {
+    qemu_ref::find(label, fallbacks).map(|b| Qemu {
+        label,
+        img: b.img,
+        io: b.io,
+    })
 }
 
 fn locate() -> Option<Refs> {
-    let listed = listed_by_script();
-    let mut path_builds: Vec<PathBuf> = Vec::new();
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            path_builds.push(dir.join("qemu-img"));
-        }
-    }
-    let v10_2 = find_build("10.2", "QEMU_IMG_10_2", &listed, &path_builds);
-    let v10_0 = find_build("10.0", "QEMU_IMG_10_0", &listed, &path_builds);
-    let v7_2 = find_build("7.2", "QEMU_IMG_7_2", &listed, &path_builds);
+    let v10_2 = find_build("10.2", &[]);
+    let v11_1 = find_build("11.1", &[]);
+    let v10_0 = find_build("10.0", &qemu_ref::on_path());
+    let v7_2 = find_build("7.2", &[]);
     let mut missing = Vec::new();
-    for (name, b) in [("10.2", &v10_2), ("10.0", &v10_0), ("7.2", &v7_2)] {
+    for (name, b) in [
+        ("10.2", &v10_2),
+        ("11.1", &v11_1),
+        ("10.0", &v10_0),
+        ("7.2", &v7_2),
+    ] {
         if b.is_none() {
             missing.push(name);
         }
@@ -139,7 +99,7 @@ fn locate() -> Option<Refs> {
     let v10_2 = v10_2?;
     Some(Refs {
         v10_2,
-        others: [v10_0, v7_2].into_iter().flatten().collect(),
+        others: [v11_1, v10_0, v7_2].into_iter().flatten().collect(),
     })
 }
 
@@ -702,6 +662,21 @@ pub fn normalise_stderr(text: &str, argv0: &Path) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The argv0 a qemu-img run printed (`<argv0> rebase: …` or `Try '<argv0> rebase
+/// --help'`), else `fallback`. A build started through a wrapper script prints the real
+/// binary's path.
+pub fn printed_argv0(stderr: &str, fallback: &Path) -> PathBuf {
+    stderr
+        .lines()
+        .find_map(|l| {
+            let l = l.strip_prefix("Try '").unwrap_or(l);
+            l.split_once(" rebase").map(|(p, _)| p)
+        })
+        .filter(|p| p.ends_with("qemu-img"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fallback.to_path_buf())
 }
 
 /// `qemu-img info --output=json` of an image with the given build, run from `cwd`.

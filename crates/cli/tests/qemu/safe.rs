@@ -228,11 +228,17 @@ pub fn run_safe_case(c: &SafeCase) {
     let ref_bytes = std::fs::read(ref_dir.join(c.overlay)).expect("read overlay");
 
     // The other builds: equal to 10.2, unless documented otherwise (then they must differ).
+    // The newest release's file is kept to compare instar's with it as well.
+    let mut newest: Option<(&str, PathBuf)> = None;
     for q in &refs.others {
         let dir = dense_copy(&scratch, &format!("qemu-{}", q.label));
         let out = run(&q.img, &argv, &dir);
         let got = std::fs::read(dir.join(c.overlay)).expect("read overlay");
         let same = out.status == 0 && got == ref_bytes;
+        let documented = c.differs.iter().any(|(l, _)| *l == q.label);
+        if refs.newest().is_some_and(|n| n.label == q.label) && out.status == 0 && !documented {
+            newest = Some((q.label, dir.clone()));
+        }
         match c.differs.iter().find(|(l, _)| *l == q.label) {
             Some((_, why)) if same => failures.push(format!(
                 "qemu-img {} now produces 10.2's file, but the scenario is marked as differing ({why})",
@@ -284,6 +290,15 @@ pub fn run_safe_case(c: &SafeCase) {
             &shown,
             &mut failures,
         );
+        if let Some((label, qdir)) = &newest {
+            let want = std::fs::read(qdir.join(c.overlay)).expect("read overlay");
+            if std::fs::read(dir.join(c.overlay)).ok().as_deref() != Some(&want[..]) {
+                failures.push(format!(
+                    "{shown}\n  overlay differs from qemu-img {label}'s: {}",
+                    report_diff(q10, (qdir, c.overlay), (&dir, c.overlay))
+                ));
+            }
+        }
         if subject.is_instar() {
             check_json(c, q10, &fx.dir, &dir, &opts, &out, &shown, &mut failures);
         } else if !out.stdout.is_empty() {

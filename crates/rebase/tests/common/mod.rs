@@ -11,37 +11,26 @@ use instar_abi::{Call, ErrorKind, GuestError, Request, Response};
 use instar_blockdev::{BlockDev, MemDev};
 use instar_rebase::{handle, Hooks};
 
-pub const DEFAULT_QEMU_IMG_10_2: &str = "/root/.cache/instar/qemu/10.2.2/bin/qemu-img";
-pub const QEMU_IMG_10_0: &str = "/usr/bin/qemu-img";
-pub const QEMU_IMG_7_2: &str = "/root/.cache/instar/qemu/7.2/bin/qemu-img";
+pub use instar_testkit::qemu_ref::{self, Build};
 
-/// qemu-img 10.2 (`QEMU_IMG_10_2` or the default path). `None` skips the test, unless
+/// qemu-img 10.2 (see `instar_testkit::qemu_ref`). `None` skips the test, unless
 /// `INSTAR_REQUIRE_QEMU=1`, which turns a missing binary into a failure.
 pub fn qemu_img() -> Option<PathBuf> {
-    let path = std::env::var_os("QEMU_IMG_10_2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU_IMG_10_2));
-    if path.is_file() {
-        return Some(path);
-    }
-    if std::env::var("INSTAR_REQUIRE_QEMU").as_deref() == Ok("1") {
-        panic!(
-            "qemu-img 10.2 not found at {} (set QEMU_IMG_10_2)",
-            path.display()
-        );
-    }
-    eprintln!("skipping: qemu-img 10.2 not found at {}", path.display());
-    None
+    qemu_ref::need(qemu_ref::REFERENCE, &[]).map(|b| b.img)
 }
 
-/// Every reference qemu-img present: 10.2 first, then 10.0 and 7.2 when installed.
-pub fn all_qemu_imgs() -> Option<Vec<PathBuf>> {
-    let mut v = vec![qemu_img()?];
-    for p in [QEMU_IMG_10_0, QEMU_IMG_7_2] {
-        if Path::new(p).is_file() {
-            v.push(PathBuf::from(p));
-        }
-    }
+/// qemu-img 10.0, the machine's own (on PATH), when installed.
+pub fn qemu_img_10_0() -> Option<PathBuf> {
+    qemu_ref::find("10.0", &qemu_ref::on_path()).map(|b| b.img)
+}
+
+/// Every reference build: 10.2 first, then 11.1 (the newest release, required like
+/// 10.2), then 10.0 and 7.2 when installed.
+pub fn all_qemu_imgs() -> Option<Vec<Build>> {
+    let (reference, newest) = qemu_ref::reference_and_newest()?;
+    let mut v = vec![reference, newest];
+    v.extend(qemu_ref::find("10.0", &qemu_ref::on_path()));
+    v.extend(qemu_ref::find("7.2", &[]));
     Some(v)
 }
 
