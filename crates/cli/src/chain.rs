@@ -105,9 +105,8 @@ pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Op
     let mut parent_info = top.info.clone();
     // QEMU keeps names as C strings: a NUL ends the name, and an empty one is none.
     let name_of = |info: &ImageInfo| -> Option<Vec<u8>> {
-        let raw = info.backing_file.as_deref()?;
-        let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
-        (end > 0).then(|| raw[..end].to_vec())
+        let name = paths::c_string(info.backing_file.as_deref()?);
+        (!name.is_empty()).then(|| name.to_vec())
     };
     while let Some(name) = name_of(&parent_info) {
         let level = images.len() + 1;

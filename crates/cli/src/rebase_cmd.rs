@@ -544,31 +544,19 @@ fn unsafe_in_one_vm(
 
 /// Check that the overlay's external data file can be opened, as QEMU's open of the
 /// overlay requires. Its name is resolved against the current directory (QEMU's rule for
-/// `data-file`) and is subject to the path policy, like a backing file name; instar never
-/// reads it.
+/// `data-file`) and goes through the path policy exactly like a backing file name
+/// (protocol, lexical and canonical containment, regular file, `O_NOFOLLOW` open of the
+/// checked file); instar never reads it.
 fn check_data_file(ctx: &Ctx, name: &[u8]) -> Result<(), Failure> {
     let prefix = Role::Overlay.prefix(ctx);
-    let shown = policy::shown(name);
-    if paths::has_protocol(name) {
-        return fail(format!(
-            "{prefix}data file name '{shown}' has a protocol prefix; instar opens local files only"
-        ));
-    }
     let cwd = current_dir()?;
     let mut allowed = allowed_from_args(ctx.args, &cwd)?;
     add_default_dirs(ctx.args, &cwd, &mut allowed);
-    let path = Path::new(OsStr::from_bytes(name));
-    let lexical = paths::normalise(&cwd, name);
-    let inside = allowed.contains(Path::new(OsStr::from_bytes(&lexical)))
-        && std::fs::canonicalize(path).map_or(true, |real| allowed.contains(&real));
-    if !inside {
-        return fail(format!(
-            "{prefix}data file name '{shown}' is outside the allowed directories (see --allow-dir)"
-        ));
-    }
-    files::open_image(path, false)
+    let refused = |r: Refused| plain_failure(format!("{prefix}{r}"));
+    let loc = policy::locate_data_file(paths::c_string(name), &cwd, &allowed).map_err(refused)?;
+    policy::open_located(&loc, &allowed)
         .map(drop)
-        .or_else(|e| fail(format!("{prefix}{e}")))
+        .map_err(refused)
 }
 
 /// Add the default allowed directories: FILE's directory, and the directory of the `-b`
