@@ -34,6 +34,8 @@ pub struct Opened {
     pub id: FileId,
     /// The format it is read as.
     pub format: Format,
+    /// The format came from a probe (none was recorded, and none is forced).
+    pub probed: bool,
     pub info: ImageInfo,
 }
 
@@ -147,6 +149,7 @@ pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Op
             image,
             id: loc.id,
             format: info.format,
+            probed: format.is_none(),
             info,
         });
     }

@@ -617,6 +617,11 @@ fn new_backing(
         // QEMU reuses an image of the old chain when -b names it (by its own rule); the
         // image keeps the format it was opened with, and -F only goes into the header.
         if let Some(k) = chain::find_backing_image(&safe.links, path.as_os_str().as_bytes()) {
+            if let (None, Some(o)) = (backing_format, safe.old.get(k)) {
+                if o.probed {
+                    probe_rule(ctx, &o.info)?;
+                }
+            }
             let format = backing_format
                 .map(str::to_string)
                 .or_else(|| safe.old.get(k).map(|o| o.format.name().to_string()))
@@ -657,6 +662,9 @@ fn new_backing(
         Answer::Ok(info) => info,
         Answer::Refused(r) => return Err(refusal_failure(ctx, Role::NewBacking, &r)),
     };
+    if backing_format.is_none() {
+        probe_rule(ctx, &info)?;
+    }
     let format = backing_format
         .map(str::to_string)
         .unwrap_or_else(|| info.format.name().to_string());
@@ -722,6 +730,37 @@ fn new_backing(
         record,
         in_chain: None,
     })
+}
+
+/// The first other file a probed image names: what QEMU would open with it when the
+/// probed format is recorded (its backing file, its external data file, a vmdk
+/// descriptor's extent file).
+fn other_file(info: &ImageInfo) -> Option<(&'static str, &[u8])> {
+    fn named(n: &Option<Vec<u8>>) -> Option<&[u8]> {
+        n.as_deref().filter(|n| !n.is_empty())
+    }
+    named(&info.backing_file)
+        .map(|n| ("backing file", n))
+        .or_else(|| named(&info.data_file).map(|n| ("external data file", n)))
+        .or_else(|| named(&info.extent_file).map(|n| ("extent file", n)))
+}
+
+/// The probe rule: a format found by probing the new backing (no `-F`) is recorded only
+/// when that image names no other file. A raw disk's guest can write any header into
+/// its disk; recording the format such a header claims would let the next QEMU that
+/// opens the overlay open whatever file the header names. qemu-img refuses every
+/// missing `-F` with the first line; the second says what was found.
+fn probe_rule(ctx: &Ctx, info: &ImageInfo) -> Result<(), Failure> {
+    let Some((what, name)) = other_file(info) else {
+        return Ok(());
+    };
+    ctx.change_failed(&format!(
+        "backing format must be specified\n\
+         The new backing file probes as {} and names the {what} '{}'; a probed format is \
+         recorded only for an image that names no other file: give -F to trust it",
+        info.format.name(),
+        sanitize::name(name)
+    ))
 }
 
 /// QEMU's `Could not stat file` for a file whose messages start with `prefix`.
