@@ -322,28 +322,32 @@ fn hostile_images_accepted_with_f_raw() {
     }
 }
 
+fn plain_qcow2(fx: &Fx) {
+    fx.create("qcow2", "new.raw", "1M", &[]);
+    fx.io("qcow2", "new.raw", &["write -P 0x44 0 256k"]);
+}
+
+fn plain_raw(fx: &Fx) {
+    fx.create("raw", "new.raw", "1M", &[]);
+    fx.io("raw", "new.raw", &["write -P 0x55 64k 64k"]);
+}
+
+fn sparse_vmdk(fx: &Fx) {
+    fx.create("vmdk", "new.raw", "1M", &[]);
+    fx.io("vmdk", "new.raw", &["write -P 0x66 0 64k"]);
+}
+
 #[test]
 fn benign_probe_recorded() {
-    let plain_qcow2 = |fx: &Fx| {
-        fx.create("qcow2", "new.raw", "1M", &[]);
-        fx.io("qcow2", "new.raw", &["write -P 0x44 0 256k"]);
-    };
-    let plain_raw = |fx: &Fx| {
-        fx.create("raw", "new.raw", "1M", &[]);
-        fx.io("raw", "new.raw", &["write -P 0x55 64k 64k"]);
-    };
-    let sparse_vmdk = |fx: &Fx| {
-        fx.create("vmdk", "new.raw", "1M", &[]);
-        fx.io("vmdk", "new.raw", &["write -P 0x66 0 64k"]);
-    };
-    let cases: [(&str, &dyn Fn(&Fx), &'static str); 3] = [
-        ("qcow2", &plain_qcow2, "qcow2"),
-        ("raw", &plain_raw, "raw"),
-        ("vmdk", &sparse_vmdk, "vmdk"),
+    type Build = fn(&Fx);
+    let cases: [(&str, Build, &str); 3] = [
+        ("qcow2", plain_qcow2, "qcow2"),
+        ("raw", plain_raw, "raw"),
+        ("vmdk", sparse_vmdk, "vmdk"),
     ];
     for (name, build, fmt) in cases {
         for unsafe_mode in [true, false] {
-            same_result(name, build, unsafe_mode, fmt, true);
+            same_result(name, &build, unsafe_mode, fmt, true);
         }
     }
 }
