@@ -246,12 +246,14 @@ fn refused_without_f(c: &Hostile, unsafe_mode: bool) {
     assert!(snapshot(&idir) == before, "{shown}: a file changed");
 }
 
-/// With `-F FMT` (or, for `benign` images, instar without `-F` and qemu-img with the
-/// probed format as `-F`): both succeed and leave the same bytes in every file.
+/// `-b backing -F fmt` on the fixture `build` makes (or, with `probe`, instar without
+/// `-F` and qemu-img with the probed format as `-F`): both succeed and leave the same
+/// bytes in every file.
 fn same_result(
     c_name: &str,
     build: &dyn Fn(&Fx),
     unsafe_mode: bool,
+    backing: &'static str,
     fmt: &'static str,
     probe: bool,
 ) {
@@ -264,16 +266,15 @@ fn same_result(
     );
     let scratch = Scratch::new(&label);
     let fx = Fx::new(scratch.fixture(), &refs.v10_2);
-    overlay(&fx);
     build(&fx);
-    let with_f = mode_args(unsafe_mode, &["-b", "new.raw", "-F", fmt]);
+    let with_f = mode_args(unsafe_mode, &["-b", backing, "-F", fmt]);
     let qdir = scratch.copy("qemu");
     let q = run(&refs.v10_2.img, &with_f, &qdir);
     assert_eq!(q.status, 0, "{label}: qemu-img: {}", q.stderr);
 
     // qemu-img standing in for instar cannot probe: it keeps -F.
     let argv = if probe && subject.is_instar() {
-        mode_args(unsafe_mode, &["-b", "new.raw"])
+        mode_args(unsafe_mode, &["-b", backing])
     } else {
         with_f
     };
@@ -317,7 +318,11 @@ fn hostile_probe_refused_in_safe_mode() {
 fn hostile_images_accepted_with_f_raw() {
     for c in HOSTILE {
         for unsafe_mode in [true, false] {
-            same_result(c.name, &c.build, unsafe_mode, "raw", false);
+            let build = |fx: &Fx| {
+                overlay(fx);
+                (c.build)(fx);
+            };
+            same_result(c.name, &build, unsafe_mode, "new.raw", "raw", false);
         }
     }
 }
@@ -347,7 +352,11 @@ fn benign_probe_recorded() {
     ];
     for (name, build, fmt) in cases {
         for unsafe_mode in [true, false] {
-            same_result(name, &build, unsafe_mode, fmt, true);
+            let full = |fx: &Fx| {
+                overlay(fx);
+                build(fx);
+            };
+            same_result(name, &full, unsafe_mode, "new.raw", fmt, true);
         }
     }
 }
@@ -390,4 +399,70 @@ fn probed_image_is_not_opened_further() {
         i.stderr
     );
     assert!(snapshot(&dir) == before);
+}
+
+/// `ovl.qcow2 → mid.qcow2 → base.qcow2`; the overlay records mid's format only when
+/// `recorded`.
+fn in_chain(fx: &Fx, recorded: bool) {
+    fx.create("qcow2", "base.qcow2", "1M", &[]);
+    fx.io("qcow2", "base.qcow2", &["write -P 0x11 0 64k"]);
+    fx.create(
+        "qcow2",
+        "mid.qcow2",
+        "1M",
+        &["-b", "base.qcow2", "-F", "qcow2"],
+    );
+    fx.io("qcow2", "mid.qcow2", &["write -P 0x22 64k 64k"]);
+    fx.create(
+        "qcow2",
+        "ovl.qcow2",
+        "1M",
+        &["-b", "mid.qcow2", "-F", "qcow2"],
+    );
+    if !recorded {
+        fx.edit_header("ovl.qcow2", |h| {
+            h.exts.retain(|e| e.magic != EXT_BACKING_FORMAT)
+        });
+    }
+}
+
+#[test]
+fn in_chain_image_with_a_probed_format() {
+    // -b names an image of the old chain (QEMU reuses it). When the overlay recorded its
+    // format, that format is recorded again (not a probe): same result as qemu-img with
+    // -F qcow2. When the overlay recorded none, the format came from a probe, and the
+    // image names a backing file: the probe rule refuses.
+    same_result(
+        "in-chain-recorded",
+        &|fx| in_chain(fx, true),
+        false,
+        "mid.qcow2",
+        "qcow2",
+        true,
+    );
+    let Some((refs, subject)) = setup() else {
+        return;
+    };
+    if !subject.is_instar() {
+        return;
+    }
+    let scratch = Scratch::new("probe-in-chain");
+    let fx = Fx::new(scratch.fixture(), &refs.v10_2);
+    in_chain(&fx, false);
+    let before = snapshot(&fx.dir);
+    let dir = scratch.copy("subject");
+    let i = run(
+        subject.path(),
+        &["rebase", "-b", "mid.qcow2", "ovl.qcow2"],
+        &dir,
+    );
+    assert_eq!(i.status, 1, "{}", i.stderr);
+    assert_eq!(
+        i.stderr,
+        "instar: Could not change the backing file to 'mid.qcow2': backing format must be \
+         specified\nThe new backing file probes as qcow2 and names the backing file \
+         'base.qcow2'; a probed format is recorded only for an image that names no other \
+         file: give -F to trust it\n"
+    );
+    assert!(snapshot(&dir) == before, "a file changed");
 }
