@@ -3,10 +3,9 @@
 //! format that instar reports: an external data file name (missing, a FIFO, a directory,
 //! outside the tree, a protocol name), a backing file name (missing, a FIFO, locked by
 //! qemu-io), a recorded backing format, a name in the new backing's chain, a feature name
-//! the guest quotes in its message. instar must exit
-//! 1, print no control byte, keep every file unchanged, and — where qemu-img 10.2 fails the
-//! same way — print qemu-img's message with only that name escaped (`\xNN` for each byte
-//! outside printable ASCII).
+//! the guest quotes in its message. instar must exit 1, print no control byte, keep every
+//! file unchanged, and — where qemu-img 10.2 fails the same way — print qemu-img's message
+//! with only that name escaped (`\xNN` for each byte outside printable ASCII).
 
 mod qemu;
 
