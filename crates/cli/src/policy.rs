@@ -1,4 +1,5 @@
-//! The path policy for backing file names read from images (docs/path-policy.md).
+//! The path policy for backing file and external data file names read from images
+//! (docs/path-policy.md).
 //!
 //! Backing names inside images are attacker-controlled: an overlay naming `/etc/shadow`
 //! (format raw) would make a flattening rebase copy a host secret into the overlay. Before
@@ -76,8 +77,8 @@ impl std::fmt::Display for Kind {
     }
 }
 
-/// The directories (each with everything below it) where backing files named by images
-/// may live. Each directory is kept in two forms, its lexically normalised absolute path
+/// The directories (each with everything below it) where backing files and data files
+/// named by images may live. Each directory is kept in two forms, its lexically normalised absolute path
 /// and its canonical path, so that names written either way are recognised.
 #[derive(Debug, Clone, Default)]
 pub struct Allowed {
