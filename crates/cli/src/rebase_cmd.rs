@@ -613,24 +613,9 @@ fn new_backing(
     }
     let path = paths::resolve_backing(&args.file, &args.backing)
         .or_else(|e| fail(format!("{}{e}", Role::NewBacking.prefix(ctx))))?;
-    if let Some(safe) = safe {
-        // QEMU reuses an image of the old chain when -b names it (by its own rule); the
-        // image keeps the format it was opened with, and -F only goes into the header.
-        if let Some(k) = chain::find_backing_image(&safe.links, path.as_os_str().as_bytes()) {
-            if let (None, Some(o)) = (backing_format, safe.old.get(k)) {
-                if o.probed {
-                    probe_rule(ctx, &o.info)?;
-                }
-            }
-            let format = backing_format
-                .map(str::to_string)
-                .or_else(|| safe.old.get(k).map(|o| o.format.name().to_string()))
-                .unwrap_or_default();
-            return Ok(NewChain {
-                record: Some((args.backing.clone(), format)),
-                in_chain: Some(u8::try_from(k).unwrap_or(u8::MAX)),
-                ..none
-            });
+    if let Some(reused) = safe.map(|s| in_chain(ctx, s, &path, backing_format)) {
+        if let Some(chain) = reused? {
+            return Ok(chain);
         }
     }
     let open_as = match backing_format.map(drivers::classify) {
@@ -681,6 +666,55 @@ fn new_backing(
         // Unsafe mode only needed the format: the file (and its lock) is let go here.
         return Ok(NewChain { record, ..none });
     };
+    let (images, chain) = new_chain_below(ctx, guest, safe, &path, image, &info)?;
+    Ok(NewChain {
+        images,
+        chain,
+        record,
+        in_chain: None,
+    })
+}
+
+/// Safe mode: QEMU reuses an image of the old chain when `-b` names it (by its own rule);
+/// the image keeps the format it was opened with, and `-F` only goes into the header.
+/// `None` when `-b` names no image of the old chain.
+fn in_chain(
+    ctx: &Ctx,
+    safe: &SafeCtx,
+    path: &Path,
+    backing_format: Option<&str>,
+) -> Result<Option<NewChain>, Failure> {
+    let Some(k) = chain::find_backing_image(&safe.links, path.as_os_str().as_bytes()) else {
+        return Ok(None);
+    };
+    let reused = safe.old.get(k);
+    if let (None, Some(o)) = (backing_format, reused) {
+        if o.probed {
+            probe_rule(ctx, &o.info)?;
+        }
+    }
+    let format = backing_format
+        .map(str::to_string)
+        .or_else(|| reused.map(|o| o.format.name().to_string()))
+        .unwrap_or_default();
+    Ok(Some(NewChain {
+        images: Vec::new(),
+        chain: Vec::new(),
+        record: Some((ctx.args.backing.clone(), format)),
+        in_chain: Some(u8::try_from(k).unwrap_or(u8::MAX)),
+    }))
+}
+
+/// Safe mode: the new backing file (open and probed as `info`) and its own chain, under
+/// the path policy: the opened images and their formats, nearest first.
+fn new_chain_below(
+    ctx: &Ctx,
+    guest: &mut dyn Guest,
+    safe: &SafeCtx,
+    path: &Path,
+    image: ImageFile,
+    info: &ImageInfo,
+) -> Result<(Vec<ImageFile>, Vec<Format>), Failure> {
     if !info.format.readable() {
         return fail(format!(
             "{}instar does not read {} images",
@@ -688,8 +722,8 @@ fn new_backing(
             info.format.name()
         ));
     }
-    // The new backing and its own chain. Without locks (-U) the overlay itself can be
-    // named here; it would become its own backing file.
+    // Without locks (-U) the overlay itself can be named here; it would become its own
+    // backing file.
     let b_id = image
         .file
         .metadata()
@@ -709,13 +743,13 @@ fn new_backing(
         guest,
         allowed: safe.allowed,
         cwd: safe.cwd,
-        lock: !args.force_share,
+        lock: !ctx.args.force_share,
         prefix: Role::NewBacking.prefix(ctx),
         already: 1,
     };
     let top = Top {
         filename: path.as_os_str().as_bytes(),
-        info: &info,
+        info,
     };
     let below = chain::walk(&mut walk, top, &mut seen).map_err(plain_failure)?;
     let mut images = vec![image];
@@ -724,12 +758,7 @@ fn new_backing(
         formats.push(o.format);
         images.push(o.image);
     }
-    Ok(NewChain {
-        images,
-        chain: formats,
-        record,
-        in_chain: None,
-    })
+    Ok((images, formats))
 }
 
 /// The first other file a probed image names: what QEMU would open with it when the
