@@ -54,11 +54,6 @@ impl FileId {
     }
 }
 
-/// A name as it may be shown on a terminal (names come from images: escaped, bounded).
-pub fn shown(name: &[u8]) -> String {
-    sanitize::name(name)
-}
-
 /// What a name found in an image stands for; it only changes the words of a refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -262,7 +257,7 @@ fn locate_as(
     if paths::has_protocol(name) {
         return Err(Refused::Protocol {
             kind,
-            name: shown(name),
+            name: sanitize::name(name),
         });
     }
     let filename = paths::combine(parent, name);
@@ -279,29 +274,29 @@ fn locate_as(
         Resolution::Outside => {
             return Err(Refused::Outside {
                 kind,
-                name: shown(name),
+                name: sanitize::name(name),
             })
         }
         Resolution::Failed(errno) => {
             return Err(Refused::Open(OpenError::Open {
-                path: shown(&filename),
+                path: sanitize::name(&filename),
                 errno,
             }))
         }
     };
     let meta = fs::metadata(&canonical).map_err(|e| OpenError::Open {
-        path: shown(&filename),
+        path: sanitize::name(&filename),
         errno: errno_of(&e),
     })?;
     if kind == Kind::DataFile && meta.is_dir() {
         return Err(Refused::Open(OpenError::Open {
-            path: shown(&filename),
+            path: sanitize::name(&filename),
             errno: libc::EISDIR,
         }));
     }
     if !meta.file_type().is_file() {
         return Err(Refused::Open(OpenError::NotRegular {
-            path: shown(&filename),
+            path: sanitize::name(&filename),
         }));
     }
     Ok(Located {
@@ -314,7 +309,7 @@ fn locate_as(
 
 /// Open a located file read-only, making sure it is the file that was checked.
 pub fn open_located(loc: &Located, allowed: &Allowed) -> Result<ImageFile, Refused> {
-    let shown_name = shown(&loc.filename);
+    let shown_name = sanitize::name(&loc.filename);
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)

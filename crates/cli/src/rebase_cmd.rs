@@ -735,7 +735,7 @@ fn new_chain_below(
             "{}{}",
             Role::NewBacking.prefix(ctx),
             Refused::Loop {
-                filename: policy::shown(path.as_os_str().as_bytes())
+                filename: sanitize::name(path.as_os_str().as_bytes())
             }
         ));
     }
