@@ -190,6 +190,10 @@ pub struct ImageInfo {
     pub backing_format: Option<Vec<u8>>,
     /// qcow2 external data file name, verbatim.
     pub data_file: Option<Vec<u8>>,
+    /// vmdk: the first extent file its descriptor names (QEMU opens every one with the
+    /// image). `None` for a sparse vmdk whose only extent is the file itself, and for
+    /// every other format.
+    pub extent_file: Option<Vec<u8>>,
 }
 
 /// A finished rebase.

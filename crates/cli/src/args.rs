@@ -90,8 +90,9 @@ const REBASE_OPTIONS: &[OptDoc] = &[
         "backing-format",
         "FMT",
         "Format of BACKING, recorded in the header; any QEMU 10.2 driver name. \
-         Optional: when absent, BACKING's format is probed in the sandbox. \
-         -B is QEMU 10.2's name for it",
+         Optional: when absent, BACKING's format is probed in the sandbox and recorded \
+         only if BACKING names no other file (no backing file, no external data file, \
+         no vmdk extent file); otherwise -F is required. -B is QEMU 10.2's name for it",
     ),
     opt(
         "backing-cache",
@@ -150,8 +151,8 @@ const REBASE_OPTIONS: &[OptDoc] = &[
         &[],
         "allow-dir",
         "DIR",
-        "Safe mode: also allow backing files named inside images to live in DIR (and \
-         below it). Repeatable. By default only FILE's directory tree and the directory \
+        "Also allow backing files (safe mode) and FILE's external data file (both modes) \
+         named inside images to live in DIR (and below it). Repeatable. By default only FILE's directory tree and the directory \
          tree of the -b file are allowed (see docs/path-policy.md)",
     ),
 ];
@@ -198,14 +199,18 @@ use by QEMU, qemu-nbd or qemu-io is refused (and they refuse it while instar run
 const REBASE_AFTER: &str = "Where instar differs from qemu-img:
   -b is required (-b \"\" detaches); qemu-img also detaches with -u alone.
   -F is optional: without it the new backing file is probed in the sandbox and its
-     format recorded; if it cannot be probed (e.g. it does not exist) the error is
-     qemu-img's \"backing format must be specified\".
+     format recorded, but only if that image names no other file (no backing file,
+     no external data file, no vmdk extent file: a raw disk's guest can forge such a
+     header). Otherwise, or if it cannot be probed (e.g. it does not exist), the error
+     is qemu-img's \"backing format must be specified\"; -F trusts the format.
   Backing names with a protocol prefix (nbd:, json:, file: …) are refused wherever a
      file must be opened; write ./nbd:x for a local file of that name.
+  Names read from images are printed with bytes outside printable ASCII as \\xNN.
   Safe mode opens a backing file named inside an image only if it is a regular file
      inside FILE's directory tree, the -b file's directory tree or an --allow-dir (also
      after symlinks), without a protocol prefix, loops, or more than 16 images per chain
-     (docs/path-policy.md).
+     (docs/path-policy.md). FILE's external data file must pass the same rules in both
+     modes (its name is resolved against the current directory, as QEMU does).
   -c, --object and --image-opts are refused.
   Output: \"Image rebased.\" or \"Image detached.\" on stdout (qemu-img prints nothing),
      or with --output json one object: {\"overlay\", \"overlay_format\", \"mode\"

@@ -21,6 +21,7 @@ use crate::guest::{self, Answer, Guest};
 use crate::locks;
 use crate::paths;
 use crate::policy::{self, Allowed, FileId, Refused, MAX_CHAIN};
+use crate::sanitize;
 
 /// QEMU's prefix for an error while opening a backing file, once per level.
 pub const BACKING_PREFIX: &str = "Could not open backing file: ";
@@ -34,6 +35,8 @@ pub struct Opened {
     pub id: FileId,
     /// The format it is read as.
     pub format: Format,
+    /// The format came from a probe (none was recorded, and none is forced).
+    pub probed: bool,
     pub info: ImageInfo,
 }
 
@@ -77,7 +80,7 @@ fn backing_format(parent: &ImageInfo) -> Result<Option<Format>, String> {
     let Some(recorded) = parent.backing_format.as_deref() else {
         return Ok(None);
     };
-    let name = policy::shown(recorded);
+    let name = sanitize::name(recorded);
     match std::str::from_utf8(recorded).map(drivers::classify) {
         Ok(DriverName::Format(f)) => Ok(Some(f)),
         Ok(DriverName::QemuOnly) => Err(format!("Driver '{name}' is not supported by instar")),
@@ -105,9 +108,8 @@ pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Op
     let mut parent_info = top.info.clone();
     // QEMU keeps names as C strings: a NUL ends the name, and an empty one is none.
     let name_of = |info: &ImageInfo| -> Option<Vec<u8>> {
-        let raw = info.backing_file.as_deref()?;
-        let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
-        (end > 0).then(|| raw[..end].to_vec())
+        let name = paths::c_string(info.backing_file.as_deref()?);
+        (!name.is_empty()).then(|| name.to_vec())
     };
     while let Some(name) = name_of(&parent_info) {
         let level = images.len() + 1;
@@ -115,12 +117,12 @@ pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Op
         let refused = |r: Refused| format!("{prefix}{r}");
         if w.already + images.len() >= MAX_CHAIN {
             return Err(refused(Refused::TooDeep {
-                name: policy::shown(&name),
+                name: sanitize::name(&name),
             }));
         }
         let format = backing_format(&parent_info).map_err(|t| format!("{prefix}{t}"))?;
         let loc = policy::locate(&name, &parent_filename, w.cwd, w.allowed).map_err(refused)?;
-        let shown_path = policy::shown(&loc.filename);
+        let shown_path = sanitize::name(&loc.filename);
         if !seen.insert(loc.id) {
             return Err(refused(Refused::Loop {
                 filename: shown_path,
@@ -148,6 +150,7 @@ pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Op
             image,
             id: loc.id,
             format: info.format,
+            probed: format.is_none(),
             info,
         });
     }

@@ -60,6 +60,10 @@ pub struct ImageFile {
 /// Open `path` read-write (the overlay) or read-only (a backing file), like QEMU's
 /// `raw_open_common`: `O_CLOEXEC`, and `O_NONBLOCK` so that a FIFO cannot hang the open
 /// (it is refused right after as not regular). Only regular files are accepted.
+///
+/// For names the user typed (FILE, `-b`), which messages show as typed, like qemu-img.
+/// Names read from images are opened through [`crate::policy`] instead, which escapes
+/// them.
 pub fn open_image(path: &Path, writable: bool) -> Result<ImageFile, OpenError> {
     let shown = path.to_string_lossy().into_owned();
     let file = OpenOptions::new()

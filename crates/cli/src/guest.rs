@@ -79,6 +79,7 @@ pub fn probe_answer(
             if !name_ok(&info.backing_file)
                 || !name_ok(&info.backing_format)
                 || !name_ok(&info.data_file)
+                || !name_ok(&info.extent_file)
             {
                 return Err(Unexpected("an over-long name"));
             }
@@ -148,6 +149,7 @@ mod tests {
             backing_file: None,
             backing_format: None,
             data_file: None,
+            extent_file: None,
         }
     }
 

@@ -8,6 +8,14 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
+/// A name read from an image as QEMU holds it, a C string: cut at the first NUL.
+pub fn c_string(raw: &[u8]) -> &[u8] {
+    match raw.iter().position(|&c| c == 0) {
+        Some(end) => &raw[..end],
+        None => raw,
+    }
+}
+
 /// QEMU's `path_has_protocol`: a `:` before any `/` (so `json:{…}`, `nbd:host:port`,
 /// `file:x`, even `:x`). instar opens only plain local files, so such names are refused
 /// where they would be opened; `./nbd:x` names a local file.

@@ -1,4 +1,5 @@
-//! The path policy for backing file names read from images (docs/path-policy.md).
+//! The path policy for backing file and external data file names read from images
+//! (docs/path-policy.md).
 //!
 //! Backing names inside images are attacker-controlled: an overlay naming `/etc/shadow`
 //! (format raw) would make a flattening rebase copy a host secret into the overlay. Before
@@ -53,13 +54,26 @@ impl FileId {
     }
 }
 
-/// A name as it may be shown on a terminal (names come from images: escaped, bounded).
-pub fn shown(name: &[u8]) -> String {
-    sanitize::escape_bytes(name, sanitize::MAX_SHOWN)
+/// What a name found in an image stands for; it only changes the words of a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A backing file name (qcow2 header, vmdk `parentFileNameHint`, …).
+    BackingFile,
+    /// A qcow2 external data file name.
+    DataFile,
 }
 
-/// The directories (each with everything below it) where backing files named by images
-/// may live. Each directory is kept in two forms, its lexically normalised absolute path
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::BackingFile => "backing file",
+            Kind::DataFile => "data file",
+        })
+    }
+}
+
+/// The directories (each with everything below it) where backing files and data files
+/// named by images may live. Each directory is kept in two forms, its lexically normalised absolute path
 /// and its canonical path, so that names written either way are recognised.
 #[derive(Debug, Clone, Default)]
 pub struct Allowed {
@@ -109,10 +123,10 @@ impl Allowed {
 /// QEMU's "Could not open backing file: " prefixes.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
-    #[error("backing file name '{name}' has a protocol prefix; instar opens local files only")]
-    Protocol { name: String },
-    #[error("backing file name '{name}' is outside the allowed directories (see --allow-dir)")]
-    Outside { name: String },
+    #[error("{kind} name '{name}' has a protocol prefix; instar opens local files only")]
+    Protocol { kind: Kind, name: String },
+    #[error("{kind} name '{name}' is outside the allowed directories (see --allow-dir)")]
+    Outside { kind: Kind, name: String },
     #[error("backing file '{filename}' creates an infinite loop")]
     Loop { filename: String },
     #[error(
@@ -120,16 +134,17 @@ pub enum Refused {
          (instar's limit)"
     )]
     TooDeep { name: String },
-    #[error("backing file '{filename}' changed while it was being opened")]
-    Raced { filename: String },
+    #[error("{kind} '{filename}' changed while it was being opened")]
+    Raced { kind: Kind, filename: String },
     /// QEMU's own texts: `Could not open 'X': <strerror>`, not a regular file, …
     #[error(transparent)]
     Open(#[from] OpenError),
 }
 
-/// A backing name that passed the policy, before it is opened.
+/// A name that passed the policy, before it is opened.
 #[derive(Debug, Clone)]
 pub struct Located {
+    pub kind: Kind,
     /// The name combined with the directory of the image that names it, as QEMU holds it
     /// (its "filename"; not normalised). Used in messages and for the next name down.
     pub filename: Vec<u8>,
@@ -221,8 +236,29 @@ pub fn locate(
     cwd: &[u8],
     allowed: &Allowed,
 ) -> Result<Located, Refused> {
+    locate_as(Kind::BackingFile, name, parent, cwd, allowed)
+}
+
+/// Check the external data file name `name` recorded in an overlay. QEMU opens it as
+/// named, relative to the current directory (not to the overlay's directory), and
+/// read-write together with the overlay, so a directory fails as QEMU's open does
+/// (`Is a directory`); every other rule is the backing files' one.
+pub fn locate_data_file(name: &[u8], cwd: &[u8], allowed: &Allowed) -> Result<Located, Refused> {
+    locate_as(Kind::DataFile, name, b"", cwd, allowed)
+}
+
+fn locate_as(
+    kind: Kind,
+    name: &[u8],
+    parent: &[u8],
+    cwd: &[u8],
+    allowed: &Allowed,
+) -> Result<Located, Refused> {
     if paths::has_protocol(name) {
-        return Err(Refused::Protocol { name: shown(name) });
+        return Err(Refused::Protocol {
+            kind,
+            name: sanitize::name(name),
+        });
     }
     let filename = paths::combine(parent, name);
     let absolute = if filename.first() == Some(&b'/') {
@@ -235,33 +271,45 @@ pub fn locate(
     };
     let canonical = match resolve(&absolute, cwd, allowed, 0) {
         Resolution::Inside(c) => c,
-        Resolution::Outside => return Err(Refused::Outside { name: shown(name) }),
+        Resolution::Outside => {
+            return Err(Refused::Outside {
+                kind,
+                name: sanitize::name(name),
+            })
+        }
         Resolution::Failed(errno) => {
             return Err(Refused::Open(OpenError::Open {
-                path: shown(&filename),
+                path: sanitize::name(&filename),
                 errno,
             }))
         }
     };
     let meta = fs::metadata(&canonical).map_err(|e| OpenError::Open {
-        path: shown(&filename),
+        path: sanitize::name(&filename),
         errno: errno_of(&e),
     })?;
+    if kind == Kind::DataFile && meta.is_dir() {
+        return Err(Refused::Open(OpenError::Open {
+            path: sanitize::name(&filename),
+            errno: libc::EISDIR,
+        }));
+    }
     if !meta.file_type().is_file() {
         return Err(Refused::Open(OpenError::NotRegular {
-            path: shown(&filename),
+            path: sanitize::name(&filename),
         }));
     }
     Ok(Located {
+        kind,
         filename,
         canonical,
         id: FileId::of(&meta),
     })
 }
 
-/// Open a located backing file read-only, making sure it is the file that was checked.
+/// Open a located file read-only, making sure it is the file that was checked.
 pub fn open_located(loc: &Located, allowed: &Allowed) -> Result<ImageFile, Refused> {
-    let shown_name = shown(&loc.filename);
+    let shown_name = sanitize::name(&loc.filename);
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
@@ -278,6 +326,7 @@ pub fn open_located(loc: &Located, allowed: &Allowed) -> Result<ImageFile, Refus
     }
     if FileId::of(&meta) != loc.id {
         return Err(Refused::Raced {
+            kind: loc.kind,
             filename: shown_name,
         });
     }
@@ -286,6 +335,7 @@ pub fn open_located(loc: &Located, allowed: &Allowed) -> Result<ImageFile, Refus
     if let Ok(actual) = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
         if !allowed.contains(&actual) {
             return Err(Refused::Raced {
+                kind: loc.kind,
                 filename: shown_name,
             });
         }

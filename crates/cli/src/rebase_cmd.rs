@@ -544,31 +544,19 @@ fn unsafe_in_one_vm(
 
 /// Check that the overlay's external data file can be opened, as QEMU's open of the
 /// overlay requires. Its name is resolved against the current directory (QEMU's rule for
-/// `data-file`) and is subject to the path policy, like a backing file name; instar never
-/// reads it.
+/// `data-file`) and goes through the path policy exactly like a backing file name
+/// (protocol, lexical and canonical containment, regular file, `O_NOFOLLOW` open of the
+/// checked file); instar never reads it.
 fn check_data_file(ctx: &Ctx, name: &[u8]) -> Result<(), Failure> {
     let prefix = Role::Overlay.prefix(ctx);
-    let shown = policy::shown(name);
-    if paths::has_protocol(name) {
-        return fail(format!(
-            "{prefix}data file name '{shown}' has a protocol prefix; instar opens local files only"
-        ));
-    }
     let cwd = current_dir()?;
     let mut allowed = allowed_from_args(ctx.args, &cwd)?;
     add_default_dirs(ctx.args, &cwd, &mut allowed);
-    let path = Path::new(OsStr::from_bytes(name));
-    let lexical = paths::normalise(&cwd, name);
-    let inside = allowed.contains(Path::new(OsStr::from_bytes(&lexical)))
-        && std::fs::canonicalize(path).map_or(true, |real| allowed.contains(&real));
-    if !inside {
-        return fail(format!(
-            "{prefix}data file name '{shown}' is outside the allowed directories (see --allow-dir)"
-        ));
-    }
-    files::open_image(path, false)
+    let refused = |r: Refused| plain_failure(format!("{prefix}{r}"));
+    let loc = policy::locate_data_file(paths::c_string(name), &cwd, &allowed).map_err(refused)?;
+    policy::open_located(&loc, &allowed)
         .map(drop)
-        .or_else(|e| fail(format!("{prefix}{e}")))
+        .map_err(refused)
 }
 
 /// Add the default allowed directories: FILE's directory, and the directory of the `-b`
@@ -625,19 +613,9 @@ fn new_backing(
     }
     let path = paths::resolve_backing(&args.file, &args.backing)
         .or_else(|e| fail(format!("{}{e}", Role::NewBacking.prefix(ctx))))?;
-    if let Some(safe) = safe {
-        // QEMU reuses an image of the old chain when -b names it (by its own rule); the
-        // image keeps the format it was opened with, and -F only goes into the header.
-        if let Some(k) = chain::find_backing_image(&safe.links, path.as_os_str().as_bytes()) {
-            let format = backing_format
-                .map(str::to_string)
-                .or_else(|| safe.old.get(k).map(|o| o.format.name().to_string()))
-                .unwrap_or_default();
-            return Ok(NewChain {
-                record: Some((args.backing.clone(), format)),
-                in_chain: Some(u8::try_from(k).unwrap_or(u8::MAX)),
-                ..none
-            });
+    if let Some(reused) = safe.map(|s| in_chain(ctx, s, &path, backing_format)) {
+        if let Some(chain) = reused? {
+            return Ok(chain);
         }
     }
     let open_as = match backing_format.map(drivers::classify) {
@@ -669,6 +647,9 @@ fn new_backing(
         Answer::Ok(info) => info,
         Answer::Refused(r) => return Err(refusal_failure(ctx, Role::NewBacking, &r)),
     };
+    if backing_format.is_none() {
+        probe_rule(ctx, &info)?;
+    }
     let format = backing_format
         .map(str::to_string)
         .unwrap_or_else(|| info.format.name().to_string());
@@ -685,6 +666,55 @@ fn new_backing(
         // Unsafe mode only needed the format: the file (and its lock) is let go here.
         return Ok(NewChain { record, ..none });
     };
+    let (images, chain) = new_chain_below(ctx, guest, safe, &path, image, &info)?;
+    Ok(NewChain {
+        images,
+        chain,
+        record,
+        in_chain: None,
+    })
+}
+
+/// Safe mode: QEMU reuses an image of the old chain when `-b` names it (by its own rule);
+/// the image keeps the format it was opened with, and `-F` only goes into the header.
+/// `None` when `-b` names no image of the old chain.
+fn in_chain(
+    ctx: &Ctx,
+    safe: &SafeCtx,
+    path: &Path,
+    backing_format: Option<&str>,
+) -> Result<Option<NewChain>, Failure> {
+    let Some(k) = chain::find_backing_image(&safe.links, path.as_os_str().as_bytes()) else {
+        return Ok(None);
+    };
+    let reused = safe.old.get(k);
+    if let (None, Some(o)) = (backing_format, reused) {
+        if o.probed {
+            probe_rule(ctx, &o.info)?;
+        }
+    }
+    let format = backing_format
+        .map(str::to_string)
+        .or_else(|| reused.map(|o| o.format.name().to_string()))
+        .unwrap_or_default();
+    Ok(Some(NewChain {
+        images: Vec::new(),
+        chain: Vec::new(),
+        record: Some((ctx.args.backing.clone(), format)),
+        in_chain: Some(u8::try_from(k).unwrap_or(u8::MAX)),
+    }))
+}
+
+/// Safe mode: the new backing file (open and probed as `info`) and its own chain, under
+/// the path policy: the opened images and their formats, nearest first.
+fn new_chain_below(
+    ctx: &Ctx,
+    guest: &mut dyn Guest,
+    safe: &SafeCtx,
+    path: &Path,
+    image: ImageFile,
+    info: &ImageInfo,
+) -> Result<(Vec<ImageFile>, Vec<Format>), Failure> {
     if !info.format.readable() {
         return fail(format!(
             "{}instar does not read {} images",
@@ -692,8 +722,8 @@ fn new_backing(
             info.format.name()
         ));
     }
-    // The new backing and its own chain. Without locks (-U) the overlay itself can be
-    // named here; it would become its own backing file.
+    // Without locks (-U) the overlay itself can be named here; it would become its own
+    // backing file.
     let b_id = image
         .file
         .metadata()
@@ -705,7 +735,7 @@ fn new_backing(
             "{}{}",
             Role::NewBacking.prefix(ctx),
             Refused::Loop {
-                filename: policy::shown(path.as_os_str().as_bytes())
+                filename: sanitize::name(path.as_os_str().as_bytes())
             }
         ));
     }
@@ -713,13 +743,13 @@ fn new_backing(
         guest,
         allowed: safe.allowed,
         cwd: safe.cwd,
-        lock: !args.force_share,
+        lock: !ctx.args.force_share,
         prefix: Role::NewBacking.prefix(ctx),
         already: 1,
     };
     let top = Top {
         filename: path.as_os_str().as_bytes(),
-        info: &info,
+        info,
     };
     let below = chain::walk(&mut walk, top, &mut seen).map_err(plain_failure)?;
     let mut images = vec![image];
@@ -728,12 +758,38 @@ fn new_backing(
         formats.push(o.format);
         images.push(o.image);
     }
-    Ok(NewChain {
-        images,
-        chain: formats,
-        record,
-        in_chain: None,
-    })
+    Ok((images, formats))
+}
+
+/// The first other file a probed image names: what QEMU would open with it when the
+/// probed format is recorded (its backing file, its external data file, a vmdk
+/// descriptor's extent file).
+fn other_file(info: &ImageInfo) -> Option<(&'static str, &[u8])> {
+    fn named(n: &Option<Vec<u8>>) -> Option<&[u8]> {
+        n.as_deref().filter(|n| !n.is_empty())
+    }
+    named(&info.backing_file)
+        .map(|n| ("backing file", n))
+        .or_else(|| named(&info.data_file).map(|n| ("external data file", n)))
+        .or_else(|| named(&info.extent_file).map(|n| ("extent file", n)))
+}
+
+/// The probe rule: a format found by probing the new backing (no `-F`) is recorded only
+/// when that image names no other file. A raw disk's guest can write any header into
+/// its disk; recording the format such a header claims would let the next QEMU that
+/// opens the overlay open whatever file the header names. qemu-img refuses every
+/// missing `-F` with the first line; the second says what was found.
+fn probe_rule(ctx: &Ctx, info: &ImageInfo) -> Result<(), Failure> {
+    let Some((what, name)) = other_file(info) else {
+        return Ok(());
+    };
+    ctx.change_failed(&format!(
+        "backing format must be specified\n\
+         The new backing file probes as {} and names the {what} '{}'; a probed format is \
+         recorded only for an image that names no other file: give -F to trust it",
+        info.format.name(),
+        sanitize::name(name)
+    ))
 }
 
 /// QEMU's `Could not stat file` for a file whose messages start with `prefix`.

@@ -1,9 +1,15 @@
-//! Making guest-supplied text safe to print or to put into JSON.
+//! Making image- and guest-supplied text safe to print or to put into JSON.
 //!
-//! Everything the sandbox returns is attacker-controlled (a crafted image can make the
-//! guest say anything). Before it reaches a terminal it is cut to a bound and every byte
-//! outside printable ASCII is shown as `\xNN`, so no escape sequence, newline or
-//! carriage return can reach the terminal or forge another line of output.
+//! Everything the sandbox returns, and every name or format read from an image, is
+//! attacker-controlled (a crafted image can make the guest say anything and can name any
+//! file). Before such text reaches a terminal it is cut to a bound and every byte outside
+//! printable ASCII is shown as `\xNN`, so no escape sequence, newline or carriage return
+//! can reach the terminal or forge another line of output. Printable ASCII is kept as it
+//! is, so QEMU's messages about ordinary names read exactly as QEMU's.
+//!
+//! This module is the only place that does it: names go through [`name`], guest text
+//! through [`escape_text`] or [`escape_bytes`]. Names the user typed (FILE, `-b`, `-F`)
+//! are printed as typed, as qemu-img prints them.
 
 /// Longest guest text instar prints (longer text is cut and marked with `...`).
 pub const MAX_SHOWN: usize = 1024;
@@ -24,6 +30,12 @@ pub fn escape_bytes(bytes: &[u8], max: usize) -> String {
         out.push_str("...");
     }
     out
+}
+
+/// A name from an image (backing file, data file, extent, format) as it may be shown:
+/// [`escape_bytes`] bounded by [`MAX_SHOWN`].
+pub fn name(bytes: &[u8]) -> String {
+    escape_bytes(bytes, MAX_SHOWN)
 }
 
 /// [`escape_bytes`] for text, bounded by [`MAX_SHOWN`].

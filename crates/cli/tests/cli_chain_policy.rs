@@ -254,3 +254,89 @@ fn names_are_escaped() {
         format!("backing file name '/etc/\\x1b[2J\\x0apasswd' {OUTSIDE}")
     );
 }
+
+/// A data file name as QEMU resolves it: against the current directory (`imgs` here).
+fn data_file(t: &Tree, name: &str) -> Result<policy::Located, Refused> {
+    policy::locate_data_file(name.as_bytes(), b(&t.imgs), &t.allowed())
+}
+
+fn data_refusal(t: &Tree, name: &str) -> String {
+    match data_file(t, name) {
+        Ok(l) => panic!("{name}: accepted as {}", l.canonical.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn data_files_follow_the_same_rules() {
+    let t = tree("pol-data");
+    symlink("/etc/passwd", t.imgs.join("passwd-link")).unwrap();
+    symlink("../other/missing.img", t.imgs.join("dangling-out")).unwrap();
+    symlink("base.qcow2", t.imgs.join("inner-link")).unwrap();
+    for name in [
+        "/etc/passwd",
+        "../other/secret.img",
+        "../other/missing.img",
+        "passwd-link",
+        "dangling-out",
+        "/dev/null",
+    ] {
+        assert_eq!(
+            data_refusal(&t, name),
+            format!("data file name '{name}' {OUTSIDE}"),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        data_refusal(&t, "nbd:x"),
+        "data file name 'nbd:x' has a protocol prefix; instar opens local files only"
+    );
+    assert_eq!(
+        data_refusal(&t, "\x1b]0;x\x07/../../other/y"),
+        format!("data file name '\\x1b]0;x\\x07/../../other/y' {OUTSIDE}")
+    );
+    // Resolved against the current directory, not the overlay's: QEMU's messages.
+    assert_eq!(
+        data_refusal(&t, "missing.data"),
+        "Could not open 'missing.data': No such file or directory"
+    );
+    assert_eq!(
+        data_refusal(&t, "sub"),
+        "Could not open 'sub': Is a directory"
+    );
+    let fifo = t.imgs.join("fifo");
+    let c = std::ffi::CString::new(b(&fifo)).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    assert_eq!(
+        data_refusal(&t, "fifo"),
+        "'file' driver requires 'fifo' to be a regular file"
+    );
+    let l = data_file(&t, "inner-link").unwrap();
+    assert_eq!(l.canonical, t.imgs.join("base.qcow2"));
+    assert!(policy::open_located(&l, &t.allowed()).is_ok());
+}
+
+#[test]
+fn a_data_file_swapped_after_the_check_is_refused() {
+    // The file checked is the file opened: replaced between the check and the open (here
+    // by a symlink leaving the tree, then by another file), the open is refused.
+    let t = tree("pol-data-race");
+    std::fs::write(t.imgs.join("ovl.data"), b"d").unwrap();
+    let l = data_file(&t, "ovl.data").unwrap();
+    // Kept, so that its inode number is not reused by the file made below.
+    std::fs::rename(t.imgs.join("ovl.data"), t.imgs.join("kept.data")).unwrap();
+    symlink(t.other.join("secret.img"), t.imgs.join("ovl.data")).unwrap();
+    let e = policy::open_located(&l, &t.allowed()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Could not open 'ovl.data': Too many levels of symbolic links"
+    );
+    std::fs::remove_file(t.imgs.join("ovl.data")).unwrap();
+    std::fs::write(t.imgs.join("ovl.data"), b"other").unwrap();
+    let e = policy::open_located(&l, &t.allowed()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "data file 'ovl.data' changed while it was being opened"
+    );
+}

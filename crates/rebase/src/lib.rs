@@ -7,6 +7,7 @@
 extern crate alloc;
 
 pub mod copy;
+mod other_formats;
 mod probe;
 mod safe;
 mod unsafe_rebase;

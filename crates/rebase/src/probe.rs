@@ -6,7 +6,7 @@ use instar_blockdev::BlockDev;
 use instar_chain::probe::{check_format, probe as probe_format};
 use instar_qcow2::{Header, OpenMode};
 
-use crate::{device, vmdk_info, IO_ERROR};
+use crate::{device, other_formats, vmdk_info, IO_ERROR};
 
 /// What QEMU's open of a qcow2 image reports, with its checks.
 pub(crate) fn qcow2_info(
@@ -24,6 +24,7 @@ pub(crate) fn qcow2_info(
         backing_file: header.backing_file.clone().filter(|n| !n.is_empty()),
         backing_format: header.backing_format.clone().filter(|n| !n.is_empty()),
         data_file: header.data_file.clone().filter(|_| header.has_data_file()),
+        extent_file: None,
     };
     Ok((header, info))
 }
@@ -64,17 +65,21 @@ pub(crate) fn probe(
             backing_file: None,
             backing_format: None,
             data_file: None,
+            extent_file: None,
         }),
         Format::Vmdk => vmdk_info::info(dev).map_err(|_| open_error(req.dev, IO_ERROR.into())),
-        // Recognised only so that the host can refuse it by name.
+        // Recognised so that the host can refuse it by name, with the backing file it
+        // names (qcow, qed) so that the host knows what a probed format would let in.
         _ => Ok(ImageInfo {
             format,
             virtual_size: 0,
             cluster_size: 0,
             version: 0,
-            backing_file: None,
+            backing_file: other_formats::backing_name(dev, format)
+                .map_err(|_| open_error(req.dev, IO_ERROR.into()))?,
             backing_format: None,
             data_file: None,
+            extent_file: None,
         }),
     }
 }

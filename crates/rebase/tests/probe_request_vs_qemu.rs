@@ -166,3 +166,124 @@ fn probe_reports_what_qemu_img_info_shows() {
     assert_eq!(e.message, "Image is not in qcow2 format");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The first extent file `qemu-img info` lists for a vmdk image (its extents are indented
+/// below `extents:`), when it is not the image itself.
+fn first_extent(q: &Path, dir: &Path, file: &str) -> Option<String> {
+    let out = std::process::Command::new(q)
+        .args(["info", "-U", file])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{file}: qemu-img info failed");
+    let info = String::from_utf8_lossy(&out.stdout).into_owned();
+    info.lines()
+        .find_map(|l| l.strip_prefix("            filename: "))
+        .map(str::to_string)
+        .filter(|f| f != file)
+}
+
+fn probed(dir: &Path, file: &str) -> ImageInfo {
+    match probe(&dir.join(file), None) {
+        Response::Probe(info) => info,
+        other => panic!("{file}: {other:?}"),
+    }
+}
+
+#[test]
+fn probe_reports_the_files_qemu_opens_with_an_image() {
+    // The probe rule (docs/path-policy.md) needs every other file QEMU would open with a
+    // probed image: qcow and qed backing files, and vmdk extent files.
+    let Some(q) = qemu_img() else { return };
+    let dir = scratch("probe-names");
+    let make = |args: &[&str]| ok(&dir, &q, args);
+    make(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+    for (fmt, file) in [("qcow", "b.qcow"), ("qed", "b.qed")] {
+        make(&[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            file,
+        ]);
+        make(&["create", "-q", "-f", fmt, &format!("plain-{file}"), "1M"]);
+        let info = probed(&dir, file);
+        assert_eq!(info.format.name(), fmt);
+        assert_eq!(
+            info.backing_file.as_deref(),
+            Some(&b"base.qcow2"[..]),
+            "{file}"
+        );
+        assert_eq!(probed(&dir, &format!("plain-{file}")).backing_file, None);
+        check_backing_line(&q, &dir, file);
+    }
+    for (sub, file) in [
+        ("monolithicSparse", "sparse.vmdk"),
+        ("streamOptimized", "stream.vmdk"),
+        ("monolithicFlat", "flat.vmdk"),
+        ("twoGbMaxExtentSparse", "two.vmdk"),
+        ("twoGbMaxExtentFlat", "twoflat.vmdk"),
+    ] {
+        make(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            &format!("subformat={sub}"),
+            file,
+            "1M",
+        ]);
+        let got = probed(&dir, file)
+            .extent_file
+            .map(|n| String::from_utf8(n).unwrap());
+        assert_eq!(got, first_extent(&q, &dir, file), "{file} ({sub})");
+    }
+    // A sparse header with capacity 0 and a descriptor offset: QEMU opens the embedded
+    // descriptor's extents.
+    std::fs::copy(dir.join("sparse.vmdk"), dir.join("deferring.vmdk")).unwrap();
+    std::fs::copy(dir.join("flat-flat.vmdk"), dir.join("victim.raw")).unwrap();
+    let mut b = std::fs::read(dir.join("deferring.vmdk")).unwrap();
+    b[12..20].copy_from_slice(&0u64.to_le_bytes());
+    let edit = |b: &mut Vec<u8>, from: &[u8], to: &[u8]| {
+        let at = b.windows(from.len()).position(|w| w == from).unwrap();
+        b[at..at + to.len()].copy_from_slice(to);
+    };
+    edit(
+        &mut b,
+        b"createType=\"monolithicSparse\"",
+        b"createType=\"monolithicFlat\"  ",
+    );
+    edit(
+        &mut b,
+        b"RW 2048 SPARSE \"sparse.vmdk\"",
+        b"RW 2048 FLAT \"victim.raw\" 0  ",
+    );
+    std::fs::write(dir.join("deferring.vmdk"), &b).unwrap();
+    let got = probed(&dir, "deferring.vmdk").extent_file;
+    assert_eq!(got.as_deref(), Some(&b"victim.raw"[..]));
+    assert_eq!(
+        first_extent(&q, &dir, "deferring.vmdk").as_deref(),
+        Some("victim.raw")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `qemu-img info` names the same backing file.
+fn check_backing_line(q: &Path, dir: &Path, file: &str) {
+    let out = std::process::Command::new(q)
+        .args(["info", "-U", file])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        field(&info, "backing file:").as_deref(),
+        Some("base.qcow2"),
+        "{file}"
+    );
+}
