@@ -8,6 +8,7 @@
 
 extern crate alloc;
 
+pub mod escape;
 pub mod layout;
 pub mod msg;
 

@@ -14,23 +14,9 @@
 /// Longest guest text instar prints (longer text is cut and marked with `...`).
 pub const MAX_SHOWN: usize = 1024;
 
-/// `bytes` with printable ASCII kept and everything else as `\xNN`; at most `max` input
-/// bytes are shown. Idempotent on its own output (which is all printable ASCII), so text
-/// the sandbox already escaped is not escaped twice.
-pub fn escape_bytes(bytes: &[u8], max: usize) -> String {
-    let shown = &bytes[..bytes.len().min(max)];
-    let mut out = String::with_capacity(shown.len());
-    for &b in shown {
-        match b {
-            0x20..=0x7e => out.push(b as char),
-            _ => out.push_str(&format!("\\x{b:02x}")),
-        }
-    }
-    if bytes.len() > max {
-        out.push_str("...");
-    }
-    out
-}
+/// `bytes` with printable ASCII kept and everything else as `\xNN`, at most `max` input
+/// bytes shown: the one rule, shared with the sandbox ([`instar_abi::escape`]).
+pub use instar_abi::escape::escape_bytes;
 
 /// A name from an image (backing file, data file, extent, format) as it may be shown:
 /// [`escape_bytes`] bounded by [`MAX_SHOWN`].

@@ -2,25 +2,12 @@
 
 use instar_abi::MAX_MESSAGE;
 
-/// Replace every byte that is not printable ASCII (or a space) with `?`, cut to
-/// [`MAX_MESSAGE`] bytes. Guest text is hostile: escape sequences, newlines and invalid
-/// UTF-8 never reach the terminal.
+/// Guest text with every byte that is not printable ASCII shown as `\xNN`, cut to
+/// [`MAX_MESSAGE`] bytes: the one escaping rule of [`instar_abi::escape`], which the
+/// command line applies to names as well. Guest text is hostile: escape sequences,
+/// newlines and invalid UTF-8 never reach the terminal.
 pub fn sanitize(bytes: &[u8]) -> String {
-    let mut out: String = bytes
-        .iter()
-        .take(MAX_MESSAGE)
-        .map(|&b| {
-            if (0x20..0x7f).contains(&b) {
-                b as char
-            } else {
-                '?'
-            }
-        })
-        .collect();
-    if bytes.len() > MAX_MESSAGE {
-        out.push_str("...");
-    }
-    out
+    instar_abi::escape::escape_bytes(bytes, MAX_MESSAGE)
 }
 
 #[cfg(test)]
@@ -28,9 +15,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn control_bytes_and_utf8_are_replaced() {
-        assert_eq!(sanitize(b"ok \x1b[31mred\n"), "ok ?[31mred?");
-        assert_eq!(sanitize("é".as_bytes()), "??");
+    fn control_bytes_and_utf8_are_escaped() {
+        assert_eq!(sanitize(b"ok \x1b[31mred\n"), "ok \\x1b[31mred\\x0a");
+        assert_eq!(sanitize("é".as_bytes()), "\\xc3\\xa9");
     }
 
     #[test]

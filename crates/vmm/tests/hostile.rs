@@ -729,7 +729,7 @@ fn a_panic_on_the_vcpu_thread_is_an_error() {
         assert_eq!(
             r.unwrap_err().to_string(),
             "internal error in sandbox: the vCPU thread panicked: test hook: provoked panic \
-             at Vcpu ?[31m"
+             at Vcpu \\x1b[31m"
         );
         // The process goes on: another VM runs.
         let mut g = Guest::default();
