@@ -737,3 +737,150 @@ fn snapshot_l1s<D: BlockDev + ?Sized>(
         table_len: offset - table,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::{ShadowDev, Writer};
+    use crate::OpenMode;
+    use alloc::string::ToString;
+    use instar_blockdev::MemDev;
+
+    const CS: u64 = 512;
+    const RT: u64 = 0x200;
+    const RB: u64 = 0x400;
+    const L1: u64 = 0x600;
+    const L2: u64 = 0x800;
+    const DATA: u64 = 0xa00;
+    const COPIED: u64 = 1 << 63;
+
+    fn put64(img: &mut [u8], at: u64, v: u64) {
+        img[at as usize..at as usize + 8].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn set_refcount(img: &mut [u8], cluster: u64, v: u16) {
+        let at = (RB + 2 * cluster) as usize;
+        img[at..at + 2].copy_from_slice(&v.to_be_bytes());
+    }
+
+    /// A v3 image with 512-byte clusters and 16-bit refcounts, 64 KiB of disk (two L1
+    /// entries): header, refcount table, refcount block, L1, one L2 table (L1[0]) and
+    /// one data cluster (guest cluster 0), each with refcount 1.
+    fn image() -> Vec<u8> {
+        let mut img = vec![0u8; 6 * CS as usize];
+        img[0..4].copy_from_slice(&crate::header::QCOW2_MAGIC.to_be_bytes());
+        img[4..8].copy_from_slice(&3u32.to_be_bytes());
+        img[20..24].copy_from_slice(&9u32.to_be_bytes());
+        put64(&mut img, 24, 64 * 1024);
+        img[36..40].copy_from_slice(&2u32.to_be_bytes());
+        put64(&mut img, 40, L1);
+        put64(&mut img, 48, RT);
+        img[56..60].copy_from_slice(&1u32.to_be_bytes());
+        img[96..100].copy_from_slice(&4u32.to_be_bytes());
+        img[100..104].copy_from_slice(&104u32.to_be_bytes());
+        put64(&mut img, RT, RB);
+        for c in 0..6 {
+            set_refcount(&mut img, c, 1);
+        }
+        put64(&mut img, L1, L2 | COPIED);
+        put64(&mut img, L2, DATA | COPIED);
+        img
+    }
+
+    /// Scan, dry-run `writes` (guest offset, len), audit; the device must stay as it was.
+    fn prove(img: Vec<u8>, writes: &[(u64, usize)]) -> Result<(), OverlapError> {
+        let mut dev = MemDev::new(img.clone());
+        let header = Header::read(&mut dev, OpenMode::ReadWrite).expect("header");
+        let result = (|| {
+            let layout = Layout::scan(&mut dev, &header)?;
+            let mut w = Writer::open(ShadowDev::new(&mut dev), &header, false)
+                .expect("writer")
+                .recording(true);
+            for &(off, len) in writes {
+                w.write(off, &vec![0x5a; len]).expect("dry-run write");
+            }
+            let (_, _, record) = w.finish_recorded().expect("finish");
+            layout.audit(&mut dev, &record)
+        })();
+        assert_eq!(dev.data, img, "the dry run changed the device");
+        assert!(dev.writes.is_empty());
+        result
+    }
+
+    #[test]
+    fn a_sound_image_passes() {
+        // A new data cluster under L1[0], and a new L2 table (and data) under L1[1].
+        prove(image(), &[(512, 512), (32 * 1024, 1024)]).expect("sound image");
+    }
+
+    #[test]
+    fn l1_entry_on_the_refcount_block() {
+        let mut img = image();
+        put64(&mut img, L1, RB | COPIED);
+        match prove(img, &[(512, 512)]) {
+            Err(OverlapError::Overlap { a, b }) => {
+                assert_eq!(a.offset, RB);
+                assert_eq!(b.offset, RB);
+                let names = [a.target, b.target];
+                assert!(names.contains(&Target::Structure(Structure::RefcountBlock)));
+                assert!(names.contains(&Target::Structure(Structure::ActiveL2)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn two_l1_entries_on_one_table_written_through() {
+        let mut img = image();
+        put64(&mut img, L1 + 8, L2 | COPIED);
+        let e = prove(img.clone(), &[(32 * 1024 + 512, 512)]).expect_err("shared table");
+        assert!(matches!(e, OverlapError::Shared { .. }), "{e:?}");
+        assert!(e.to_string().starts_with(
+            "Preventing invalid write on metadata (overlaps with active L2 table)"
+        ));
+        // Shared but never written through (COPIED clear, so copied on write): fine.
+        put64(&mut img, L1 + 8, L2);
+        put64(&mut img, L1, L2);
+        set_refcount(&mut img, 4, 2);
+        prove(img, &[(32 * 1024 + 512, 512)]).expect("copy on write of a shared table");
+    }
+
+    #[test]
+    fn allocator_would_take_a_table_in_use() {
+        let mut img = image();
+        // The L2 table claims refcount 0: the next allocation takes it.
+        set_refcount(&mut img, L2 / CS, 0);
+        let e = prove(img, &[(32 * 1024, 512)]).expect_err("taken");
+        match e {
+            OverlapError::TakenInUse { at, on } => {
+                assert_eq!(at, L2);
+                assert_eq!(on.target, Target::Structure(Structure::ActiveL2));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn data_entry_inside_the_l1_table() {
+        let mut img = image();
+        put64(&mut img, L2 + 8, L1 | COPIED);
+        let e = prove(img, &[]).expect_err("data in L1");
+        assert!(
+            e.to_string()
+                .contains("(overlaps with active L1 table): the data cluster at 0x600"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tables_outside_the_file_or_at_zero() {
+        let mut img = image();
+        put64(&mut img, L1 + 8, 0x10_0000 | COPIED);
+        let e = prove(img, &[]).expect_err("outside");
+        assert!(matches!(e, OverlapError::Misplaced { offset: 0x10_0000, .. }), "{e:?}");
+        let mut img = image();
+        put64(&mut img, RT + 8, 0x1000);
+        let e = prove(img, &[]).expect_err("refblock outside");
+        assert!(e.to_string().contains("lies outside the image file"), "{e}");
+    }
+}
