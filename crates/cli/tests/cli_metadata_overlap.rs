@@ -89,7 +89,10 @@ fn fixture(q: &Qemu, dir: &Path, case: &Case) {
     for (img, cmds) in [
         ("base.qcow2", vec!["write -P 0x11 0 4M"]),
         ("new.qcow2", vec!["write -P 0x33 0 4M"]),
-        ("ov.qcow2", vec!["write -P 0x22 0 4k", "write -P 0x44 2M 4k"]),
+        (
+            "ov.qcow2",
+            vec!["write -P 0x22 0 4k", "write -P 0x44 2M 4k"],
+        ),
     ] {
         let mut a = Vec::new();
         for c in &cmds {
@@ -125,11 +128,7 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 /// The guest-visible content of `image` (with its backing chain), via qemu-img.
 fn content(q: &Qemu, dir: &Path, image: &str) -> Vec<u8> {
     let out = format!("{image}.raw");
-    let r = run(
-        &q.img,
-        &["convert", "-U", "-O", "raw", image, &out],
-        dir,
-    );
+    let r = run(&q.img, &["convert", "-U", "-O", "raw", image, &out], dir);
     assert_eq!(r.status, 0, "convert {image}: {}", r.stderr);
     let data = std::fs::read(dir.join(&out)).expect("read raw");
     std::fs::remove_file(dir.join(&out)).expect("remove raw");
@@ -185,7 +184,10 @@ fn check(case: &Case) {
             marks_corrupt: qerr.contains("Marking image as corrupt"),
             keeps_content: content(&q, dir, "q.qcow2") == want,
         };
-        assert_eq!(got, case.qemu, "{shown}: qemu-img 10.2 did otherwise: {qerr}");
+        assert_eq!(
+            got, case.qemu,
+            "{shown}: qemu-img 10.2 did otherwise: {qerr}"
+        );
     }
 }
 

@@ -97,12 +97,22 @@ impl fmt::Display for Target {
 pub enum Referrer {
     Header,
     /// Entry `index` of the active L1 table (`snapshot: None`) or of a snapshot's.
-    L1 { snapshot: Option<u32>, index: u64 },
-    Reftable { index: u64 },
+    L1 {
+        snapshot: Option<u32>,
+        index: u64,
+    },
+    Reftable {
+        index: u64,
+    },
     /// Snapshot table entry `index` (its L1 table).
-    Snapshot { index: u32 },
+    Snapshot {
+        index: u32,
+    },
     /// Entry `index` of the L2 table at `table`.
-    L2 { table: u64, index: u64 },
+    L2 {
+        table: u64,
+        index: u64,
+    },
 }
 
 impl fmt::Display for Referrer {
@@ -156,11 +166,7 @@ fn write_what(kind: WriteKind) -> &'static str {
 pub enum OverlapError {
     /// A write of `kind` at cluster `at` would land on `on`.
     #[error("{}: {} write at {at:#x} would land on {on}; nothing was written", prevent(on.target), write_what(*kind))]
-    Write {
-        kind: WriteKind,
-        at: u64,
-        on: Found,
-    },
+    Write { kind: WriteKind, at: u64, on: Found },
     /// The allocator would take cluster `at` (refcount 0) although `on` uses it.
     #[error("{}: cluster {at:#x} has refcount 0, so it would be allocated, but it holds {on}; nothing was written", prevent(on.target))]
     TakenInUse { at: u64, on: Found },
@@ -581,10 +587,8 @@ fn check_disjoint(extents: &[Extent]) -> Result<(), OverlapError> {
     for e in extents {
         if let Some(r) = reach {
             if e.offset < r.end() {
-                let same_table = r.what.is_l2()
-                    && e.what.is_l2()
-                    && r.offset == e.offset
-                    && r.len == e.len;
+                let same_table =
+                    r.what.is_l2() && e.what.is_l2() && r.offset == e.offset && r.len == e.len;
                 if !same_table {
                     return Err(OverlapError::Overlap {
                         a: e.found(),
@@ -835,9 +839,9 @@ mod tests {
         put64(&mut img, L1 + 8, L2 | COPIED);
         let e = prove(img.clone(), &[(32 * 1024 + 512, 512)]).expect_err("shared table");
         assert!(matches!(e, OverlapError::Shared { .. }), "{e:?}");
-        assert!(e.to_string().starts_with(
-            "Preventing invalid write on metadata (overlaps with active L2 table)"
-        ));
+        assert!(e
+            .to_string()
+            .starts_with("Preventing invalid write on metadata (overlaps with active L2 table)"));
         // Shared but never written through (COPIED clear, so copied on write): fine.
         put64(&mut img, L1 + 8, L2);
         put64(&mut img, L1, L2);
@@ -877,7 +881,16 @@ mod tests {
         let mut img = image();
         put64(&mut img, L1 + 8, 0x10_0000 | COPIED);
         let e = prove(img, &[]).expect_err("outside");
-        assert!(matches!(e, OverlapError::Misplaced { offset: 0x10_0000, .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                OverlapError::Misplaced {
+                    offset: 0x10_0000,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         let mut img = image();
         put64(&mut img, RT + 8, 0x1000);
         let e = prove(img, &[]).expect_err("refblock outside");

@@ -3,10 +3,10 @@
 //!
 //! Order, so that nothing is written unless everything can succeed:
 //! 1. open and validate the overlay and every chain image, check the new header fits;
-//! 2. plan the copy ([`crate::copy::plan`]): reads and compares only;
-//! 2b. prove the writes safe ([`prove_writes`]): replay the plan through the writer into
-//!    memory and check every cluster it writes or takes against every structure of the
-//!    overlay ([`instar_qcow2::overlap`]);
+//! 2. plan the copy ([`crate::copy::plan`]): reads and compares only, then prove the
+//!    writes safe ([`prove_writes`]): replay the plan through the writer into memory and
+//!    check every cluster it writes or takes against every structure of the overlay
+//!    ([`instar_qcow2::overlap`]);
 //! 3. `write_phase`, then replay the plan through the QEMU-identical
 //!    [`instar_qcow2::writer::Writer`], finish it (L2 and refcount caches, flushes);
 //! 4. rewrite cluster 0 (full cluster), flush.
@@ -30,9 +30,7 @@ use instar_chain::raw::RawImage;
 use instar_chain::view::ChainView;
 use instar_qcow2::image::Qcow2Image;
 use instar_qcow2::overlap::{Layout, OverlapError};
-use instar_qcow2::writer::{
-    BackingRead, Finish, IoOp, ShadowDev, WriteError, WriteKind, Writer,
-};
+use instar_qcow2::writer::{BackingRead, Finish, IoOp, ShadowDev, WriteError, WriteKind, Writer};
 use instar_qcow2::{Header, OpenMode};
 use instar_vmdk::VmdkImage;
 
@@ -119,7 +117,7 @@ pub(crate) fn rebase<'a>(
         )?
     };
 
-    // 2b. No write onto metadata: proved before the first write.
+    // No write onto metadata: proved before the first write.
     let has_backing = old_len > 0 || header.version < 3;
     prove_writes(&mut *overlay, &header, &plan.ops, has_backing)?;
 

@@ -252,7 +252,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     /// One L1 entry, as the 8-byte write QEMU issues with buffered I/O.
     fn write_l1_entry(&mut self, l1_index: usize) -> Result<(), WriteError> {
         let v = self.l1[l1_index].to_be_bytes();
-        self.dev_write_sync(self.l1_offset + 8 * l1_index as u64, &v, WriteKind::ActiveL1)
+        self.dev_write_sync(
+            self.l1_offset + 8 * l1_index as u64,
+            &v,
+            WriteKind::ActiveL1,
+        )
     }
 
     /// Decrease the refcount of whatever an L2 entry points at (`qcow2_free_any_cluster`).
