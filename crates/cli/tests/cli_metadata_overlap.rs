@@ -214,7 +214,7 @@ fn l1_entry_names_the_refcount_block() {
             let rb = i.get(i.reftable());
             i.put(i.l1(), rb | COPIED)
         },
-        says: "Preventing invalid write on metadata (overlaps with active L2 table): the refcount block at 0x2000",
+        says: "Preventing invalid write on metadata (overlaps with refcount block): the active L2 table at 0x2000 (named by active L1 entry 0x0) overlaps with the refcount block at 0x2000 (named by refcount table entry 0x0)",
         qemu: QEMU_CORRUPTS,
     });
 }
@@ -226,7 +226,7 @@ fn l1_entry_names_the_refcount_table() {
         extended_l2: false,
         snapshot: false,
         patch: |i| i.put(i.l1(), i.reftable() | COPIED),
-        says: "(overlaps with active L2 table): the refcount table at 0x1000 (named by the header)",
+        says: "(overlaps with refcount table): the active L2 table at 0x1000 (named by active L1 entry 0x0) overlaps with the refcount table at 0x1000 (named by the header)",
         qemu: QEMU_CORRUPTS,
     });
 }
@@ -335,7 +335,7 @@ fn snapshot_l1_table_over_an_active_l2_table() {
             let l2 = i.l2(1);
             i.put(i.snapshots(), l2)
         },
-        says: "(overlaps with inactive L1 table): the active L2 table at",
+        says: "(overlaps with active L2 table): the inactive L1 table at 0x6000 (named by snapshot 0) overlaps with the active L2 table at 0x6000 (named by active L1 entry 0x1)",
         qemu: QEMU_GETS_AWAY,
     });
 }
@@ -350,7 +350,7 @@ fn refcount_table_entry_names_an_l2_table() {
             let l2 = i.l2(0);
             i.put(i.reftable() + 8, l2)
         },
-        says: "the refcount block at 0x4000 (named by refcount table entry 0x1) overlaps with the active L2 table at 0x4000",
+        says: "(overlaps with refcount block): the active L2 table at 0x4000 (named by active L1 entry 0x0) overlaps with the refcount block at 0x4000 (named by refcount table entry 0x1)",
         qemu: QEMU_CORRUPTS,
     });
 }

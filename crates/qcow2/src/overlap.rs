@@ -69,6 +69,23 @@ impl Structure {
         }
     }
 
+    /// How directly the image names the structure: the header names the L1 table, the
+    /// refcount table and the snapshot table; they name the rest. Of two overlapping
+    /// structures the more directly named one is reported as the one overlapped.
+    fn rank(self) -> u8 {
+        match self {
+            Structure::MainHeader => 0,
+            Structure::ActiveL1
+            | Structure::RefcountTable
+            | Structure::SnapshotTable
+            | Structure::BitmapDirectory => 1,
+            Structure::RefcountBlock => 2,
+            Structure::ActiveL2 => 3,
+            Structure::InactiveL1 => 4,
+            Structure::InactiveL2 => 5,
+        }
+    }
+
     fn is_l2(self) -> bool {
         matches!(self, Structure::ActiveL2 | Structure::InactiveL2)
     }
@@ -590,9 +607,14 @@ fn check_disjoint(extents: &[Extent]) -> Result<(), OverlapError> {
                 let same_table =
                     r.what.is_l2() && e.what.is_l2() && r.offset == e.offset && r.len == e.len;
                 if !same_table {
+                    let (a, b) = if e.what.rank() < r.what.rank() {
+                        (r, e)
+                    } else {
+                        (e, r)
+                    };
                     return Err(OverlapError::Overlap {
-                        a: e.found(),
-                        b: r.found(),
+                        a: a.found(),
+                        b: b.found(),
                     });
                 }
             }
@@ -825,9 +847,16 @@ mod tests {
             Err(OverlapError::Overlap { a, b }) => {
                 assert_eq!(a.offset, RB);
                 assert_eq!(b.offset, RB);
-                let names = [a.target, b.target];
-                assert!(names.contains(&Target::Structure(Structure::RefcountBlock)));
-                assert!(names.contains(&Target::Structure(Structure::ActiveL2)));
+                // The table the L1 entry names is the one reported as misplaced.
+                assert_eq!(a.target, Target::Structure(Structure::ActiveL2));
+                assert_eq!(
+                    a.by,
+                    Referrer::L1 {
+                        snapshot: None,
+                        index: 0
+                    }
+                );
+                assert_eq!(b.target, Target::Structure(Structure::RefcountBlock));
             }
             other => panic!("{other:?}"),
         }
