@@ -925,4 +925,75 @@ mod tests {
         let e = prove(img, &[]).expect_err("refblock outside");
         assert!(e.to_string().contains("lies outside the image file"), "{e}");
     }
+
+    const SNAP_TABLE: u64 = 0xc00;
+    const SNAP_L1: u64 = 0xe00;
+
+    /// [`image`] plus one internal snapshot whose L1 table names the same L2 table and
+    /// data cluster as the active L1 (refcount 2, COPIED clear), as QEMU leaves them.
+    fn image_with_snapshot() -> Vec<u8> {
+        let mut img = image();
+        img.resize(8 * CS as usize, 0);
+        img[60..64].copy_from_slice(&1u32.to_be_bytes());
+        put64(&mut img, 64, SNAP_TABLE);
+        put64(&mut img, SNAP_TABLE, SNAP_L1);
+        let t = SNAP_TABLE as usize;
+        img[t + 8..t + 12].copy_from_slice(&2u32.to_be_bytes());
+        img[t + 12..t + 14].copy_from_slice(&1u16.to_be_bytes());
+        img[t + 14..t + 16].copy_from_slice(&1u16.to_be_bytes());
+        img[t + 40] = b'1';
+        img[t + 41] = b's';
+        put64(&mut img, SNAP_L1, L2);
+        put64(&mut img, L1, L2);
+        put64(&mut img, L2, DATA);
+        for c in 0..8 {
+            set_refcount(&mut img, c, 1);
+        }
+        set_refcount(&mut img, L2 / CS, 2);
+        set_refcount(&mut img, DATA / CS, 2);
+        img
+    }
+
+    #[test]
+    fn tables_shared_with_a_snapshot_are_copied_not_written_through() {
+        prove(image_with_snapshot(), &[(0, 256), (512, 512)]).expect("copy on write");
+    }
+
+    #[test]
+    fn active_entry_claiming_a_snapshot_table_is_refused() {
+        let mut img = image_with_snapshot();
+        // COPIED says "only the active L1 names this table"; the snapshot does too.
+        put64(&mut img, L1, L2 | COPIED);
+        let e = prove(img, &[(512, 512)]).expect_err("write through a shared table");
+        assert!(
+            e.to_string().starts_with(
+                "Preventing invalid write on metadata (overlaps with inactive L2 table)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn snapshot_structures_are_scanned() {
+        let mut dev = MemDev::new(image_with_snapshot());
+        let header = Header::read(&mut dev, OpenMode::ReadWrite).expect("header");
+        let layout = Layout::scan(&mut dev, &header).expect("scan");
+        let kinds: Vec<(u64, Structure)> =
+            layout.extents.iter().map(|e| (e.offset, e.what)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (0, Structure::MainHeader),
+                (RT, Structure::RefcountTable),
+                (RB, Structure::RefcountBlock),
+                (L1, Structure::ActiveL1),
+                (L2, Structure::ActiveL2),
+                (L2, Structure::InactiveL2),
+                (SNAP_TABLE, Structure::SnapshotTable),
+                (SNAP_L1, Structure::InactiveL1),
+            ]
+        );
+        // The snapshot table's length is QEMU's snapshots_size: 40 + id + name.
+        assert_eq!(layout.extents[6].len, 42);
+    }
 }
