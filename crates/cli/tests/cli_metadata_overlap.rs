@@ -420,3 +420,77 @@ fn active_l1_claims_tables_shared_with_a_snapshot() {
         qemu: QEMU_GETS_AWAY,
     });
 }
+
+/// A vmdk overlay whose grain directory names one grain table twice: the rebase would
+/// write the entries of both 32 MiB halves into one table. qemu-img fails every vmdk
+/// rebase ("Operation not supported"), after copying; instar refuses this one before
+/// any write.
+#[test]
+fn vmdk_two_directory_entries_name_one_grain_table() {
+    let test = "metadata overlap vmdk";
+    if !kvm(test) {
+        return;
+    }
+    let Some(q) = qemu(test) else {
+        return;
+    };
+    for (mode, args) in [
+        ("safe", ["-b", "new.vmdk", "-F", "vmdk"].as_slice()),
+        ("flatten", ["-b", ""].as_slice()),
+    ] {
+        let scratch = Scratch::new(&format!("overlap-vmdk-{mode}"));
+        let dir = &scratch.0;
+        // Parents first: writing one changes its CID, which its child records.
+        for (img, parent, cmd) in [
+            ("base.vmdk", None, "write -P 0x11 0 64M"),
+            ("new.vmdk", None, "write -P 0x33 0 64M"),
+            ("ov.vmdk", Some("base.vmdk"), "write -P 0x22 40M 64k"),
+        ] {
+            let opts = parent.map_or(vec![], |p| vec!["-b", p, "-F", "vmdk"]);
+            create(&q, dir, "vmdk", img, "64M", &opts);
+            let r = run(&q.io, &["-f", "vmdk", "-c", cmd, img], dir);
+            assert_eq!(r.status, 0, "qemu-io {img}: {}", r.stderr);
+        }
+        // Grain directory entry 1 := entry 0 (sparse header: gd_offset at byte 56).
+        let path = dir.join("ov.vmdk");
+        let mut b = std::fs::read(&path).expect("read");
+        let gd = u64::from_le_bytes(b[56..64].try_into().expect("8 bytes")) as usize * 512;
+        let e0: [u8; 4] = b[gd..gd + 4].try_into().expect("4 bytes");
+        b[gd + 4..gd + 8].copy_from_slice(&e0);
+        std::fs::write(&path, &b).expect("write");
+        let before = files(dir);
+
+        let mut argv = vec!["rebase"];
+        argv.extend_from_slice(args);
+        argv.push("ov.vmdk");
+        let r = instar(&argv, dir);
+        assert_eq!(r.status, 1, "{mode}: {}", r.stderr);
+        assert!(
+            r.stderr.starts_with(
+                "instar: Preventing invalid write on metadata: the grain table of grain directory entry 1"
+            ) && r.stderr.contains("overlaps with the grain table of grain directory entry 0"),
+            "{mode}: {}",
+            r.stderr
+        );
+        assert!(files(dir) == before, "{mode}: a file changed");
+
+        // qemu-img copies grains into the overlay first and fails only at the backing
+        // change: the file is written, then the command fails.
+        std::fs::copy(&path, dir.join("q.vmdk")).expect("copy");
+        let mut qargv = vec!["rebase"];
+        qargv.extend_from_slice(args);
+        qargv.push("q.vmdk");
+        let qr = run(&q.img, &qargv, dir);
+        assert_eq!(qr.status, 1, "{mode}: qemu-img: {}", qr.stderr);
+        assert!(
+            qr.stderr.contains("Operation not supported"),
+            "{}",
+            qr.stderr
+        );
+        let written = std::fs::read(dir.join("q.vmdk")).expect("read");
+        assert!(
+            written != before["ov.vmdk"],
+            "{mode}: qemu-img left the file alone"
+        );
+    }
+}
