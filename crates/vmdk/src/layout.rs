@@ -96,8 +96,9 @@ fn le32(b: &[u8], at: usize) -> u32 {
 }
 
 /// Check that no structure overlaps another and no grain lies in a structure. `gd` and
-/// `rgd` are the directories as read; their tables must lie inside the file (the
-/// writer's own check), tables outside it are left to that check.
+/// `rgd` are the directories as read. Tables outside the file or over the header and
+/// descriptor are left to the writer's own check (`BadGrainTable`, for the tables a
+/// write needs).
 pub fn check<D: BlockDev + ?Sized>(
     dev: &mut D,
     header: &SparseHeader,
@@ -135,7 +136,8 @@ pub fn check<D: BlockDev + ?Sized>(
     for (backup, dir) in [(false, Some(gd)), (true, rgd)] {
         for (i, &gt) in dir.unwrap_or(&[]).iter().enumerate() {
             let offset = u64::from(gt) * 512;
-            if gt == 0 || offset.saturating_add(gt_len) > dev.size() {
+            let below = offset < DESC_OFFSET + DESC_SIZE as u64;
+            if gt == 0 || below || offset.saturating_add(gt_len) > dev.size() {
                 continue;
             }
             let part = Part::GrainTable {
