@@ -321,12 +321,12 @@ impl Layout {
         // Snapshots: the table, each L1 and its L2 tables.
         if header.nb_snapshots > 0 {
             let snaps = snapshot_l1s(dev, header.snapshots_offset, header.nb_snapshots)?;
-            s.extents.push(Extent {
-                offset: header.snapshots_offset,
-                len: snaps.table_len,
-                what: Structure::SnapshotTable,
-                by: Referrer::Header,
-            });
+            s.place(
+                header.snapshots_offset,
+                snaps.table_len,
+                Structure::SnapshotTable,
+                Referrer::Header,
+            )?;
             for (k, &(off, size)) in snaps.l1s.iter().enumerate() {
                 s.l1(dev, off, size, Some(k as u32))?;
             }
