@@ -295,11 +295,28 @@ fn prove_writes(
     has_backing: bool,
 ) -> Result<(), GuestError> {
     let layout = Layout::scan(&mut *overlay, header).map_err(overlap_error)?;
-    let mut writer = Writer::open(ShadowDev::new(&mut *overlay), header, has_backing)
+    let shadow = ShadowDev::new(&mut *overlay);
+    let lost = shadow.lost_flag();
+    // A dry run that needed metadata the shadow did not keep proves nothing.
+    let unproved = |e: GuestError| {
+        if lost.get() {
+            plain(String::from(
+                "the rebase's writes could not be proved safe within the sandbox's memory",
+            ))
+        } else {
+            e
+        }
+    };
+    let mut writer = Writer::open(shadow, header, has_backing)
         .map_err(write_error)?
         .recording(true);
-    copy::execute(ops, None, &mut WriterSink(&mut writer)).map_err(copy_error)?;
-    let (_, _, mut record) = writer.finish_recorded().map_err(write_error)?;
+    copy::execute(ops, None, &mut WriterSink(&mut writer))
+        .map_err(copy_error)
+        .map_err(unproved)?;
+    let (_, _, mut record) = writer
+        .finish_recorded()
+        .map_err(write_error)
+        .map_err(unproved)?;
     record.add_write(0, header.cluster_size(), WriteKind::Header);
     layout.audit(overlay, &record).map_err(overlap_error)
 }

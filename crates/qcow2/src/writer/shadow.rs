@@ -3,12 +3,18 @@
 //! is never written.
 //!
 //! Only metadata is written to it in a dry run (guest data is recorded, not written; see
-//! [`super::Writer::recording`]), so what it holds is bounded by the metadata the
-//! session changes.
+//! [`super::Writer::recording`]). The writer keeps every table it changes in its own
+//! caches and reads a table back from the device only in rare cases, so the shadow keeps
+//! the content of at most [`ShadowDev::BUDGET`] bytes of written pages; past that it only
+//! remembers which pages were written. A read of such a page fails and raises
+//! [`ShadowDev::lost_flag`]: the dry run then cannot stand for the real run, and the
+//! caller refuses instead of guessing.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::rc::Rc;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::cell::Cell;
 
 use instar_blockdev::{BlockDev, IoError};
 
@@ -20,15 +26,29 @@ pub struct ShadowDev<D> {
     inner: D,
     /// Written pages: page index → bytes (the inner device's bytes, patched).
     pages: BTreeMap<u64, Vec<u8>>,
+    /// Written pages whose content was not kept (over the budget).
+    dropped: BTreeSet<u64>,
+    budget_pages: usize,
+    lost: Rc<Cell<bool>>,
     /// End of the furthest write.
     end: u64,
 }
 
 impl<D: BlockDev> ShadowDev<D> {
+    /// Bytes of written pages whose content is kept.
+    pub const BUDGET: u64 = 16 << 20;
+
     pub fn new(inner: D) -> Self {
+        Self::with_budget(inner, Self::BUDGET)
+    }
+
+    pub fn with_budget(inner: D, budget: u64) -> Self {
         ShadowDev {
             inner,
             pages: BTreeMap::new(),
+            dropped: BTreeSet::new(),
+            budget_pages: (budget / PAGE) as usize,
+            lost: Rc::new(Cell::new(false)),
             end: 0,
         }
     }
@@ -37,13 +57,23 @@ impl<D: BlockDev> ShadowDev<D> {
         self.inner
     }
 
-    fn page_mut(&mut self, index: u64) -> Result<&mut Vec<u8>, IoError> {
+    /// Set once a read needed a written page whose content was not kept.
+    pub fn lost_flag(&self) -> Rc<Cell<bool>> {
+        Rc::clone(&self.lost)
+    }
+
+    /// The page to patch, or `None` when its content is not kept.
+    fn page_mut(&mut self, index: u64) -> Result<Option<&mut Vec<u8>>, IoError> {
         if !self.pages.contains_key(&index) {
+            if self.dropped.contains(&index) || self.pages.len() >= self.budget_pages {
+                self.dropped.insert(index);
+                return Ok(None);
+            }
             let mut buf = vec![0u8; PAGE as usize];
             self.inner.read_zero_padded(index * PAGE, &mut buf)?;
             self.pages.insert(index, buf);
         }
-        self.pages.get_mut(&index).ok_or(IoError::Device)
+        Ok(self.pages.get_mut(&index))
     }
 }
 
@@ -56,12 +86,16 @@ impl<D: BlockDev> BlockDev for ShadowDev<D> {
         let end = offset
             .checked_add(buf.len() as u64)
             .ok_or(IoError::OutOfRange)?;
+        let first = offset / PAGE;
+        let last = end.div_ceil(PAGE);
+        if self.dropped.range(first..last).next().is_some() {
+            self.lost.set(true);
+            return Err(IoError::Device);
+        }
         // Past the end reads as zeros: the data a dry run leaves out would have grown
         // the real file there.
         self.inner.read_zero_padded(offset, buf)?;
         // Patch in the pages written so far.
-        let first = offset / PAGE;
-        let last = end.div_ceil(PAGE);
         for (&p, data) in self.pages.range(first..last) {
             let p_start = p * PAGE;
             let from = offset.max(p_start);
@@ -82,8 +116,9 @@ impl<D: BlockDev> BlockDev for ShadowDev<D> {
             let p_start = p * PAGE;
             let to = end.min(p_start + PAGE);
             let src = &buf[(pos - offset) as usize..(to - offset) as usize];
-            let page = self.page_mut(p)?;
-            page[(pos - p_start) as usize..(to - p_start) as usize].copy_from_slice(src);
+            if let Some(page) = self.page_mut(p)? {
+                page[(pos - p_start) as usize..(to - p_start) as usize].copy_from_slice(src);
+            }
             pos = to;
         }
         self.end = self.end.max(end);
@@ -120,5 +155,21 @@ mod tests {
         real.read_at(4090, &mut b).unwrap();
         assert_eq!(b, [7u8; 20]);
         assert_eq!(real.size(), 10000);
+    }
+
+    #[test]
+    fn pages_over_the_budget_are_remembered_not_kept() {
+        let mut real = MemDev::new(vec![7u8; 3 * PAGE as usize]);
+        let mut s = ShadowDev::with_budget(&mut real, PAGE);
+        let lost = s.lost_flag();
+        s.write_at(10, &[1u8; 4]).unwrap();
+        s.write_at(PAGE + 10, &[2u8; 4]).unwrap();
+        let mut b = [0u8; 4];
+        s.read_at(10, &mut b).unwrap();
+        assert_eq!(b, [1u8; 4]);
+        s.read_at(2 * PAGE, &mut b).unwrap();
+        assert!(!lost.get());
+        assert_eq!(s.read_at(PAGE + 8, &mut b), Err(IoError::Device));
+        assert!(lost.get());
     }
 }
