@@ -906,6 +906,21 @@ mod tests {
     }
 
     #[test]
+    fn compressed_data_inside_the_header_cluster() {
+        let mut img = image();
+        // 512-byte clusters: the sector count starts at bit 62 - (9 - 8) = 61.
+        put64(&mut img, L2 + 8, crate::entry::OFLAG_COMPRESSED | 0x100);
+        let e = prove(img, &[]).expect_err("compressed in the header");
+        assert!(
+            e.to_string().starts_with(
+                "Preventing invalid write on metadata (overlaps with qcow2_header): \
+                 the compressed cluster at 0x100"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn tables_outside_the_file_or_at_zero() {
         let mut img = image();
         put64(&mut img, L1 + 8, 0x10_0000 | COPIED);
