@@ -7,6 +7,8 @@
 //! - [`image`]: a read-only image: guest offset → kind and run length, reads.
 //! - [`compress`]: compressed clusters (zlib, zstd).
 //! - [`refcount`]: reading refcounts.
+//! - [`overlap`]: where every metadata structure lies; the proof that a session's writes
+//!   land only where they may, made before the first write.
 //! - [`writer`]: applying writes and write-zeroes exactly as QEMU's qcow2 driver does.
 //!
 //! Everything works on an [`instar_blockdev::BlockDev`]; nothing here does I/O of its own.
@@ -20,6 +22,7 @@ pub mod entry;
 pub mod header;
 pub mod image;
 pub mod map;
+pub mod overlap;
 pub mod refcount;
 pub mod writer;
 

@@ -3,7 +3,10 @@
 //!
 //! Order, so that nothing is written unless everything can succeed:
 //! 1. open and validate the overlay and every chain image, check the new header fits;
-//! 2. plan the copy ([`crate::copy::plan`]): reads and compares only;
+//! 2. plan the copy ([`crate::copy::plan`]): reads and compares only, then prove the
+//!    writes safe ([`prove_writes`]): replay the plan through the writer into memory and
+//!    check every cluster it writes or takes against every structure of the overlay
+//!    ([`instar_qcow2::overlap`]);
 //! 3. `write_phase`, then replay the plan through the QEMU-identical
 //!    [`instar_qcow2::writer::Writer`], finish it (L2 and refcount caches, flushes);
 //! 4. rewrite cluster 0 (full cluster), flush.
@@ -26,8 +29,9 @@ use instar_chain::layer::Layer;
 use instar_chain::raw::RawImage;
 use instar_chain::view::ChainView;
 use instar_qcow2::image::Qcow2Image;
-use instar_qcow2::writer::{BackingRead, Finish, IoOp, WriteError, Writer};
-use instar_qcow2::OpenMode;
+use instar_qcow2::overlap::{Layout, OverlapError};
+use instar_qcow2::writer::{BackingRead, Finish, IoOp, ShadowDev, WriteError, WriteKind, Writer};
+use instar_qcow2::{Header, OpenMode};
 use instar_vmdk::VmdkImage;
 
 use crate::copy::{self, ChainStatus, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
@@ -112,6 +116,10 @@ pub(crate) fn rebase<'a>(
             hooks,
         )?
     };
+
+    // No write onto metadata: proved before the first write.
+    let has_backing = old_len > 0 || header.version < 3;
+    prove_writes(&mut *overlay, &header, &plan.ops, has_backing)?;
 
     // 3. Write.
     hooks.write_phase(
@@ -276,6 +284,50 @@ pub(crate) fn open_chain<'a>(
         layers.push(layer);
     }
     Ok(layers)
+}
+
+/// Prove that the plan's writes land only where they may: find every structure of the
+/// overlay, replay the plan through the writer into memory (guest data left out, so
+/// nothing is read from the old chain and nothing reaches the device), and audit every
+/// cluster the writer wrote or took, plus the final header rewrite.
+fn prove_writes(
+    overlay: &mut dyn BlockDev,
+    header: &Header,
+    ops: &[Op],
+    has_backing: bool,
+) -> Result<(), GuestError> {
+    let layout = Layout::scan(&mut *overlay, header).map_err(overlap_error)?;
+    let shadow = ShadowDev::new(&mut *overlay);
+    let lost = shadow.lost_flag();
+    // A dry run that needed metadata the shadow did not keep proves nothing.
+    let unproved = |e: GuestError| {
+        if lost.get() {
+            plain(String::from(
+                "the rebase's writes could not be proved safe within the sandbox's memory",
+            ))
+        } else {
+            e
+        }
+    };
+    let mut writer = Writer::open(shadow, header, has_backing)
+        .map_err(write_error)?
+        .recording(true);
+    copy::execute(ops, None, &mut WriterSink(&mut writer))
+        .map_err(copy_error)
+        .map_err(unproved)?;
+    let (_, _, mut record) = writer
+        .finish_recorded()
+        .map_err(write_error)
+        .map_err(unproved)?;
+    record.add_write(0, header.cluster_size(), WriteKind::Header);
+    layout.audit(overlay, &record).map_err(overlap_error)
+}
+
+fn overlap_error(e: OverlapError) -> GuestError {
+    match e {
+        OverlapError::Io(_) => plain(String::from("error while reading image metadata")),
+        e => plain(e.to_string()),
+    }
 }
 
 /// Replay the plan through `writer` and finish it; returns where the last write ended.

@@ -83,6 +83,7 @@ fn vmdk_write_error(e: WriteError) -> GuestError {
         | WriteError::Version3
         | WriteError::DescriptorArea { .. }
         | WriteError::GrainTooLarge(_) => open_error(OVERLAY, e.to_string()),
+        WriteError::Overlap(o) => plain(o.to_string()),
         other => plain(format!("Error while writing to COW image: {other}")),
     }
 }

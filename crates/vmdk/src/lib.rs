@@ -4,6 +4,8 @@
 //! - [`image`]: the sparse header, grain directory and tables, block status and reads.
 //! - [`descriptor`]: the embedded text descriptor (CIDs, parent name, extents), and
 //!   its rewrite with a new parent.
+//! - [`layout`]: no grain table overlaps another structure or a grain (checked before
+//!   the first write).
 //! - [`writer`]: writes with the semantics of QEMU's vmdk driver (grain allocation,
 //!   both grain tables), for safe-mode rebase.
 
@@ -13,6 +15,7 @@ extern crate alloc;
 
 pub mod descriptor;
 pub mod image;
+pub mod layout;
 pub mod writer;
 
 pub use descriptor::{Descriptor, RewriteError};

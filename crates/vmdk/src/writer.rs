@@ -57,6 +57,9 @@ pub enum WriteError {
     BadGrainTable(u64),
     #[error("the image file would grow past the 2^32 sectors a grain table can address")]
     Full,
+    /// A grain table overlaps another structure or a grain ([`crate::layout`]).
+    #[error("{0}")]
+    Overlap(crate::layout::Overlap),
     #[error("write of {len:#x} bytes at {offset:#x} goes past the virtual size")]
     BeyondVirtualSize { offset: u64, len: u64 },
     #[error("error while reading the layers below: {0}")]
@@ -149,6 +152,8 @@ impl<D: BlockDev> SparseWriter<D> {
         } else {
             None
         };
+        // Grain table entries are written in place: no table may overlap anything.
+        crate::layout::check(&mut dev, &header, &gd, rgd.as_deref(), grain)?;
         let gt_sectors = u64::from(header.num_gtes_per_gt) * header.granularity;
         // vmdk_add_extent: the file length in sectors, rounded up to a grain.
         let next_sector = dev

@@ -195,4 +195,25 @@ fn refusals_before_any_write() {
         SparseWriter::open(MemDev::new(small_desc)).err(),
         Some(WriteError::DescriptorArea { .. })
     ));
+    // Two directory entries naming one grain table: refused when the writer opens.
+    let mut shared = vec![0u8; 0];
+    shared.extend_from_slice(&good);
+    let gt0: [u8; 4] = good[rgd_offset..rgd_offset + 4].try_into().unwrap();
+    shared[gd_offset..gd_offset + 4].copy_from_slice(&gt0);
+    match SparseWriter::open(MemDev::new(shared)).err() {
+        Some(WriteError::Overlap(o)) => {
+            assert_eq!(o.a_offset, o.b_offset);
+            assert!(o
+                .to_string()
+                .starts_with("Preventing invalid write on metadata: the grain table of"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A grain table over the grain directory.
+    let mut over_gd = good.clone();
+    over_gd[gd_offset..gd_offset + 4].copy_from_slice(&((gd_offset / 512) as u32).to_le_bytes());
+    assert!(matches!(
+        SparseWriter::open(MemDev::new(over_gd)).err(),
+        Some(WriteError::Overlap(_))
+    ));
 }

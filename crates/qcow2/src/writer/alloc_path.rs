@@ -11,7 +11,7 @@ use super::cache::Which;
 use super::table::{
     sub_alloc_range, sub_zero_range, ClusterType, ScType, SliceRef, BITMAP_ALL_ALLOC,
 };
-use super::{corrupt, BackingRead, WriteError, Writer, REQUEST_MAX_BYTES};
+use super::{corrupt, BackingRead, WriteError, WriteKind, Writer, REQUEST_MAX_BYTES};
 use crate::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED};
 
 /// One allocation (or in-place overwrite) of a chunk and its copy-on-write regions
@@ -323,7 +323,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                 && m.guest + m.cow_end.0 == end
         });
         if merged.is_none() {
-            self.dev_write(host, data)?;
+            self.dev_write(host, data, WriteKind::Data)?;
         }
         // The L2 entries must not reach the disk before the data.
         self.l2_cache.depends_on_flush = true;
@@ -437,10 +437,10 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                 let mut all = start;
                 all.extend_from_slice(d);
                 all.extend_from_slice(&end);
-                self.dev_write(m.alloc + m.cow_start.0, &all)?;
+                self.dev_write(m.alloc + m.cow_start.0, &all, WriteKind::Data)?;
             } else {
-                self.dev_write(m.alloc + m.cow_start.0, &start)?;
-                self.dev_write(m.alloc + m.cow_end.0, &end)?;
+                self.dev_write(m.alloc + m.cow_start.0, &start, WriteKind::Data)?;
+                self.dev_write(m.alloc + m.cow_end.0, &end, WriteKind::Data)?;
             }
             self.l2_cache.depends_on_flush = true;
         }

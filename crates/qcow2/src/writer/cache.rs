@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 
 use instar_blockdev::BlockDev;
 
-use super::{corrupt, BackingRead, WriteError, Writer};
+use super::{corrupt, BackingRead, WriteError, WriteKind, Writer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Which {
@@ -110,7 +110,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             Some(t) if t.dirty => t.data.clone(),
             _ => return Ok(()),
         };
-        self.dev_write(offset, &data)?;
+        let kind = match w {
+            Which::L2 => WriteKind::L2Table,
+            Which::Refcount => WriteKind::RefcountBlock,
+        };
+        self.dev_write(offset, &data, kind)?;
         if let Some(t) = self.cache(w).tables.get_mut(&offset) {
             t.dirty = false;
         }

@@ -56,9 +56,14 @@
 
 mod alloc_path;
 mod cache;
+mod record;
 mod refcount;
+mod shadow;
 mod table;
 mod zero;
+
+pub use record::{WriteKind, WriteRecord};
+pub use shadow::ShadowDev;
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -191,6 +196,10 @@ pub struct Writer<D: BlockDev, B: BackingRead = ZeroBacking> {
     rb_cache: TableCache,
 
     log: Vec<IoOp>,
+    /// A dry run: data writes are recorded but never reach the device.
+    dry_run: bool,
+    /// What a recording session wrote, took and freed (see [`Writer::recording`]).
+    record: Option<WriteRecord>,
 }
 
 impl<D: BlockDev> Writer<D, ZeroBacking> {
@@ -342,6 +351,8 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             l2_cache: TableCache::new(slice_bytes as usize),
             rb_cache: TableCache::new(cs as usize),
             log: Vec::new(),
+            dry_run: false,
+            record: None,
         })
     }
 
@@ -379,7 +390,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     /// Write back every cache in QEMU's close order (L2 tables, then refcount blocks, then
     /// a flush) and clear the lazy-refcounts dirty bit. Returns the device and what the
     /// final header rewrite needs.
-    pub fn finish(mut self) -> Result<(D, Finish), WriteError> {
+    pub fn finish(self) -> Result<(D, Finish), WriteError> {
+        self.finish_inner(&mut WriteRecord::default())
+    }
+
+    fn finish_inner(mut self, record_out: &mut WriteRecord) -> Result<(D, Finish), WriteError> {
         self.cache_flush(cache::Which::L2)?;
         self.cache_flush(cache::Which::Refcount)?;
         let dirty_set =
@@ -387,7 +402,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         if dirty_set {
             self.incompat &= !INCOMPAT_DIRTY;
             let v = self.incompat.to_be_bytes();
-            self.dev_write(HDR_INCOMPAT_OFFSET, &v)?;
+            self.dev_write(HDR_INCOMPAT_OFFSET, &v, WriteKind::Header)?;
             self.dev_flush()?;
         }
         let fin = Finish {
@@ -396,7 +411,27 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             refcount_table_clusters: ((self.rt.len() as u64 * 8) >> self.cluster_bits) as u32,
             header_rewrite_needed: dirty_set,
         };
+        if let Some(r) = self.record.take() {
+            *record_out = r;
+        }
         Ok((self.dev, fin))
+    }
+
+    /// Record every write (with what it holds), every cluster taken by the allocator
+    /// and every cluster freed, for [`crate::overlap`]. With `dry_run`, guest data
+    /// (and copy-on-write padding) is only recorded, never written: pair it with a
+    /// [`ShadowDev`] so metadata writes stay in memory too.
+    pub fn recording(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self.record = Some(WriteRecord::default());
+        self
+    }
+
+    /// [`Writer::finish`], also handing back the record of a recording session.
+    pub fn finish_recorded(self) -> Result<(D, Finish, WriteRecord), WriteError> {
+        let mut record = WriteRecord::default();
+        let (dev, fin) = self.finish_inner(&mut record)?;
+        Ok((dev, fin, record))
     }
 
     /// Every device operation so far, in order.
@@ -423,11 +458,16 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
     // ---- device access, logged ----
 
-    fn dev_write(&mut self, offset: u64, buf: &[u8]) -> Result<(), WriteError> {
+    fn dev_write(&mut self, offset: u64, buf: &[u8], kind: WriteKind) -> Result<(), WriteError> {
         if buf.is_empty() {
             return Ok(());
         }
-        self.dev.write_at(offset, buf)?;
+        if let Some(r) = self.record.as_mut() {
+            r.note_write(offset, buf.len() as u64, kind);
+        }
+        if !(self.dry_run && kind == WriteKind::Data) {
+            self.dev.write_at(offset, buf)?;
+        }
         self.log.push(IoOp::Write {
             offset,
             len: buf.len() as u64,
@@ -439,8 +479,13 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         if len == 0 {
             return Ok(());
         }
-        let zeros = vec![0u8; len as usize];
-        self.dev.write_at(offset, &zeros)?;
+        if let Some(r) = self.record.as_mut() {
+            r.note_write(offset, len, WriteKind::Data);
+        }
+        if !self.dry_run {
+            let zeros = vec![0u8; len as usize];
+            self.dev.write_at(offset, &zeros)?;
+        }
         self.log.push(IoOp::ZeroRange { offset, len });
         Ok(())
     }
@@ -452,8 +497,13 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     }
 
     /// `bdrv_pwrite_sync`.
-    fn dev_write_sync(&mut self, offset: u64, buf: &[u8]) -> Result<(), WriteError> {
-        self.dev_write(offset, buf)?;
+    fn dev_write_sync(
+        &mut self,
+        offset: u64,
+        buf: &[u8],
+        kind: WriteKind,
+    ) -> Result<(), WriteError> {
+        self.dev_write(offset, buf, kind)?;
         self.dev_flush()
     }
 
@@ -471,9 +521,23 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             return Ok(());
         }
         let v = (self.incompat | INCOMPAT_DIRTY).to_be_bytes();
-        self.dev_write_sync(HDR_INCOMPAT_OFFSET, &v)?;
+        self.dev_write_sync(HDR_INCOMPAT_OFFSET, &v, WriteKind::Header)?;
         self.incompat |= INCOMPAT_DIRTY;
         Ok(())
+    }
+
+    /// The allocator raised cluster `c`'s refcount from 0.
+    fn note_taken(&mut self, c: u64) {
+        if let Some(r) = self.record.as_mut() {
+            r.note_taken(c);
+        }
+    }
+
+    /// Cluster `c`'s refcount dropped to 0.
+    fn note_freed(&mut self, c: u64) {
+        if let Some(r) = self.record.as_mut() {
+            r.note_freed(c);
+        }
     }
 
     fn need_accurate_refcounts(&self) -> bool {

@@ -8,7 +8,7 @@ use instar_blockdev::BlockDev;
 
 use super::cache::Which;
 use super::{
-    corrupt, BackingRead, WriteError, Writer, HDR_REFTABLE_OFFSET, MAX_CLUSTER_OFFSET,
+    corrupt, BackingRead, WriteError, WriteKind, Writer, HDR_REFTABLE_OFFSET, MAX_CLUSTER_OFFSET,
     MAX_REFTABLE_ENTRIES, REFT_OFFSET_MASK,
 };
 
@@ -212,7 +212,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                 }
             };
             set_refcount(&mut tbl.data, idx, order, new);
+            if rc == 0 {
+                self.note_taken(c);
+            }
             if new == 0 {
+                self.note_freed(c);
                 if c < self.fci {
                     self.fci = c;
                 }
@@ -267,6 +271,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             let idx = new_block & (self.rb_entries() - 1);
             let tbl = self.table(Which::Refcount, new_off)?;
             set_refcount(&mut tbl.data, idx, order, 1);
+            self.note_taken(new_block);
         } else {
             if self.update_refcount(new_block, 1, false)? == Flow::Again {
                 return Ok((Flow::Again, 0));
@@ -277,7 +282,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         self.cache_flush(Which::Refcount)?;
 
         if (t as usize) < self.rt.len() {
-            self.dev_write_sync(self.rt_offset + 8 * t, &new_off.to_be_bytes())?;
+            self.dev_write_sync(
+                self.rt_offset + 8 * t,
+                &new_off.to_be_bytes(),
+                WriteKind::RefcountTable,
+            )?;
             self.rt[t as usize] = new_off;
             self.max_rt_index = Some(self.max_rt_index.map_or(t as usize, |m| m.max(t as usize)));
             return Ok((Flow::Again, 0));
@@ -334,6 +343,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         let end_off = table_off + table_clusters * cs;
 
         let mut block_off = meta_start << self.cluster_bits;
+        let mut taken = Vec::new();
         for i in area_index..total {
             let off = if new_table[i as usize] != 0 {
                 let off = new_table[i as usize] & REFT_OFFSET_MASK;
@@ -359,24 +369,28 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                         return Err(corrupt("refcount area not free", first_covered + j * cs));
                     }
                     set_refcount(&mut tbl.data, j, order, 1);
+                    taken.push(first_covered / cs + j);
                     j += 1;
                 }
                 tbl.dirty = true;
             }
         }
 
+        for c in taken {
+            self.note_taken(c);
+        }
         self.cache_flush(Which::Refcount)?;
 
         let mut raw = Vec::with_capacity(table_size as usize * 8);
         for e in &new_table {
             raw.extend_from_slice(&e.to_be_bytes());
         }
-        self.dev_write_sync(table_off, &raw)?;
+        self.dev_write_sync(table_off, &raw, WriteKind::RefcountTable)?;
 
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
         hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        self.dev_write_sync(HDR_REFTABLE_OFFSET, &hdr)?;
+        self.dev_write_sync(HDR_REFTABLE_OFFSET, &hdr, WriteKind::Header)?;
 
         let old_off = self.rt_offset;
         let old_clusters = (self.rt.len() as u64 * 8).div_ceil(cs);

@@ -4,7 +4,7 @@
 use instar_blockdev::BlockDev;
 
 use super::cache::Which;
-use super::{corrupt, BackingRead, WriteError, Writer};
+use super::{corrupt, BackingRead, WriteError, WriteKind, Writer};
 use crate::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,7 +252,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     /// One L1 entry, as the 8-byte write QEMU issues with buffered I/O.
     fn write_l1_entry(&mut self, l1_index: usize) -> Result<(), WriteError> {
         let v = self.l1[l1_index].to_be_bytes();
-        self.dev_write_sync(self.l1_offset + 8 * l1_index as u64, &v)
+        self.dev_write_sync(
+            self.l1_offset + 8 * l1_index as u64,
+            &v,
+            WriteKind::ActiveL1,
+        )
     }
 
     /// Decrease the refcount of whatever an L2 entry points at (`qcow2_free_any_cluster`).

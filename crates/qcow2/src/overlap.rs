@@ -1,0 +1,1014 @@
+//! No write onto metadata: where every structure of an image lies, and the proof, made
+//! before the first write, that a session's writes land only where they may.
+//!
+//! [`Layout::scan`] finds every structure QEMU's overlap check knows (`metadata_ol_names`
+//! in QEMU's `qcow2-refcount.c`): the header cluster, the active L1 table and its L2
+//! tables, the refcount table and its blocks, the snapshot table, each snapshot's L1 table
+//! and its L2 tables. It refuses a structure named at cluster 0, outside the file, or
+//! overlapping another structure (two L1 entries naming one L2 table is allowed here:
+//! internal snapshots share tables, and the write check below decides).
+//!
+//! [`Layout::audit`] takes the [`WriteRecord`] of a writer's dry run and reads every
+//! distinct L2 table once. It refuses an L2 entry whose data lies in a structure, and
+//! checks every cluster the session writes or takes:
+//! - a cluster the allocator takes (refcount 0) must be referenced by nothing (unless the
+//!   session itself dropped its only reference and freed it, as a refcount table move
+//!   does);
+//! - a cluster written in place must be referenced exactly once, by a structure of the
+//!   kind written there (an L2 table write lands on an L2 table, data on a data cluster).
+//!
+//! Cost: the active L1 and refcount tables (read at open anyway), the snapshot table's
+//! fixed entry parts, each snapshot's L1 table, and one read of every distinct L2 table,
+//! active and inactive. The plan already reads every active L2 table once; snapshots add
+//! their L1 tables and the L2 tables they do not share with the active L1.
+
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+
+use instar_blockdev::{BlockDev, IoError};
+
+use crate::entry::{l2_entry_size, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
+use crate::image::MAX_L1_BYTES;
+use crate::map::{compressed_extent, EntryFormat};
+use crate::refcount::{MAX_REFTABLE_BYTES, REFT_OFFSET_MASK};
+use crate::writer::{WriteKind, WriteRecord};
+use crate::Header;
+
+/// A metadata structure, in QEMU's overlap-check terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Structure {
+    MainHeader,
+    ActiveL1,
+    ActiveL2,
+    RefcountTable,
+    RefcountBlock,
+    SnapshotTable,
+    InactiveL1,
+    InactiveL2,
+    /// Not scanned yet: images with persistent bitmaps are refused before any write
+    /// (see [`Layout::scan`]). Bitmap tables belong here once they are supported.
+    BitmapDirectory,
+}
+
+impl Structure {
+    /// QEMU's name (`metadata_ol_names`).
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            Structure::MainHeader => "qcow2_header",
+            Structure::ActiveL1 => "active L1 table",
+            Structure::ActiveL2 => "active L2 table",
+            Structure::RefcountTable => "refcount table",
+            Structure::RefcountBlock => "refcount block",
+            Structure::SnapshotTable => "snapshot table",
+            Structure::InactiveL1 => "inactive L1 table",
+            Structure::InactiveL2 => "inactive L2 table",
+            Structure::BitmapDirectory => "bitmap directory",
+        }
+    }
+
+    /// How directly the image names the structure: the header names the L1 table, the
+    /// refcount table and the snapshot table; they name the rest. Of two overlapping
+    /// structures the more directly named one is reported as the one overlapped.
+    fn rank(self) -> u8 {
+        match self {
+            Structure::MainHeader => 0,
+            Structure::ActiveL1
+            | Structure::RefcountTable
+            | Structure::SnapshotTable
+            | Structure::BitmapDirectory => 1,
+            Structure::RefcountBlock => 2,
+            Structure::ActiveL2 => 3,
+            Structure::InactiveL1 => 4,
+            Structure::InactiveL2 => 5,
+        }
+    }
+
+    fn is_l2(self) -> bool {
+        matches!(self, Structure::ActiveL2 | Structure::InactiveL2)
+    }
+}
+
+/// What a reference points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Structure(Structure),
+    Data,
+    Compressed,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Structure(s) => f.write_str(s.qemu_name()),
+            Target::Data => f.write_str("data cluster"),
+            Target::Compressed => f.write_str("compressed cluster"),
+        }
+    }
+}
+
+/// Who names a structure or a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Referrer {
+    Header,
+    /// Entry `index` of the active L1 table (`snapshot: None`) or of a snapshot's.
+    L1 {
+        snapshot: Option<u32>,
+        index: u64,
+    },
+    Reftable {
+        index: u64,
+    },
+    /// Snapshot table entry `index` (its L1 table).
+    Snapshot {
+        index: u32,
+    },
+    /// Entry `index` of the L2 table at `table`.
+    L2 {
+        table: u64,
+        index: u64,
+    },
+}
+
+impl fmt::Display for Referrer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Referrer::Header => f.write_str("named by the header"),
+            Referrer::L1 {
+                snapshot: None,
+                index,
+            } => write!(f, "named by active L1 entry {index:#x}"),
+            Referrer::L1 {
+                snapshot: Some(s),
+                index,
+            } => write!(f, "named by L1 entry {index:#x} of snapshot {s}"),
+            Referrer::Reftable { index } => write!(f, "named by refcount table entry {index:#x}"),
+            Referrer::Snapshot { index } => write!(f, "named by snapshot {index}"),
+            Referrer::L2 { table, index } => {
+                write!(f, "named by L2 entry {index:#x} of the table at {table:#x}")
+            }
+        }
+    }
+}
+
+/// One thing at one place: `target` at `offset` (+`len`), named by `by`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub target: Target,
+    pub offset: u64,
+    pub by: Referrer,
+}
+
+impl fmt::Display for Found {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the {} at {:#x} ({})", self.target, self.offset, self.by)
+    }
+}
+
+fn write_what(kind: WriteKind) -> &'static str {
+    match kind {
+        WriteKind::Header => "a header",
+        WriteKind::ActiveL1 => "an L1 entry",
+        WriteKind::L2Table => "an L2 table",
+        WriteKind::RefcountTable => "a refcount table",
+        WriteKind::RefcountBlock => "a refcount block",
+        WriteKind::Data => "a data",
+    }
+}
+
+/// Why the writes are refused. Every message ends the same way: nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OverlapError {
+    /// A write of `kind` at cluster `at` would land on `on`.
+    #[error("{}: {} write at {at:#x} would land on {on}; nothing was written", prevent(on.target), write_what(*kind))]
+    Write { kind: WriteKind, at: u64, on: Found },
+    /// The allocator would take cluster `at` (refcount 0) although `on` uses it.
+    #[error("{}: cluster {at:#x} has refcount 0, so it would be allocated, but it holds {on}; nothing was written", prevent(on.target))]
+    TakenInUse { at: u64, on: Found },
+    /// The session would write through a table or cluster that two entries name.
+    #[error("{}: {first} and {second} are one {}, which the rebase would write through; nothing was written", prevent(first.target), first.target)]
+    Shared { first: Found, second: Found },
+    /// Two structures (or a structure and data) overlap.
+    #[error("{}: {a} overlaps with {b}; nothing was written", prevent(b.target))]
+    Overlap { a: Found, b: Found },
+    /// A structure named at cluster 0 or past the end of the file.
+    #[error("{} at {offset:#x} ({by}) {}; nothing was written", target_cap(*target), if *offset == 0 { "is at offset 0" } else { "lies outside the image file" })]
+    Misplaced {
+        target: Target,
+        offset: u64,
+        by: Referrer,
+    },
+    /// A structure's offset or size is invalid.
+    #[error("{what} ({by}) is invalid: offset {offset:#x}, {len:#x} bytes; nothing was written")]
+    Invalid {
+        what: &'static str,
+        offset: u64,
+        len: u64,
+        by: Referrer,
+    },
+    /// A metadata write in place on a cluster that nothing names.
+    #[error("Preventing invalid write: {} write at {at:#x} would land on a cluster that nothing in the image names; nothing was written", write_what(*kind))]
+    Unnamed { kind: WriteKind, at: u64 },
+    #[error("images with persistent bitmaps are not supported")]
+    Bitmaps,
+    #[error(transparent)]
+    Io(#[from] IoError),
+}
+
+/// QEMU's words for a write refused because of what lies under it.
+fn prevent(target: Target) -> String {
+    match target {
+        Target::Structure(s) => alloc::format!(
+            "Preventing invalid write on metadata (overlaps with {})",
+            s.qemu_name()
+        ),
+        Target::Data | Target::Compressed => String::from("Preventing invalid write on data"),
+    }
+}
+
+fn target_cap(t: Target) -> String {
+    let s = alloc::format!("{t}");
+    let mut c = s.chars();
+    match c.next() {
+        Some(first) => first.to_uppercase().chain(c).collect(),
+        None => s,
+    }
+}
+
+/// A structure's extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Extent {
+    offset: u64,
+    len: u64,
+    what: Structure,
+    by: Referrer,
+}
+
+impl Extent {
+    fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+    fn found(&self) -> Found {
+        Found {
+            target: Target::Structure(self.what),
+            offset: self.offset,
+            by: self.by,
+        }
+    }
+}
+
+/// Where every structure of an image lies. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    cluster_bits: u32,
+    fmt: EntryFormat,
+    /// Sorted by offset; identical L2 extents (shared tables) appear once per name.
+    extents: Vec<Extent>,
+}
+
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+fn read_u64s<D: BlockDev + ?Sized>(dev: &mut D, offset: u64, n: u64) -> Result<Vec<u64>, IoError> {
+    let mut raw = vec![0u8; (n * 8) as usize];
+    dev.read_at(offset, &mut raw)?;
+    Ok(raw.chunks_exact(8).map(be64).collect())
+}
+
+impl Layout {
+    /// Find every structure of the image on `dev` described by `header` (already
+    /// parsed with QEMU's open checks) and refuse misplaced or overlapping ones.
+    pub fn scan<D: BlockDev + ?Sized>(dev: &mut D, header: &Header) -> Result<Self, OverlapError> {
+        if header.has_bitmaps() {
+            // Hook: the bitmap directory and bitmap tables go here once instar writes
+            // images with bitmaps; until then such images are refused before this point.
+            return Err(OverlapError::Bitmaps);
+        }
+        let cb = header.cluster_bits;
+        let cs = 1u64 << cb;
+        let mut s = Scan {
+            cs,
+            file_size: dev.size(),
+            extents: vec![Extent {
+                offset: 0,
+                len: cs,
+                what: Structure::MainHeader,
+                by: Referrer::Header,
+            }],
+        };
+        // Refcount table and blocks.
+        let rt_len = u64::from(header.refcount_table_clusters) * cs;
+        s.table(
+            "refcount table",
+            header.refcount_table_offset,
+            rt_len,
+            MAX_REFTABLE_BYTES,
+            Structure::RefcountTable,
+            Referrer::Header,
+        )?;
+        let rt = read_u64s(dev, header.refcount_table_offset, rt_len / 8)?;
+        for (i, e) in rt.iter().enumerate() {
+            let by = Referrer::Reftable { index: i as u64 };
+            s.cluster(e & REFT_OFFSET_MASK, Structure::RefcountBlock, by)?;
+        }
+        // Active L1 and its L2 tables.
+        s.l1(dev, header.l1_table_offset, header.l1_size, None)?;
+        // Snapshots: the table, each L1 and its L2 tables.
+        if header.nb_snapshots > 0 {
+            let snaps = snapshot_l1s(dev, header.snapshots_offset, header.nb_snapshots)?;
+            s.place(
+                header.snapshots_offset,
+                snaps.table_len,
+                Structure::SnapshotTable,
+                Referrer::Header,
+            )?;
+            for (k, &(off, size)) in snaps.l1s.iter().enumerate() {
+                s.l1(dev, off, size, Some(k as u32))?;
+            }
+        }
+        let mut extents = s.extents;
+        extents.sort_by_key(|e| (e.offset, e.len, e.what));
+        check_disjoint(&extents)?;
+        Ok(Layout {
+            cluster_bits: cb,
+            fmt: EntryFormat {
+                cluster_bits: cb,
+                extended_l2: header.extended_l2(),
+                has_data_file: header.has_data_file(),
+            },
+            extents,
+        })
+    }
+
+    /// The structure overlapping `[offset, offset + len)`, if any.
+    fn structure_at(&self, offset: u64, len: u64) -> Option<&Extent> {
+        let end = offset.saturating_add(len.max(1));
+        // Extents are disjoint (or identical), so the candidates are the last one that
+        // starts before `end` and those identical to it.
+        let i = self.extents.partition_point(|e| e.offset < end);
+        self.extents[..i].last().filter(|e| e.end() > offset)
+    }
+
+    /// Check the writes and allocations of a session (see the module documentation).
+    /// `dev` must still hold the image as scanned.
+    pub fn audit<D: BlockDev + ?Sized>(
+        &self,
+        dev: &mut D,
+        record: &WriteRecord,
+    ) -> Result<(), OverlapError> {
+        let touched = Touched::new(record, self.cluster_bits);
+        let mut hits: BTreeMap<u64, Hits> = BTreeMap::new();
+        let cb = self.cluster_bits;
+        for e in &self.extents {
+            for c in (e.offset >> cb)..=((e.end() - 1) >> cb) {
+                if touched.any(c) {
+                    hits.entry(c).or_default().add(e.found());
+                }
+            }
+        }
+        self.scan_l2_entries(dev, &touched, &mut hits)?;
+        for (&c, h) in &hits {
+            self.verdict(c, h, record, &touched)?;
+        }
+        // A metadata write in place must land on something that names it.
+        for &c in touched.meta.keys() {
+            if !hits.contains_key(&c) && !record.was_taken(c) && !record.was_freed(c) {
+                let kind = touched.kinds(c).first().copied().unwrap_or(WriteKind::Data);
+                return Err(OverlapError::Unnamed { kind, at: c << cb });
+            }
+        }
+        Ok(())
+    }
+
+    fn verdict(
+        &self,
+        c: u64,
+        h: &Hits,
+        record: &WriteRecord,
+        touched: &Touched,
+    ) -> Result<(), OverlapError> {
+        let at = c << self.cluster_bits;
+        if record.was_taken(c) {
+            if record.was_freed(c) && h.count <= 1 {
+                return Ok(());
+            }
+            return Err(OverlapError::TakenInUse { at, on: h.first });
+        }
+        for kind in touched.kinds(c) {
+            if !fits(kind, h.first.target) {
+                return Err(OverlapError::Write {
+                    kind,
+                    at,
+                    on: h.first,
+                });
+            }
+            if let Some(second) = h.second {
+                if !fits(kind, second.target) {
+                    return Err(OverlapError::Write {
+                        kind,
+                        at,
+                        on: second,
+                    });
+                }
+                return Err(OverlapError::Shared {
+                    first: h.first,
+                    second,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Read each distinct L2 table once: refuse entries whose data lies in a structure,
+    /// and count the references to touched clusters.
+    fn scan_l2_entries<D: BlockDev + ?Sized>(
+        &self,
+        dev: &mut D,
+        touched: &Touched,
+        hits: &mut BTreeMap<u64, Hits>,
+    ) -> Result<(), OverlapError> {
+        if self.fmt.has_data_file {
+            // Data clusters live in the data file; nothing here can overlap them.
+            return Ok(());
+        }
+        let cb = self.cluster_bits;
+        let cs = 1u64 << cb;
+        let esize = l2_entry_size(self.fmt.extended_l2);
+        let mut buf = vec![0u8; cs as usize];
+        let mut last = None;
+        for e in self.extents.iter().filter(|e| e.what.is_l2()) {
+            if last == Some(e.offset) {
+                continue;
+            }
+            last = Some(e.offset);
+            dev.read_at(e.offset, &mut buf)?;
+            for (j, raw) in buf.chunks_exact(esize as usize).enumerate() {
+                let entry = be64(raw);
+                let by = Referrer::L2 {
+                    table: e.offset,
+                    index: j as u64,
+                };
+                let (target, off, len) = if entry & OFLAG_COMPRESSED != 0 {
+                    let x = compressed_extent(&self.fmt, entry);
+                    (Target::Compressed, x.offset, x.len.max(1))
+                } else {
+                    let off = entry & L2E_OFFSET_MASK & !(cs - 1);
+                    if off == 0 {
+                        continue;
+                    }
+                    (Target::Data, off, cs)
+                };
+                let found = Found {
+                    target,
+                    offset: off,
+                    by,
+                };
+                if let Some(s) = self.structure_at(off, len) {
+                    return Err(OverlapError::Overlap {
+                        a: found,
+                        b: s.found(),
+                    });
+                }
+                let last_c = off.saturating_add(len - 1) >> cb;
+                for c in (off >> cb)..=last_c {
+                    if touched.any(c) {
+                        hits.entry(c).or_default().add(found);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a write of `kind` belongs in `target`.
+fn fits(kind: WriteKind, target: Target) -> bool {
+    matches!(
+        (kind, target),
+        (WriteKind::Header, Target::Structure(Structure::MainHeader))
+            | (WriteKind::ActiveL1, Target::Structure(Structure::ActiveL1))
+            | (WriteKind::L2Table, Target::Structure(Structure::ActiveL2))
+            | (
+                WriteKind::RefcountTable,
+                Target::Structure(Structure::RefcountTable)
+            )
+            | (
+                WriteKind::RefcountBlock,
+                Target::Structure(Structure::RefcountBlock)
+            )
+            | (WriteKind::Data, Target::Data)
+    )
+}
+
+/// References to one touched cluster: how many, and the first two.
+#[derive(Debug, Clone, Copy)]
+struct Hits {
+    count: u32,
+    first: Found,
+    second: Option<Found>,
+}
+
+impl Default for Hits {
+    fn default() -> Self {
+        Hits {
+            count: 0,
+            first: Found {
+                target: Target::Data,
+                offset: 0,
+                by: Referrer::Header,
+            },
+            second: None,
+        }
+    }
+}
+
+impl Hits {
+    fn add(&mut self, f: Found) {
+        match self.count {
+            0 => self.first = f,
+            1 => self.second = Some(f),
+            _ => {}
+        }
+        self.count = self.count.saturating_add(1);
+    }
+}
+
+/// The clusters a session writes or takes.
+struct Touched<'r> {
+    record: &'r WriteRecord,
+    /// Clusters with metadata writes → the kinds written there.
+    meta: BTreeMap<u64, Vec<WriteKind>>,
+    /// Clusters with data writes, as merged runs (first, end).
+    data: Vec<(u64, u64)>,
+}
+
+impl<'r> Touched<'r> {
+    fn new(record: &'r WriteRecord, cb: u32) -> Self {
+        let mut meta: BTreeMap<u64, Vec<WriteKind>> = BTreeMap::new();
+        let mut data = Vec::new();
+        for w in record.writes.iter().filter(|w| w.len > 0) {
+            let first = w.offset >> cb;
+            let end = ((w.offset + w.len - 1) >> cb) + 1;
+            if w.kind == WriteKind::Data {
+                data.push((first, end));
+            } else {
+                for c in first..end {
+                    let kinds = meta.entry(c).or_default();
+                    if !kinds.contains(&w.kind) {
+                        kinds.push(w.kind);
+                    }
+                }
+            }
+        }
+        data.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(data.len());
+        for (s, e) in data {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        Touched {
+            record,
+            meta,
+            data: merged,
+        }
+    }
+
+    fn data_written(&self, c: u64) -> bool {
+        let i = self.data.partition_point(|&(s, _)| s <= c);
+        i > 0 && c < self.data[i - 1].1
+    }
+
+    fn any(&self, c: u64) -> bool {
+        self.meta.contains_key(&c) || self.data_written(c) || self.record.was_taken(c)
+    }
+
+    fn kinds(&self, c: u64) -> Vec<WriteKind> {
+        let mut k = self.meta.get(&c).cloned().unwrap_or_default();
+        if self.data_written(c) {
+            k.push(WriteKind::Data);
+        }
+        k
+    }
+}
+
+/// Refuse overlapping structures; identical L2 extents (shared tables) are allowed.
+fn check_disjoint(extents: &[Extent]) -> Result<(), OverlapError> {
+    let mut reach: Option<&Extent> = None;
+    for e in extents {
+        if let Some(r) = reach {
+            if e.offset < r.end() {
+                let same_table =
+                    r.what.is_l2() && e.what.is_l2() && r.offset == e.offset && r.len == e.len;
+                if !same_table {
+                    let (a, b) = if e.what.rank() < r.what.rank() {
+                        (r, e)
+                    } else {
+                        (e, r)
+                    };
+                    return Err(OverlapError::Overlap {
+                        a: a.found(),
+                        b: b.found(),
+                    });
+                }
+            }
+            if e.end() <= r.end() {
+                continue;
+            }
+        }
+        reach = Some(e);
+    }
+    Ok(())
+}
+
+struct Scan {
+    cs: u64,
+    file_size: u64,
+    extents: Vec<Extent>,
+}
+
+impl Scan {
+    /// A table named by offset and byte length: aligned, bounded, inside the file.
+    fn table(
+        &mut self,
+        what: &'static str,
+        offset: u64,
+        len: u64,
+        max: u64,
+        kind: Structure,
+        by: Referrer,
+    ) -> Result<(), OverlapError> {
+        if len == 0 {
+            return Ok(());
+        }
+        if offset & (self.cs - 1) != 0 || len > max {
+            return Err(OverlapError::Invalid {
+                what,
+                offset,
+                len,
+                by,
+            });
+        }
+        self.place(offset, len, kind, by)
+    }
+
+    /// A one-cluster structure named by an entry (0 = none).
+    fn cluster(&mut self, offset: u64, kind: Structure, by: Referrer) -> Result<(), OverlapError> {
+        if offset == 0 {
+            return Ok(());
+        }
+        if offset & (self.cs - 1) != 0 {
+            return Err(OverlapError::Invalid {
+                what: kind.qemu_name(),
+                offset,
+                len: self.cs,
+                by,
+            });
+        }
+        self.place(offset, self.cs, kind, by)
+    }
+
+    fn place(
+        &mut self,
+        offset: u64,
+        len: u64,
+        what: Structure,
+        by: Referrer,
+    ) -> Result<(), OverlapError> {
+        let outside = offset.checked_add(len).is_none_or(|e| e > self.file_size);
+        if offset == 0 || outside {
+            return Err(OverlapError::Misplaced {
+                target: Target::Structure(what),
+                offset,
+                by,
+            });
+        }
+        self.extents.push(Extent {
+            offset,
+            len,
+            what,
+            by,
+        });
+        Ok(())
+    }
+
+    /// An L1 table and the L2 tables it names.
+    fn l1<D: BlockDev + ?Sized>(
+        &mut self,
+        dev: &mut D,
+        offset: u64,
+        size: u32,
+        snapshot: Option<u32>,
+    ) -> Result<(), OverlapError> {
+        let (kind, l2_kind, by) = match snapshot {
+            None => (Structure::ActiveL1, Structure::ActiveL2, Referrer::Header),
+            Some(k) => (
+                Structure::InactiveL1,
+                Structure::InactiveL2,
+                Referrer::Snapshot { index: k },
+            ),
+        };
+        let len = u64::from(size) * 8;
+        self.table(kind.qemu_name(), offset, len, MAX_L1_BYTES, kind, by)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let l1 = read_u64s(dev, offset, u64::from(size))?;
+        for (i, e) in l1.iter().enumerate() {
+            let by = Referrer::L1 {
+                snapshot,
+                index: i as u64,
+            };
+            self.cluster(e & L1E_OFFSET_MASK, l2_kind, by)?;
+        }
+        Ok(())
+    }
+}
+
+/// Each snapshot's L1 table (offset, entries) and the snapshot table's length as QEMU
+/// computes it (`snapshots_size`: the end of the last entry).
+struct Snapshots {
+    l1s: Vec<(u64, u32)>,
+    table_len: u64,
+}
+
+fn snapshot_l1s<D: BlockDev + ?Sized>(
+    dev: &mut D,
+    table: u64,
+    nb: u32,
+) -> Result<Snapshots, OverlapError> {
+    // The header parse already checked every entry's sizes (QEMU's read_snapshots).
+    let mut offset = table;
+    let mut l1s = Vec::with_capacity(nb.min(1024) as usize);
+    for _ in 0..nb {
+        offset = offset.next_multiple_of(8);
+        let mut h = [0u8; 40];
+        dev.read_at(offset, &mut h)?;
+        let l1_offset = be64(&h[0..8]);
+        let l1_size = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+        let id = u64::from(u16::from_be_bytes([h[12], h[13]]));
+        let name = u64::from(u16::from_be_bytes([h[14], h[15]]));
+        let extra = u64::from(u32::from_be_bytes([h[36], h[37], h[38], h[39]]));
+        offset += 40 + extra + id + name;
+        l1s.push((l1_offset, l1_size));
+    }
+    Ok(Snapshots {
+        l1s,
+        table_len: offset - table,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::{ShadowDev, Writer};
+    use crate::OpenMode;
+    use alloc::string::ToString;
+    use instar_blockdev::MemDev;
+
+    const CS: u64 = 512;
+    const RT: u64 = 0x200;
+    const RB: u64 = 0x400;
+    const L1: u64 = 0x600;
+    const L2: u64 = 0x800;
+    const DATA: u64 = 0xa00;
+    const COPIED: u64 = 1 << 63;
+
+    fn put64(img: &mut [u8], at: u64, v: u64) {
+        img[at as usize..at as usize + 8].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn set_refcount(img: &mut [u8], cluster: u64, v: u16) {
+        let at = (RB + 2 * cluster) as usize;
+        img[at..at + 2].copy_from_slice(&v.to_be_bytes());
+    }
+
+    /// A v3 image with 512-byte clusters and 16-bit refcounts, 64 KiB of disk (two L1
+    /// entries): header, refcount table, refcount block, L1, one L2 table (L1[0]) and
+    /// one data cluster (guest cluster 0), each with refcount 1.
+    fn image() -> Vec<u8> {
+        let mut img = vec![0u8; 6 * CS as usize];
+        img[0..4].copy_from_slice(&crate::header::QCOW2_MAGIC.to_be_bytes());
+        img[4..8].copy_from_slice(&3u32.to_be_bytes());
+        img[20..24].copy_from_slice(&9u32.to_be_bytes());
+        put64(&mut img, 24, 64 * 1024);
+        img[36..40].copy_from_slice(&2u32.to_be_bytes());
+        put64(&mut img, 40, L1);
+        put64(&mut img, 48, RT);
+        img[56..60].copy_from_slice(&1u32.to_be_bytes());
+        img[96..100].copy_from_slice(&4u32.to_be_bytes());
+        img[100..104].copy_from_slice(&104u32.to_be_bytes());
+        put64(&mut img, RT, RB);
+        for c in 0..6 {
+            set_refcount(&mut img, c, 1);
+        }
+        put64(&mut img, L1, L2 | COPIED);
+        put64(&mut img, L2, DATA | COPIED);
+        img
+    }
+
+    /// Scan, dry-run `writes` (guest offset, len), audit; the device must stay as it was.
+    fn prove(img: Vec<u8>, writes: &[(u64, usize)]) -> Result<(), OverlapError> {
+        let mut dev = MemDev::new(img.clone());
+        let header = Header::read(&mut dev, OpenMode::ReadWrite).expect("header");
+        let result = (|| {
+            let layout = Layout::scan(&mut dev, &header)?;
+            let mut w = Writer::open(ShadowDev::new(&mut dev), &header, false)
+                .expect("writer")
+                .recording(true);
+            for &(off, len) in writes {
+                w.write(off, &vec![0x5a; len]).expect("dry-run write");
+            }
+            let (_, _, record) = w.finish_recorded().expect("finish");
+            layout.audit(&mut dev, &record)
+        })();
+        assert_eq!(dev.data, img, "the dry run changed the device");
+        assert!(dev.writes.is_empty());
+        result
+    }
+
+    #[test]
+    fn a_sound_image_passes() {
+        // A new data cluster under L1[0], and a new L2 table (and data) under L1[1].
+        prove(image(), &[(512, 512), (32 * 1024, 1024)]).expect("sound image");
+    }
+
+    #[test]
+    fn l1_entry_on_the_refcount_block() {
+        let mut img = image();
+        put64(&mut img, L1, RB | COPIED);
+        match prove(img, &[(512, 512)]) {
+            Err(OverlapError::Overlap { a, b }) => {
+                assert_eq!(a.offset, RB);
+                assert_eq!(b.offset, RB);
+                // The table the L1 entry names is the one reported as misplaced.
+                assert_eq!(a.target, Target::Structure(Structure::ActiveL2));
+                assert_eq!(
+                    a.by,
+                    Referrer::L1 {
+                        snapshot: None,
+                        index: 0
+                    }
+                );
+                assert_eq!(b.target, Target::Structure(Structure::RefcountBlock));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn two_l1_entries_on_one_table_written_through() {
+        let mut img = image();
+        put64(&mut img, L1 + 8, L2 | COPIED);
+        let e = prove(img.clone(), &[(32 * 1024 + 512, 512)]).expect_err("shared table");
+        assert!(matches!(e, OverlapError::Shared { .. }), "{e:?}");
+        assert!(e
+            .to_string()
+            .starts_with("Preventing invalid write on metadata (overlaps with active L2 table)"));
+        // Shared but never written through (COPIED clear, so copied on write): fine.
+        put64(&mut img, L1 + 8, L2);
+        put64(&mut img, L1, L2);
+        set_refcount(&mut img, 4, 2);
+        prove(img, &[(32 * 1024 + 512, 512)]).expect("copy on write of a shared table");
+    }
+
+    #[test]
+    fn allocator_would_take_a_table_in_use() {
+        let mut img = image();
+        // The L2 table claims refcount 0: the next allocation takes it.
+        set_refcount(&mut img, L2 / CS, 0);
+        let e = prove(img, &[(32 * 1024, 512)]).expect_err("taken");
+        match e {
+            OverlapError::TakenInUse { at, on } => {
+                assert_eq!(at, L2);
+                assert_eq!(on.target, Target::Structure(Structure::ActiveL2));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn data_entry_inside_the_l1_table() {
+        let mut img = image();
+        put64(&mut img, L2 + 8, L1 | COPIED);
+        let e = prove(img, &[]).expect_err("data in L1");
+        assert!(
+            e.to_string()
+                .contains("(overlaps with active L1 table): the data cluster at 0x600"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn compressed_data_inside_the_header_cluster() {
+        let mut img = image();
+        // 512-byte clusters: the sector count starts at bit 62 - (9 - 8) = 61.
+        put64(&mut img, L2 + 8, crate::entry::OFLAG_COMPRESSED | 0x100);
+        let e = prove(img, &[]).expect_err("compressed in the header");
+        assert!(
+            e.to_string().starts_with(
+                "Preventing invalid write on metadata (overlaps with qcow2_header): \
+                 the compressed cluster at 0x100"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tables_outside_the_file_or_at_zero() {
+        let mut img = image();
+        put64(&mut img, L1 + 8, 0x10_0000 | COPIED);
+        let e = prove(img, &[]).expect_err("outside");
+        assert!(
+            matches!(
+                e,
+                OverlapError::Misplaced {
+                    offset: 0x10_0000,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let mut img = image();
+        put64(&mut img, RT + 8, 0x1000);
+        let e = prove(img, &[]).expect_err("refblock outside");
+        assert!(e.to_string().contains("lies outside the image file"), "{e}");
+    }
+
+    const SNAP_TABLE: u64 = 0xc00;
+    const SNAP_L1: u64 = 0xe00;
+
+    /// [`image`] plus one internal snapshot whose L1 table names the same L2 table and
+    /// data cluster as the active L1 (refcount 2, COPIED clear), as QEMU leaves them.
+    fn image_with_snapshot() -> Vec<u8> {
+        let mut img = image();
+        img.resize(8 * CS as usize, 0);
+        img[60..64].copy_from_slice(&1u32.to_be_bytes());
+        put64(&mut img, 64, SNAP_TABLE);
+        put64(&mut img, SNAP_TABLE, SNAP_L1);
+        let t = SNAP_TABLE as usize;
+        img[t + 8..t + 12].copy_from_slice(&2u32.to_be_bytes());
+        img[t + 12..t + 14].copy_from_slice(&1u16.to_be_bytes());
+        img[t + 14..t + 16].copy_from_slice(&1u16.to_be_bytes());
+        img[t + 40] = b'1';
+        img[t + 41] = b's';
+        put64(&mut img, SNAP_L1, L2);
+        put64(&mut img, L1, L2);
+        put64(&mut img, L2, DATA);
+        for c in 0..8 {
+            set_refcount(&mut img, c, 1);
+        }
+        set_refcount(&mut img, L2 / CS, 2);
+        set_refcount(&mut img, DATA / CS, 2);
+        img
+    }
+
+    #[test]
+    fn tables_shared_with_a_snapshot_are_copied_not_written_through() {
+        prove(image_with_snapshot(), &[(0, 256), (512, 512)]).expect("copy on write");
+    }
+
+    #[test]
+    fn active_entry_claiming_a_snapshot_table_is_refused() {
+        let mut img = image_with_snapshot();
+        // COPIED says "only the active L1 names this table"; the snapshot does too.
+        put64(&mut img, L1, L2 | COPIED);
+        let e = prove(img, &[(512, 512)]).expect_err("write through a shared table");
+        assert!(
+            e.to_string().starts_with(
+                "Preventing invalid write on metadata (overlaps with inactive L2 table)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn snapshot_structures_are_scanned() {
+        let mut dev = MemDev::new(image_with_snapshot());
+        let header = Header::read(&mut dev, OpenMode::ReadWrite).expect("header");
+        let layout = Layout::scan(&mut dev, &header).expect("scan");
+        let kinds: Vec<(u64, Structure)> =
+            layout.extents.iter().map(|e| (e.offset, e.what)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (0, Structure::MainHeader),
+                (RT, Structure::RefcountTable),
+                (RB, Structure::RefcountBlock),
+                (L1, Structure::ActiveL1),
+                (L2, Structure::ActiveL2),
+                (L2, Structure::InactiveL2),
+                (SNAP_TABLE, Structure::SnapshotTable),
+                (SNAP_L1, Structure::InactiveL1),
+            ]
+        );
+        // The snapshot table's length is QEMU's snapshots_size: 40 + id + name.
+        assert_eq!(layout.extents[6].len, 42);
+    }
+}
