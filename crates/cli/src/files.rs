@@ -25,6 +25,11 @@ pub fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// The C library's text for an I/O error, as QEMU prints it.
+pub fn io_text(e: &io::Error) -> String {
+    strerror(errno_of(e))
+}
+
 /// Why an image file could not be opened. `Display` is the text QEMU's `file` driver
 /// gives (which callers prefix with their own "Could not open 'X': ").
 #[derive(Debug, thiserror::Error)]

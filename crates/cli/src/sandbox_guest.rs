@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 
 use instar_abi::{Call, Request, Response};
 
-use crate::guest::{Attached, Guest};
+use crate::guest::{Attached, Guest, RunError};
 use crate::progress;
 use crate::sandbox::{self, Device, Options};
 
@@ -86,7 +86,7 @@ impl Guest for SandboxGuest {
         call: &Call,
         devices: &[Attached<'_>],
         on_progress: &mut (dyn FnMut(u32) + Send),
-    ) -> Result<Response, String> {
+    ) -> Result<Response, RunError> {
         let mut options = self.options.clone();
         options.virtual_size = self.overlay_size(call, devices);
         let file_bytes = devices
@@ -107,7 +107,7 @@ impl Guest for SandboxGuest {
             }
             _ => sandbox::run(call, &devs, &options, &mut bounded),
         }
-        .map_err(|e| e.to_string())?;
+        .map_err(RunError::from)?;
         self.remember(call, devices, &response);
         Ok(response)
     }

@@ -33,7 +33,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use instar::guest::{Attached, Guest};
+use instar::guest::{Attached, Guest, RunError};
 use instar::sandbox::{self, Device, Options, SandboxError};
 use instar::sandbox_guest::devices_of;
 use instar_abi::{Call, Request, Response, SelfTest};
@@ -86,7 +86,7 @@ impl Guest for StoppingGuest {
         call: &Call,
         devices: &[Attached<'_>],
         on_progress: &mut (dyn FnMut(u32) + Send),
-    ) -> Result<Response, String> {
+    ) -> Result<Response, RunError> {
         let devices = devices_of(devices);
         let opts = Options {
             stop_after_writes: self.stop_after,
@@ -103,7 +103,7 @@ impl Guest for StoppingGuest {
                 if let SandboxError::StoppedAfterWrites(n) = e {
                     self.stopped = Some(n);
                 }
-                Err(e.to_string())
+                Err(e.into())
             }
         }
     }
