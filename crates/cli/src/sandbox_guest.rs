@@ -21,10 +21,28 @@ pub struct SandboxGuest {
     pub options: Options,
     /// Files probed as a read-write open, and the virtual size found.
     probed: Vec<(FileId, u64)>,
-    /// Tests only: the guest image rebase calls run instead of the embedded one (probes
-    /// keep the real guest, so that the flow reaches the rebase). The binary never
-    /// sets it.
-    rebase_guest: Option<Vec<u8>>,
+    /// Tests only: a guest image that one kind of call runs instead of the embedded
+    /// one. The binary never sets it.
+    hostile: Option<Hostile>,
+}
+
+/// Tests only: a hand-built guest, and the calls it answers.
+#[derive(Debug)]
+struct Hostile {
+    elf: Vec<u8>,
+    /// Probes (else rebase calls; the other kind keeps the real guest, so that the flow
+    /// reaches the hostile call).
+    probes: bool,
+}
+
+impl Hostile {
+    fn answers(&self, request: &Request) -> bool {
+        match request {
+            Request::Probe(_) => self.probes,
+            Request::Rebase(_) => !self.probes,
+            _ => false,
+        }
+    }
 }
 
 /// A file's identity and length: a file that changed is not the one probed.
@@ -51,7 +69,17 @@ impl SandboxGuest {
         SandboxGuest {
             options,
             probed: Vec::new(),
-            rebase_guest: Some(elf),
+            hostile: Some(Hostile { elf, probes: false }),
+        }
+    }
+
+    /// Tests only: a guest whose probes run `elf` (a hostile guest), with everything
+    /// else as in the binary.
+    pub fn with_probe_guest(options: Options, elf: Vec<u8>) -> SandboxGuest {
+        SandboxGuest {
+            options,
+            probed: Vec::new(),
+            hostile: Some(Hostile { elf, probes: true }),
         }
     }
 
@@ -101,11 +129,12 @@ impl Guest for SandboxGuest {
             on_progress(steps)
         };
         let devs = devices_of(devices);
-        let response = match (&self.rebase_guest, &call.request) {
-            (Some(elf), Request::Rebase(_)) => {
-                sandbox::run_guest(elf, call, &devs, &options, &mut bounded).map(|o| o.response)
+        let hostile = self.hostile.as_ref().filter(|h| h.answers(&call.request));
+        let response = match hostile {
+            Some(h) => {
+                sandbox::run_guest(&h.elf, call, &devs, &options, &mut bounded).map(|o| o.response)
             }
-            _ => sandbox::run(call, &devs, &options, &mut bounded),
+            None => sandbox::run(call, &devs, &options, &mut bounded),
         }
         .map_err(RunError::from)?;
         self.remember(call, devices, &response);
