@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 
 use instar_abi::{Format, ImageInfo};
 
-use crate::drivers::{self, DriverName};
+use crate::drivers;
 use crate::failure::Failure;
 use crate::files::ImageFile;
 use crate::guest::{self, Answer, Guest};
@@ -74,19 +74,14 @@ impl Walk<'_> {
 /// The format a backing file is opened with: forced `vmdk` below a vmdk image, else the
 /// recorded one (`None`: probe). Errors are QEMU's for an unknown driver, and instar's
 /// for a QEMU driver it cannot read.
-fn backing_format(parent: &ImageInfo) -> Result<Option<Format>, String> {
+fn backing_format(parent: &ImageInfo) -> Result<Option<Format>, drivers::NotOpenable> {
     if parent.format == Format::Vmdk {
         return Ok(Some(Format::Vmdk));
     }
     let Some(recorded) = parent.backing_format.as_deref() else {
         return Ok(None);
     };
-    let name = sanitize::name(recorded);
-    match std::str::from_utf8(recorded).map(drivers::classify) {
-        Ok(DriverName::Format(f)) => Ok(Some(f)),
-        Ok(DriverName::QemuOnly) => Err(format!("Driver '{name}' is not supported by instar")),
-        _ => Err(format!("Unknown driver '{name}'")),
-    }
+    drivers::format_to_open(recorded, sanitize::name(recorded)).map(Some)
 }
 
 /// instar's refusal of an image it found but does not read (a format the sandbox only

@@ -5,22 +5,14 @@
 //! guest's [`Response::Error`], which the command reports with QEMU's words), or a
 //! [`RunError`] (the sandbox gave no answer), which ends the command at once.
 
-use std::fs::File;
-
 use instar_abi::{
     Call, Format, GuestError, ImageInfo, ProbeRequest, RebaseOutcome, Request, Response,
     MAX_MESSAGE, MAX_REPORTED_NAME,
 };
 
 use crate::files::ImageFile;
+pub use crate::sandbox::Device;
 use crate::sanitize;
-
-/// One file attached to a VM as a virtio-blk device.
-#[derive(Debug, Clone, Copy)]
-pub struct Attached<'a> {
-    pub file: &'a File,
-    pub writable: bool,
-}
 
 /// Something that runs one call in a fresh sandbox.
 pub trait Guest {
@@ -29,7 +21,7 @@ pub trait Guest {
     fn run(
         &mut self,
         call: &Call,
-        devices: &[Attached<'_>],
+        devices: &[Device<'_>],
         on_progress: &mut (dyn FnMut(u32) + Send),
     ) -> Result<Response, RunError>;
 }
@@ -150,7 +142,7 @@ pub fn probe(
             writable,
         }),
     };
-    let devices = [Attached {
+    let devices = [Device {
         file: &image.file,
         writable: false,
     }];
@@ -162,7 +154,7 @@ pub fn probe(
 pub fn rebase(
     guest: &mut dyn Guest,
     call: &Call,
-    devices: &[Attached<'_>],
+    devices: &[Device<'_>],
     on_progress: &mut (dyn FnMut(u32) + Send),
 ) -> Result<Answer<RebaseOutcome>, RunError> {
     let response = guest.run(call, devices, on_progress)?;

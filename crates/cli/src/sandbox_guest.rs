@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 
 use instar_abi::{Call, Request, Response};
 
-use crate::guest::{Attached, Guest, RunError};
+use crate::guest::{Guest, RunError};
 use crate::progress;
 use crate::sandbox::{self, Device, Options};
 
@@ -84,7 +84,7 @@ impl SandboxGuest {
     }
 
     /// The probed virtual size of a rebase's overlay (device 0, writable).
-    fn overlay_size(&self, call: &Call, devices: &[Attached<'_>]) -> Option<u64> {
+    fn overlay_size(&self, call: &Call, devices: &[Device<'_>]) -> Option<u64> {
         let overlay = devices.first().filter(|d| d.writable)?;
         if !matches!(call.request, Request::Rebase(_)) {
             return None;
@@ -96,7 +96,7 @@ impl SandboxGuest {
             .map(|&(_, size)| size)
     }
 
-    fn remember(&mut self, call: &Call, devices: &[Attached<'_>], response: &Response) {
+    fn remember(&mut self, call: &Call, devices: &[Device<'_>], response: &Response) {
         let (Request::Probe(p), Response::Probe(info)) = (&call.request, response) else {
             return;
         };
@@ -112,7 +112,7 @@ impl Guest for SandboxGuest {
     fn run(
         &mut self,
         call: &Call,
-        devices: &[Attached<'_>],
+        devices: &[Device<'_>],
         on_progress: &mut (dyn FnMut(u32) + Send),
     ) -> Result<Response, RunError> {
         let mut options = self.options.clone();
@@ -128,27 +128,14 @@ impl Guest for SandboxGuest {
             let steps = bound.map_or(steps, |b| u64::from(steps).min(b) as u32);
             on_progress(steps)
         };
-        let devs = devices_of(devices);
         let hostile = self.hostile.as_ref().filter(|h| h.answers(&call.request));
         let response = match hostile {
-            Some(h) => {
-                sandbox::run_guest(&h.elf, call, &devs, &options, &mut bounded).map(|o| o.response)
-            }
-            None => sandbox::run(call, &devs, &options, &mut bounded),
+            Some(h) => sandbox::run_guest(&h.elf, call, devices, &options, &mut bounded)
+                .map(|o| o.response),
+            None => sandbox::run(call, devices, &options, &mut bounded),
         }
         .map_err(RunError::from)?;
         self.remember(call, devices, &response);
         Ok(response)
     }
-}
-
-/// The sandbox's view of the files a [`Guest`] call attaches.
-pub fn devices_of<'a>(attached: &[Attached<'a>]) -> Vec<Device<'a>> {
-    attached
-        .iter()
-        .map(|d| Device {
-            file: d.file,
-            writable: d.writable,
-        })
-        .collect()
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use asm::*;
 use cli_support::{create, kvm, qemu, Scratch};
-use instar::guest::{Attached, RunError};
+use instar::guest::{Device, RunError};
 use instar::sandbox::Options;
 use instar::sandbox_guest::SandboxGuest;
 use instar_abi::{Call, ErrorKind, GuestError, RebaseOutcome, Response};
@@ -38,7 +38,7 @@ impl instar::guest::Guest for Counting {
     fn run(
         &mut self,
         call: &Call,
-        devices: &[Attached<'_>],
+        devices: &[Device<'_>],
         on_progress: &mut (dyn FnMut(u32) + Send),
     ) -> Result<Response, RunError> {
         self.vms += 1;

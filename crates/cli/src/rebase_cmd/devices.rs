@@ -7,11 +7,11 @@ use super::cmd::{Cmd, Role};
 use crate::chain::{Opened, BACKING_PREFIX};
 use crate::failure::Failure;
 use crate::files::ImageFile;
-use crate::guest::Attached;
+use crate::guest::Device;
 
 /// The files the rebase VM gets, in device order.
 pub struct DeviceTable<'a> {
-    pub devices: Vec<Attached<'a>>,
+    pub devices: Vec<Device<'a>>,
     pub sizes: Vec<u64>,
     /// `prefixes[dev]`: how a guest error about device `dev` begins.
     pub prefixes: Vec<String>,
@@ -28,7 +28,7 @@ pub fn assemble<'a>(
     new: (&'a [ImageFile], &'a [Format]),
 ) -> Result<DeviceTable<'a>, Failure> {
     let mut table = DeviceTable {
-        devices: vec![Attached {
+        devices: vec![Device {
             file: &overlay.file,
             writable: true,
         }],
@@ -70,7 +70,7 @@ impl<'a> DeviceTable<'a> {
         // At most 1 + 2 × MAX_CHAIN devices; the sandbox takes 64.
         let dev = u8::try_from(self.devices.len())
             .map_err(|_| Failure::plain("internal error: too many devices"))?;
-        self.devices.push(Attached {
+        self.devices.push(Device {
             file: &image.file,
             writable: false,
         });

@@ -11,7 +11,7 @@ use super::in_chain;
 use super::new_chain;
 use super::old_chain::OldChain;
 use super::probe_rule;
-use crate::drivers::{self, DriverName};
+use crate::drivers;
 use crate::failure::Failure;
 use crate::files::{self, ImageFile};
 use crate::guest::{self, Answer, Guest};
@@ -135,16 +135,10 @@ fn open_probed(
     only_format: bool,
 ) -> Result<(ImageFile, ImageInfo), Failure> {
     let prefix = cmd.prefix(Role::NewBacking);
-    let open_as = match backing_format.map(|f| (f, drivers::classify(f))) {
-        None => None,
-        Some((_, DriverName::Format(f))) => Some(f),
-        Some((f, _)) => {
-            return Err(Failure::about(
-                &prefix,
-                format!("Driver '{f}' is not supported by instar"),
-            ))
-        }
-    };
+    let open_as = backing_format
+        .map(|f| drivers::format_to_open(f.as_bytes(), f))
+        .transpose()
+        .map_err(|e| Failure::about(&prefix, e))?;
     let image = match files::open_image(path, false) {
         Ok(image) => image,
         Err(_) if only_format => return Err(cmd.change("backing format must be specified")),

@@ -17,7 +17,7 @@ use super::options::{BackingFormat, Options};
 use super::overlay::Overlay;
 use super::rebase_vm::header_backing;
 use crate::failure::Failure;
-use crate::guest::{self, Answer, Attached, Guest};
+use crate::guest::{self, Answer, Device, Guest};
 
 /// The rebase done in one VM, or `None` when the full path must run.
 pub fn try_unsafe(
@@ -55,7 +55,7 @@ pub fn try_unsafe(
         device_sizes: vec![overlay.image.len],
         request: Request::Rebase(request),
     };
-    let devices = [Attached {
+    let devices = [Device {
         file: &overlay.image.file,
         writable: true,
     }];

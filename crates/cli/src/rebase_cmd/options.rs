@@ -6,7 +6,7 @@
 use instar_abi::Format;
 
 use super::cmd::{lossy, Cmd, Role};
-use crate::drivers::{self, DriverName};
+use crate::drivers;
 use crate::failure::Failure;
 
 /// `-F` as given.
@@ -72,13 +72,7 @@ fn overlay_format(cmd: &Cmd) -> Result<Option<Format>, Failure> {
     let Some(f) = cmd.args.format.as_deref().map(lossy) else {
         return Ok(None);
     };
-    let prefix = cmd.prefix(Role::Overlay);
-    match drivers::classify(&f) {
-        DriverName::Format(format) => Ok(Some(format)),
-        DriverName::QemuOnly => Err(Failure::about(
-            &prefix,
-            format!("Driver '{f}' is not supported by instar"),
-        )),
-        DriverName::Unknown => Err(Failure::about(&prefix, format!("Unknown driver '{f}'"))),
-    }
+    drivers::format_to_open(f.as_bytes(), f.as_str())
+        .map(Some)
+        .map_err(|e| Failure::about(&cmd.prefix(Role::Overlay), e))
 }
