@@ -64,11 +64,10 @@ pub struct Walk<'a> {
     pub already: usize,
 }
 
-impl Walk<'_> {
-    /// The message prefix for an image `level` levels below the top.
-    pub fn level_prefix(&self, level: usize) -> String {
-        format!("{}{}", self.prefix, BACKING_PREFIX.repeat(level))
-    }
+/// How QEMU's messages about an image `level` levels below a top begin, when the top's
+/// begin with `top` (`Could not open 'FILE': `).
+pub fn level_prefix(top: &str, level: usize) -> String {
+    format!("{top}{}", BACKING_PREFIX.repeat(level))
 }
 
 /// The format a backing file is opened with: forced `vmdk` below a vmdk image, else the
@@ -107,7 +106,7 @@ pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Op
     };
     while let Some(name) = name_of(&parent_info) {
         let level = images.len() + 1;
-        let prefix = w.level_prefix(level);
+        let prefix = level_prefix(&w.prefix, level);
         let refused = |r: Refused| Failure::about(&prefix, r);
         if w.already + images.len() >= MAX_CHAIN {
             return Err(refused(Refused::TooDeep {

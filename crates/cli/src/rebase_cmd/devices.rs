@@ -4,7 +4,7 @@
 use instar_abi::{ChainImage, Format};
 
 use super::cmd::{Cmd, Role};
-use crate::chain::{Opened, BACKING_PREFIX};
+use crate::chain::{self, Opened};
 use crate::failure::Failure;
 use crate::files::ImageFile;
 use crate::guest::Device;
@@ -38,21 +38,13 @@ pub fn assemble<'a>(
         new_chain: Vec::new(),
     };
     for (k, o) in old.iter().enumerate() {
-        let prefix = format!(
-            "{}{}",
-            cmd.prefix(Role::Overlay),
-            BACKING_PREFIX.repeat(k + 1)
-        );
+        let prefix = chain::level_prefix(&cmd.prefix(Role::Overlay), k + 1);
         let entry = table.attach(&o.image, o.format, prefix)?;
         table.old_chain.push(entry);
     }
     let (images, formats) = new;
     for (j, (image, &format)) in images.iter().zip(formats).enumerate() {
-        let prefix = format!(
-            "{}{}",
-            cmd.prefix(Role::NewBacking),
-            BACKING_PREFIX.repeat(j)
-        );
+        let prefix = chain::level_prefix(&cmd.prefix(Role::NewBacking), j);
         let entry = table.attach(image, format, prefix)?;
         table.new_chain.push(entry);
     }

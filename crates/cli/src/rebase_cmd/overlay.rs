@@ -1,7 +1,6 @@
 //! FILE: opened read-write and locked for writing as QEMU opens it, probed in the sandbox
 //! as a read-write open validates it, its external data file checked, its format judged.
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use instar_abi::{Format, ImageInfo};
@@ -24,14 +23,7 @@ pub struct Overlay {
 /// Open and lock FILE (a protocol name is refused: instar opens local files only).
 pub fn open(cmd: &Cmd) -> Result<Overlay, Failure> {
     let prefix = cmd.prefix(Role::Overlay);
-    let file = cmd.args.file.as_bytes();
-    if paths::has_protocol(file) {
-        let e = paths::PathError::Protocol {
-            protocol: String::from_utf8_lossy(paths::protocol_of(file)).into_owned(),
-            name: cmd.file.clone(),
-        };
-        return Err(Failure::about(&prefix, e));
-    }
+    paths::local(&cmd.args.file).map_err(|e| Failure::about(&prefix, e))?;
     let image = files::open_image(Path::new(&cmd.args.file), true)
         .map_err(|e| Failure::about(&prefix, e))?;
     locks::lock_image(&image.file, locks::OVERLAY)
