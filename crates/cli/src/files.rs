@@ -67,8 +67,8 @@ pub struct ImageFile {
 /// (it is refused right after as not regular). Only regular files are accepted.
 ///
 /// For names the user typed (FILE, `-b`), which messages show as typed, like qemu-img.
-/// Names read from images are opened through [`crate::policy`] instead, which escapes
-/// them.
+/// Names read from images are opened through the path policy (`policy.rs`) instead,
+/// which escapes them.
 pub fn open_image(path: &Path, writable: bool) -> Result<ImageFile, OpenError> {
     let shown = path.to_string_lossy().into_owned();
     let file = OpenOptions::new()

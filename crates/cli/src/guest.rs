@@ -27,8 +27,8 @@ pub trait Guest {
 }
 
 /// Why a sandbox call ended without an answer. Each `Display` is the sandbox's one line
-/// to print after "instar: "; it may contain guest text, which
-/// [`crate::failure::Failure::sandbox`] escapes.
+/// to print after "instar: "; it may contain guest text, which must be escaped before
+/// it is printed (the command's failures do it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RunError {
     /// The sandbox could not start (no KVM, a bad configuration, a failed setup).

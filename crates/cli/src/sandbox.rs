@@ -29,8 +29,8 @@ use instar_abi::{Call, Response};
 
 /// Limits of one run: the VMM's own configuration. `stop_after_writes` and
 /// `record_writes` are test-only (crash and power-loss tests); the `instar` binary sets
-/// only the watchdog and the deadline, and [`crate::sandbox_guest`] the virtual size its
-/// own probe found.
+/// only the watchdog and the deadline, and the real guest (`sandbox_guest.rs`) the
+/// virtual size its own probe found.
 pub use instar_vmm::Config as Options;
 /// One image attached to the VM as a virtio-blk device (index = device number).
 pub use instar_vmm::Device;
