@@ -201,6 +201,28 @@ mod tests {
     }
 
     #[test]
+    fn sandbox_stops_keep_their_kind_and_line() {
+        use std::time::Duration;
+        let e = RunError::from(instar_vmm::Error::Watchdog(Duration::from_secs(2)));
+        assert_eq!(
+            e,
+            RunError::Watchdog(
+                "internal error in sandbox: the guest made no progress for 2s".into()
+            )
+        );
+        let e = RunError::from(instar_vmm::Error::Deadline(Duration::from_secs(1)));
+        assert!(matches!(e, RunError::Deadline(_)), "{e:?}");
+        let e = RunError::from(instar_vmm::Error::Config("too many devices".into()));
+        assert!(matches!(e, RunError::Unavailable(_)), "{e:?}");
+        let e = RunError::from(instar_vmm::Error::GuestPanic("boom".into()));
+        assert_eq!(e.to_string(), "internal error in sandbox: boom");
+        assert_eq!(
+            RunError::from(Unexpected("an over-long name")),
+            RunError::Internal("internal error: the sandbox returned an over-long name".into())
+        );
+    }
+
+    #[test]
     fn guest_messages_are_escaped_and_bounded() {
         let e = GuestError {
             kind: ErrorKind::Plain,
