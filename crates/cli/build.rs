@@ -1,6 +1,8 @@
 //! Builds the sandbox guest (`guest/`, its own cargo workspace with bare-metal flags)
 //! and leaves it in `$OUT_DIR/rebase.bin` for `include_bytes!`, so `instar` is one file.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -3,6 +3,7 @@
 //! The guest's `main` builds one [`BlockDev`] per device and calls [`handle`].
 
 #![no_std]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 
