@@ -179,7 +179,7 @@ fn plain_failure(text: String) -> Failure {
 /// The overlay formats instar hands to the guest for a rebase; every other one is
 /// refused as QEMU refuses formats without a backing-file change (`ENOTSUP`).
 fn overlay_supported(format: Format) -> bool {
-    matches!(format, Format::Qcow2 | Format::Vmdk)
+    matches!(format, Format::Qcow2 | Format::Vmdk | Format::Qed)
 }
 
 /// The new backing file as the guest will get it.
@@ -606,7 +606,8 @@ fn new_backing(
     }
     // qcow2's limit, checked where QEMU checks it; without -F QEMU's EINVAL reads as a
     // missing format, and that text is kept.
-    if args.backing.len() > MAX_BACKING_NAME {
+    // (qed's limit is its header's free space, checked in the guest.)
+    if overlay_format != Format::Qed && args.backing.len() > MAX_BACKING_NAME {
         return ctx.change_failed(if backing_format.is_some() {
             "Invalid argument"
         } else {

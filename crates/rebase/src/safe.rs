@@ -28,6 +28,7 @@ use instar_chain::view::ChainView;
 use instar_qcow2::image::Qcow2Image;
 use instar_qcow2::writer::{BackingRead, Finish, IoOp, WriteError, Writer};
 use instar_qcow2::OpenMode;
+use instar_qed::QedImage;
 use instar_vmdk::VmdkImage;
 
 use crate::copy::{self, ChainStatus, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
@@ -249,6 +250,9 @@ pub(crate) fn open_chain<'a>(
                         .map_err(|e| open_error(img.dev, e.to_string()))?,
                 )
             }
+            Format::Qed => Box::new(
+                QedImage::open(dev).map_err(|e| open_error(img.dev, e.to_string()))?,
+            ),
             Format::Vmdk => {
                 let v = VmdkImage::open(dev).map_err(|e| open_error(img.dev, e.to_string()))?;
                 this_cid = Some((v.descriptor().cid, v.descriptor().parent_cid));

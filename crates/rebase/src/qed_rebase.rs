@@ -1,0 +1,254 @@
+//! Rebase of a qed overlay (device 0), unsafe and safe, byte-identical to qemu-img:
+//!
+//! - the header rewrite is `bdrv_qed_co_change_backing_file`'s: the 64-byte header
+//!   with `QED_F_BACKING_FILE` (and `QED_F_BACKING_FORMAT_NO_PROBE` for a raw new
+//!   backing) and the name right after it, in one write; what followed the old name
+//!   stays. A header and name longer than `header_size` clusters is QEMU's `ENOSPC`;
+//!   unknown compat features refuse a new name (`ENOTSUP`). Unknown autoclear bits
+//!   are cleared, as QEMU's read-write open does;
+//! - safe mode runs qemu-img's copy loop ([`crate::copy`]) into
+//!   [`instar_qed::Writer`], which allocates as QEMU's qed driver does, then writes
+//!   the header last with `QED_F_NEED_CHECK` clear (QEMU's close clears it).
+//!
+//! Images that QEMU would repair on a read-write open (`QED_F_NEED_CHECK` set) are
+//! refused before anything is written. Everything that can fail is checked before
+//! `write_phase`.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::cell::RefCell;
+
+use instar_abi::{ErrorKind, Format, GuestError, RebaseOutcome, RebaseRequest};
+use instar_blockdev::{BlockDev, IoError};
+use instar_chain::probe::check_format;
+use instar_chain::view::ChainView;
+use instar_qed::header::F_NEED_CHECK;
+use instar_qed::{Below, ChangeError, Header, QedImage, Writer};
+
+use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
+use crate::probe::open_error;
+use crate::safe::{
+    self, copy_error, open_chain, plan_over, stats, take, Chains, OldContent, Shared,
+};
+use crate::unsafe_rebase::change_error;
+use crate::{device, Hooks, IO_ERROR};
+
+/// The overlay is always device 0.
+const OVERLAY: u8 = 0;
+
+fn plain(message: String) -> GuestError {
+    GuestError {
+        kind: ErrorKind::Plain,
+        message,
+    }
+}
+
+fn map_change(e: ChangeError) -> GuestError {
+    change_error(&e.to_string())
+}
+
+/// Open the overlay as QEMU's read-write open does, refusing what it would repair.
+fn open_overlay(dev: &mut dyn BlockDev) -> Result<Header, GuestError> {
+    check_format(dev, Format::Qed, true).map_err(|e| open_error(OVERLAY, e.to_string()))?;
+    let img = QedImage::open(dev).map_err(|e| open_error(OVERLAY, e.to_string()))?;
+    let mut header = *img.header();
+    if header.need_check() {
+        return Err(open_error(
+            OVERLAY,
+            String::from(
+                "instar does not rebase qed images that need a consistency check \
+                 (QEMU would repair them on open); run 'qemu-img check -r all' on the image first",
+            ),
+        ));
+    }
+    // QED_AUTOCLEAR_FEATURE_MASK is empty: a read-write open clears every bit.
+    header.autoclear_features = 0;
+    Ok(header)
+}
+
+pub(crate) fn rebase(
+    req: &RebaseRequest,
+    devs: &mut [&mut dyn BlockDev],
+    hooks: &mut dyn Hooks,
+) -> Result<RebaseOutcome, GuestError> {
+    let header = open_overlay(device(devs, OVERLAY)?)?;
+    // `-b ""` detaches like no `-b` at all.
+    let backing = req.new_backing.as_ref().filter(|b| !b.name.is_empty());
+    let name = backing.map(|b| b.name.as_slice());
+    let format = backing.and_then(|b| b.format.as_deref());
+    if backing.is_none() && !req.new_chain.is_empty() {
+        return Err(plain(String::from("a detach request names a new chain")));
+    }
+    if req.in_chain.is_some() && !req.new_chain.is_empty() {
+        return Err(plain(String::from(
+            "an in-chain request also names a new chain",
+        )));
+    }
+
+    if req.unsafe_mode {
+        if name.is_some() && format.is_none() {
+            return Err(change_error("backing format must be specified"));
+        }
+        let (_, bytes) = header.change_backing(name, format).map_err(map_change)?;
+        hooks.write_phase();
+        let dev = device(devs, OVERLAY)?;
+        dev.write_at(0, &bytes).map_err(|_| change_error(IO_ERROR))?;
+        dev.flush().map_err(|_| change_error(IO_ERROR))?;
+        return Ok(RebaseOutcome::default());
+    }
+    safe(req, devs, hooks, header, name, format)
+}
+
+/// Whether QEMU opens a backing file below this header (a C string, empty is none).
+fn names_backing(dev: &mut dyn BlockDev, header: &Header) -> Result<bool, GuestError> {
+    let img = QedImage::open(dev).map_err(|e| open_error(OVERLAY, e.to_string()))?;
+    Ok(header.has_backing() && img.backing_name().is_some_and(|n| n.first() != Some(&0)))
+}
+
+fn safe<'a>(
+    req: &RebaseRequest,
+    devs: &'a mut [&mut dyn BlockDev],
+    hooks: &mut dyn Hooks,
+    header: Header,
+    name: Option<&[u8]>,
+    format: Option<&[u8]>,
+) -> Result<RebaseOutcome, GuestError> {
+    let mut slots: Vec<Option<&'a mut dyn BlockDev>> = devs
+        .iter_mut()
+        .map(|d| Some(&mut **d as &'a mut dyn BlockDev))
+        .collect();
+    let overlay = take(&mut slots, OVERLAY)?;
+    // The old chain must be the one the header names: copying against nothing would
+    // replace the backing file's data with zeros.
+    if names_backing(overlay, &header)? == req.old_chain.is_empty() {
+        return Err(plain(String::from(
+            "the old chain does not match the overlay's backing file",
+        )));
+    }
+    // The header must fit before anything is copied (qemu-img fails only afterwards).
+    if name.is_some() && format.is_none() {
+        return Err(change_error("backing format must be specified"));
+    }
+    header.change_backing(name, format).map_err(map_change)?;
+
+    let old_layers = open_chain(&req.old_chain, &mut slots, "old")?;
+    let new_layers = open_chain(&req.new_chain, &mut slots, "new")?;
+    let old_len = old_layers.len();
+    let mut old_view = ChainView::new(old_layers);
+    let mut new_view = ChainView::new(new_layers);
+    let new_from = match req.in_chain {
+        Some(i) if usize::from(i) < old_len => Some(usize::from(i)),
+        Some(i) => return Err(plain(format!("in-chain index {i} outside the old chain"))),
+        None => None,
+    };
+    let overlay_len = overlay.size();
+    let old = RefCell::new(&mut old_view);
+
+    let mut image = QedImage::open(&mut *overlay).map_err(|e| open_error(OVERLAY, e.to_string()))?;
+    let geom = Geometry {
+        size: image.virtual_size(),
+        write_align: image.cluster_size(),
+    };
+    let chains = Chains {
+        old: &old,
+        old_len,
+        new_from,
+        new_view: &mut new_view,
+    };
+    let plan = plan_over(
+        geom,
+        &mut ClusterAlloc(&mut image),
+        chains,
+        req.progress,
+        hooks,
+    )?;
+
+    // Every request must find valid tables before the first write.
+    let mut writer = Writer::new(image, old_len > 0);
+    for op in &plan.ops {
+        let (Op::Data { offset, len } | Op::Zero { offset, len }) = *op;
+        writer
+            .check(offset, len)
+            .map_err(|e| plain(format!("Error while writing to COW image: {e}")))?;
+    }
+
+    hooks.write_phase();
+    {
+        let mut old_content = (old_len > 0).then_some(OldContent(&old));
+        let mut sink = QedSink {
+            writer: &mut writer,
+            below: (old_len > 0).then_some(OldBelow(&old)),
+        };
+        copy::execute(
+            &plan.ops,
+            old_content.as_mut().map(|c| c as &mut dyn Content),
+            &mut sink,
+        )
+        .map_err(copy_error)?;
+    }
+    let written_end = writer.written_end();
+    let image = writer.finish();
+    // The header, last, as QEMU's close leaves it: no need-check bit.
+    let mut last = *image.header();
+    last.features &= !F_NEED_CHECK;
+    last.autoclear_features = 0;
+    let (_, bytes) = last.change_backing(name, format).map_err(map_change)?;
+    let overlay = image.into_dev();
+    overlay
+        .write_at(0, &bytes)
+        .map_err(|_| change_error(IO_ERROR))?;
+    overlay.flush().map_err(|_| change_error(IO_ERROR))?;
+
+    Ok(RebaseOutcome {
+        stats: stats(&plan.ops, geom.write_align),
+        overlay_len: Some(overlay_len.max(written_end).max(bytes.len() as u64)),
+    })
+}
+
+/// `bdrv_is_allocated` on the overlay: one `qed_find_cluster` answer, zero clusters
+/// allocated.
+struct ClusterAlloc<'r, D: BlockDev>(&'r mut QedImage<D>);
+
+impl<D: BlockDev> OverlayStatus for ClusterAlloc<'_, D> {
+    fn is_allocated(&mut self, offset: u64, bytes: u64) -> Result<(bool, u64), CopyError> {
+        let (state, n) = self
+            .0
+            .find_cluster(offset, bytes)
+            .map_err(|e| CopyError::Metadata(e.to_string()))?;
+        let allocated = matches!(
+            state,
+            instar_qed::ClusterState::Found(_) | instar_qed::ClusterState::Zero
+        );
+        Ok((allocated, n))
+    }
+}
+
+/// Copy-on-write source: the old chain, zeros past its end.
+struct OldBelow<'r, 'a>(Shared<'r, 'a>);
+
+impl Below for OldBelow<'_, '_> {
+    fn read_below(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        safe::read_zero_padded(self.0, guest_offset, buf)
+    }
+}
+
+struct QedSink<'w, 'r, 'a, D: BlockDev> {
+    writer: &'w mut Writer<D>,
+    below: Option<OldBelow<'r, 'a>>,
+}
+
+impl<D: BlockDev> Sink for QedSink<'_, '_, '_, D> {
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
+        let below = self.below.as_mut().map(|b| b as &mut dyn Below);
+        self.writer
+            .write(offset, data, below)
+            .map_err(|e| CopyError::Write(e.to_string()))
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), CopyError> {
+        let below = self.below.as_mut().map(|b| b as &mut dyn Below);
+        self.writer
+            .write_zeroes(offset, len, below)
+            .map_err(|e| CopyError::Write(e.to_string()))
+    }
+}
