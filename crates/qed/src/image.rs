@@ -1,6 +1,7 @@
 //! A qed image opened as QEMU opens it: header checks, backing name, L1 table in
 //! memory, and `qed_find_cluster` for lookups, status and reads.
 
+use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
 use instar_blockdev::{BlockDev, IoError};
@@ -32,6 +33,11 @@ pub enum QedError {
     InvalidOffset,
     #[error("read of {len:#x} bytes at {offset:#x} goes past the virtual size")]
     BeyondVirtualSize { offset: u64, len: u64 },
+    /// The open-time check could not read a table (QEMU's open fails so).
+    #[error("Image corrupted")]
+    Corrupted,
+    #[error("the image is too large for instar's consistency check")]
+    TooLargeToCheck,
 }
 
 /// One L2 table as last read or written (QEMU's cache is write-through, so this is
@@ -39,6 +45,8 @@ pub enum QedError {
 pub(crate) struct CachedL2 {
     pub offset: u64,
     pub entries: Vec<u64>,
+    /// Repaired in memory ([`QedImage::repair`]): the file may still hold the old one.
+    pub patched: bool,
 }
 
 pub struct QedImage<D: BlockDev> {
@@ -48,10 +56,16 @@ pub struct QedImage<D: BlockDev> {
     pub(crate) file_size: u64,
     pub(crate) l1: Vec<u64>,
     pub(crate) l2: Option<CachedL2>,
+    /// Repaired L2 tables not in `l2`, by offset.
+    patches: BTreeMap<u64, Vec<u64>>,
     backing_name: Option<Vec<u8>>,
 }
 
-pub(crate) fn read_table(dev: &mut dyn BlockDev, offset: u64, bytes: u64) -> Result<Vec<u64>, IoError> {
+pub(crate) fn read_table(
+    dev: &mut dyn BlockDev,
+    offset: u64,
+    bytes: u64,
+) -> Result<Vec<u64>, IoError> {
     let mut raw = vec![0u8; bytes as usize];
     dev.read_zero_padded(offset, &mut raw)?;
     Ok(raw
@@ -88,12 +102,21 @@ impl<D: BlockDev> QedImage<D> {
             file_size,
             l1,
             l2: None,
+            patches: BTreeMap::new(),
             backing_name,
         })
     }
 
     pub fn header(&self) -> &Header {
         &self.header
+    }
+    /// What a read-write open does first: `QED_AUTOCLEAR_FEATURE_MASK` is empty, so
+    /// every autoclear bit is cleared.
+    pub fn clear_autoclear(&mut self) {
+        self.header.autoclear_features = 0;
+    }
+    pub fn dev_mut(&mut self) -> &mut D {
+        &mut self.dev
     }
     pub fn virtual_size(&self) -> u64 {
         self.header.image_size
@@ -138,10 +161,30 @@ impl<D: BlockDev> QedImage<D> {
         if self.l2.as_ref().is_some_and(|t| t.offset == offset) {
             return Ok(());
         }
-        self.l2 = None;
-        let entries = read_table(&mut self.dev, offset, self.header.table_bytes())?;
-        self.l2 = Some(CachedL2 { offset, entries });
+        if let Some(old) = self.l2.take().filter(|t| t.patched) {
+            self.patches.insert(old.offset, old.entries);
+        }
+        let (entries, patched) = match self.patches.remove(&offset) {
+            Some(e) => (e, true),
+            None => (
+                read_table(&mut self.dev, offset, self.header.table_bytes())?,
+                false,
+            ),
+        };
+        self.l2 = Some(CachedL2 {
+            offset,
+            entries,
+            patched,
+        });
         Ok(())
+    }
+
+    /// Replace the L2 table at `offset` in memory only.
+    pub(crate) fn patch_l2(&mut self, offset: u64, entries: Vec<u64>) {
+        if self.l2.as_ref().is_some_and(|t| t.offset == offset) {
+            self.l2 = None;
+        }
+        self.patches.insert(offset, entries);
     }
 
     /// `qed_find_cluster`: the state at `pos` and how many bytes from `pos` (at most
@@ -202,7 +245,10 @@ impl<D: BlockDev> QedImage<D> {
     /// lies inside the image.
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), QedError> {
         let len = buf.len() as u64;
-        if offset.checked_add(len).is_none_or(|e| e > self.virtual_size()) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > self.virtual_size())
+        {
             return Err(QedError::BeyondVirtualSize { offset, len });
         }
         let mut done = 0usize;

@@ -54,6 +54,11 @@ impl<D: BlockDev> Writer<D> {
         self.written_end
     }
 
+    /// Run `f` on the image (writes made through it are not tracked).
+    pub fn with_image<T>(&mut self, f: impl FnOnce(&mut QedImage<D>) -> T) -> T {
+        f(&mut self.img)
+    }
+
     /// The image, with its header as it is in memory now.
     pub fn finish(self) -> QedImage<D> {
         self.img
@@ -238,7 +243,11 @@ impl<D: BlockDev> Writer<D> {
             let offset = self.img.file_size;
             self.img.file_size += self.img.header.table_bytes();
             let entries = vec![0u64; self.img.header.table_entries() as usize];
-            self.img.l2 = Some(CachedL2 { offset, entries });
+            self.img.l2 = Some(CachedL2 {
+                offset,
+                entries,
+                patched: false,
+            });
         }
         let table = self.img.l2.as_mut().ok_or(QedError::InvalidOffset)?;
         let slots = table

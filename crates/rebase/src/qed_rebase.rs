@@ -10,9 +10,9 @@
 //!   [`instar_qed::Writer`], which allocates as QEMU's qed driver does, then writes
 //!   the header last with `QED_F_NEED_CHECK` clear (QEMU's close clears it).
 //!
-//! Images that QEMU would repair on a read-write open (`QED_F_NEED_CHECK` set) are
-//! refused before anything is written. Everything that can fail is checked before
-//! `write_phase`.
+//! An image with `QED_F_NEED_CHECK` set gets QEMU's open-time repair
+//! ([`instar_qed::check`]), planned before and written after `write_phase`. Everything
+//! that can fail is checked before `write_phase`.
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -23,6 +23,7 @@ use instar_abi::{ErrorKind, Format, GuestError, RebaseOutcome, RebaseRequest};
 use instar_blockdev::{BlockDev, IoError};
 use instar_chain::probe::check_format;
 use instar_chain::view::ChainView;
+use instar_qed::check::Repair;
 use instar_qed::header::F_NEED_CHECK;
 use instar_qed::{Below, ChangeError, Header, QedImage, Writer};
 
@@ -48,23 +49,35 @@ fn map_change(e: ChangeError) -> GuestError {
     change_error(&e.to_string())
 }
 
-/// Open the overlay as QEMU's read-write open does, refusing what it would repair.
-fn open_overlay(dev: &mut dyn BlockDev) -> Result<Header, GuestError> {
-    check_format(dev, Format::Qed, true).map_err(|e| open_error(OVERLAY, e.to_string()))?;
-    let img = QedImage::open(dev).map_err(|e| open_error(OVERLAY, e.to_string()))?;
-    let mut header = *img.header();
-    if header.need_check() {
-        return Err(open_error(
-            OVERLAY,
-            String::from(
-                "instar does not rebase qed images that need a consistency check \
-                 (QEMU would repair them on open); run 'qemu-img check -r all' on the image first",
-            ),
-        ));
+/// Open the overlay as QEMU's read-write open does: autoclear bits cleared, and the
+/// repair of an image with `QED_F_NEED_CHECK` planned (applied in memory; its writes
+/// are made by [`apply_repair`]).
+fn open_overlay<D: BlockDev>(mut dev: D) -> Result<(QedImage<D>, Repair), GuestError> {
+    check_format(&mut dev, Format::Qed, true).map_err(|e| open_error(OVERLAY, e.to_string()))?;
+    let mut img = QedImage::open(dev).map_err(|e| open_error(OVERLAY, e.to_string()))?;
+    img.clear_autoclear();
+    let repair = if img.header().need_check() {
+        img.repair()
+            .map_err(|e| open_error(OVERLAY, e.to_string()))?
+    } else {
+        Repair::default()
+    };
+    Ok((img, repair))
+}
+
+/// The repair's writes, then the header marked clean, as QEMU's open makes them.
+fn apply_repair<D: BlockDev>(img: &mut QedImage<D>, repair: &Repair) -> Result<(), GuestError> {
+    let header = *img.header();
+    let dev = img.dev_mut();
+    let io = |_| open_error(OVERLAY, String::from("Image corrupted"));
+    for (offset, bytes) in &repair.writes {
+        dev.write_at(*offset, bytes).map_err(io)?;
     }
-    // QED_AUTOCLEAR_FEATURE_MASK is empty: a read-write open clears every bit.
-    header.autoclear_features = 0;
-    Ok(header)
+    if repair.marked_clean {
+        dev.flush().map_err(io)?;
+        dev.write_at(0, &header.to_bytes()).map_err(io)?;
+    }
+    Ok(())
 }
 
 pub(crate) fn rebase(
@@ -72,7 +85,6 @@ pub(crate) fn rebase(
     devs: &mut [&mut dyn BlockDev],
     hooks: &mut dyn Hooks,
 ) -> Result<RebaseOutcome, GuestError> {
-    let header = open_overlay(device(devs, OVERLAY)?)?;
     // `-b ""` detaches like no `-b` at all.
     let backing = req.new_backing.as_ref().filter(|b| !b.name.is_empty());
     let name = backing.map(|b| b.name.as_slice());
@@ -85,32 +97,42 @@ pub(crate) fn rebase(
             "an in-chain request also names a new chain",
         )));
     }
-
-    if req.unsafe_mode {
-        if name.is_some() && format.is_none() {
-            return Err(change_error("backing format must be specified"));
-        }
-        let (_, bytes) = header.change_backing(name, format).map_err(map_change)?;
-        hooks.write_phase();
-        let dev = device(devs, OVERLAY)?;
-        dev.write_at(0, &bytes).map_err(|_| change_error(IO_ERROR))?;
-        dev.flush().map_err(|_| change_error(IO_ERROR))?;
-        return Ok(RebaseOutcome::default());
+    if !req.unsafe_mode {
+        return safe(req, devs, hooks, name, format);
     }
-    safe(req, devs, hooks, header, name, format)
+
+    let (mut img, repair) = open_overlay(device(devs, OVERLAY)?)?;
+    if name.is_some() && format.is_none() {
+        return Err(change_error("backing format must be specified"));
+    }
+    let (_, bytes) = final_header(img.header())
+        .change_backing(name, format)
+        .map_err(map_change)?;
+    hooks.write_phase();
+    apply_repair(&mut img, &repair)?;
+    let dev = img.dev_mut();
+    dev.write_at(0, &bytes)
+        .map_err(|_| change_error(IO_ERROR))?;
+    dev.flush().map_err(|_| change_error(IO_ERROR))?;
+    Ok(RebaseOutcome::default())
 }
 
-/// Whether QEMU opens a backing file below this header (a C string, empty is none).
-fn names_backing(dev: &mut dyn BlockDev, header: &Header) -> Result<bool, GuestError> {
-    let img = QedImage::open(dev).map_err(|e| open_error(OVERLAY, e.to_string()))?;
-    Ok(header.has_backing() && img.backing_name().is_some_and(|n| n.first() != Some(&0)))
+/// The header as QEMU's close leaves it: no need-check bit.
+fn final_header(h: &Header) -> Header {
+    let mut h = *h;
+    h.features &= !F_NEED_CHECK;
+    h
+}
+
+/// Whether QEMU opens a backing file below this image (a C string; empty is none).
+fn names_backing<D: BlockDev>(img: &QedImage<D>) -> bool {
+    img.header().has_backing() && img.backing_name().is_some_and(|n| n.first() != Some(&0))
 }
 
 fn safe<'a>(
     req: &RebaseRequest,
     devs: &'a mut [&mut dyn BlockDev],
     hooks: &mut dyn Hooks,
-    header: Header,
     name: Option<&[u8]>,
     format: Option<&[u8]>,
 ) -> Result<RebaseOutcome, GuestError> {
@@ -119,9 +141,11 @@ fn safe<'a>(
         .map(|d| Some(&mut **d as &'a mut dyn BlockDev))
         .collect();
     let overlay = take(&mut slots, OVERLAY)?;
+    let overlay_len = overlay.size();
+    let (mut image, repair) = open_overlay(overlay)?;
     // The old chain must be the one the header names: copying against nothing would
     // replace the backing file's data with zeros.
-    if names_backing(overlay, &header)? == req.old_chain.is_empty() {
+    if names_backing(&image) == req.old_chain.is_empty() {
         return Err(plain(String::from(
             "the old chain does not match the overlay's backing file",
         )));
@@ -130,7 +154,9 @@ fn safe<'a>(
     if name.is_some() && format.is_none() {
         return Err(change_error("backing format must be specified"));
     }
-    header.change_backing(name, format).map_err(map_change)?;
+    final_header(image.header())
+        .change_backing(name, format)
+        .map_err(map_change)?;
 
     let old_layers = open_chain(&req.old_chain, &mut slots, "old")?;
     let new_layers = open_chain(&req.new_chain, &mut slots, "new")?;
@@ -142,10 +168,8 @@ fn safe<'a>(
         Some(i) => return Err(plain(format!("in-chain index {i} outside the old chain"))),
         None => None,
     };
-    let overlay_len = overlay.size();
     let old = RefCell::new(&mut old_view);
 
-    let mut image = QedImage::open(&mut *overlay).map_err(|e| open_error(OVERLAY, e.to_string()))?;
     let geom = Geometry {
         size: image.virtual_size(),
         write_align: image.cluster_size(),
@@ -174,6 +198,7 @@ fn safe<'a>(
     }
 
     hooks.write_phase();
+    writer.with_image(|img| apply_repair(img, &repair))?;
     {
         let mut old_content = (old_len > 0).then_some(OldContent(&old));
         let mut sink = QedSink {
@@ -188,21 +213,31 @@ fn safe<'a>(
         .map_err(copy_error)?;
     }
     let written_end = writer.written_end();
-    let image = writer.finish();
-    // The header, last, as QEMU's close leaves it: no need-check bit.
-    let mut last = *image.header();
-    last.features &= !F_NEED_CHECK;
-    last.autoclear_features = 0;
-    let (_, bytes) = last.change_backing(name, format).map_err(map_change)?;
-    let overlay = image.into_dev();
+    let mut image = writer.finish();
+    // The header, last.
+    let (_, bytes) = final_header(image.header())
+        .change_backing(name, format)
+        .map_err(map_change)?;
+    let overlay = image.dev_mut();
     overlay
         .write_at(0, &bytes)
         .map_err(|_| change_error(IO_ERROR))?;
     overlay.flush().map_err(|_| change_error(IO_ERROR))?;
+    let repaired_end = repair
+        .writes
+        .iter()
+        .map(|(o, b)| o + b.len() as u64)
+        .max()
+        .unwrap_or(0);
 
     Ok(RebaseOutcome {
         stats: stats(&plan.ops, geom.write_align),
-        overlay_len: Some(overlay_len.max(written_end).max(bytes.len() as u64)),
+        overlay_len: Some(
+            overlay_len
+                .max(written_end)
+                .max(repaired_end)
+                .max(bytes.len() as u64),
+        ),
     })
 }
 

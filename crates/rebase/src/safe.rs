@@ -250,9 +250,9 @@ pub(crate) fn open_chain<'a>(
                         .map_err(|e| open_error(img.dev, e.to_string()))?,
                 )
             }
-            Format::Qed => Box::new(
-                QedImage::open(dev).map_err(|e| open_error(img.dev, e.to_string()))?,
-            ),
+            Format::Qed => {
+                Box::new(QedImage::open(dev).map_err(|e| open_error(img.dev, e.to_string()))?)
+            }
             Format::Vmdk => {
                 let v = VmdkImage::open(dev).map_err(|e| open_error(img.dev, e.to_string()))?;
                 this_cid = Some((v.descriptor().cid, v.descriptor().parent_cid));
