@@ -35,13 +35,10 @@ impl Used {
         let mut fresh = true;
         for c in first..first + n {
             let (w, b) = ((c / 64) as usize, c % 64);
-            match self.bits.get_mut(w) {
-                Some(word) => {
-                    fresh &= *word & (1 << b) == 0;
-                    *word |= 1 << b;
-                }
-                // QEMU's bitmap covers the file; past it nothing was marked before.
-                None => {}
+            // QEMU's bitmap covers the file; past it nothing was marked before.
+            if let Some(word) = self.bits.get_mut(w) {
+                fresh &= *word & (1 << b) == 0;
+                *word |= 1 << b;
             }
         }
         fresh

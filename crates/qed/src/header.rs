@@ -174,7 +174,7 @@ impl Header {
         if !power_of_two_in(self.table_size, MIN_TABLE_SIZE, MAX_TABLE_SIZE) {
             return Err(HeaderError::TableSize);
         }
-        if self.image_size % 512 != 0
+        if !self.image_size.is_multiple_of(512)
             || self.image_size > max_image_size(self.cluster_size, self.table_size)
         {
             return Err(HeaderError::ImageSize);

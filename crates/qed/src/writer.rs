@@ -119,7 +119,7 @@ impl<D: BlockDev> Writer<D> {
                 num -= tail;
             }
             num = num.min(max_zeroes);
-            if pos % cs == 0 && num % cs == 0 {
+            if pos.is_multiple_of(cs) && num.is_multiple_of(cs) {
                 self.request(pos, num, None, below.as_deref_mut())?;
             } else {
                 num = num.min(MAX_BOUNCE);
