@@ -247,3 +247,100 @@ impl Header {
         Ok((h, out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `qemu-img create -f qed -o cluster_size=4096 x 1M` writes.
+    fn fresh() -> Header {
+        Header {
+            magic: MAGIC,
+            cluster_size: 4096,
+            table_size: 4,
+            header_size: 1,
+            features: 0,
+            compat_features: 0,
+            autoclear_features: 0,
+            l1_table_offset: 4096,
+            image_size: 1 << 20,
+            backing_filename_offset: 0,
+            backing_filename_size: 0,
+        }
+    }
+
+    #[test]
+    fn bytes_round_trip() {
+        let h = fresh();
+        assert_eq!(Header::parse(&h.to_bytes()), h);
+        assert_eq!(&h.to_bytes()[..4], b"QED\0");
+    }
+
+    #[test]
+    fn validation_follows_qemus_order() {
+        let file = 5 * 4096;
+        assert_eq!(fresh().validate_all(file), Ok(()));
+        let mut h = fresh();
+        h.features = 0x18;
+        h.cluster_size = 3;
+        assert_eq!(
+            h.validate_all(file),
+            Err(HeaderError::UnsupportedFeatures(0x18))
+        );
+        let mut h = fresh();
+        h.table_size = 1;
+        assert_eq!(h.validate_all(file), Err(HeaderError::TableOffset));
+        let mut h = fresh();
+        h.image_size = 513;
+        assert_eq!(h.validate_all(file), Err(HeaderError::ImageSize));
+        // The L1 table must lie inside the file, rounded down to a cluster.
+        assert_eq!(
+            fresh().validate_all(5 * 4096 - 1),
+            Err(HeaderError::TableOffset)
+        );
+        let mut h = fresh();
+        h.features = F_BACKING_FILE;
+        h.backing_filename_offset = 64;
+        h.backing_filename_size = 4033;
+        assert_eq!(h.validate_all(file), Err(HeaderError::BackingOffset));
+        h.header_size = 2;
+        h.l1_table_offset = 8192;
+        h.backing_filename_size = 4096;
+        assert_eq!(h.validate_all(6 * 4096), Err(HeaderError::BackingName));
+    }
+
+    #[test]
+    fn change_backing_sets_features_and_fits_the_header() {
+        let (h, bytes) = fresh()
+            .change_backing(Some(b"b.raw"), Some(b"raw"))
+            .unwrap();
+        assert_eq!(h.features, F_BACKING_FILE | F_BACKING_FORMAT_NO_PROBE);
+        assert_eq!(
+            (h.backing_filename_offset, h.backing_filename_size),
+            (64, 5)
+        );
+        assert_eq!(&bytes[64..], b"b.raw");
+        let (h2, _) = h.change_backing(Some(b"b.qcow2"), Some(b"qcow2")).unwrap();
+        assert_eq!(h2.features, F_BACKING_FILE);
+        let (h3, bytes) = h2.change_backing(None, None).unwrap();
+        assert_eq!(h3.features, 0);
+        assert_eq!(
+            (h3.backing_filename_offset, h3.backing_filename_size),
+            (64, 0)
+        );
+        assert_eq!(bytes.len(), 64);
+        let long = [b'n'; 4032];
+        assert!(fresh().change_backing(Some(&long), Some(b"raw")).is_ok());
+        assert_eq!(
+            fresh().change_backing(Some(&[b'n'; 4033]), Some(b"raw")),
+            Err(ChangeError::NoSpace)
+        );
+        let mut compat = fresh();
+        compat.compat_features = 1;
+        assert_eq!(
+            compat.change_backing(Some(b"x"), Some(b"raw")),
+            Err(ChangeError::UnknownCompat)
+        );
+        assert!(compat.change_backing(None, None).is_ok());
+    }
+}
