@@ -12,7 +12,9 @@ use crate::header::F_NEED_CHECK;
 use crate::image::{read_table, QedError, QedImage};
 
 /// Largest cluster bitmap the check builds (QEMU's `used_clusters`), in clusters.
-pub const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
+pub const MAX_CHECK_CLUSTERS: u64 = 1 << 27;
+/// Most bytes of repaired L2 tables held in memory until they are written.
+pub const MAX_REPAIRED_BYTES: u64 = 32 << 20;
 
 /// What the repair does to the file, in QEMU's order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -101,6 +103,10 @@ impl<D: BlockDev> QedImage<D> {
                 }
             }
             if invalid_l2 > 0 {
+                let held: u64 = out.writes.iter().map(|(_, b)| b.len() as u64).sum();
+                if held + self.header.table_bytes() > MAX_REPAIRED_BYTES {
+                    return Err(QedError::TooLargeToCheck);
+                }
                 out.writes.push((offset, to_bytes(&table)));
                 self.patch_l2(offset, table);
             }

@@ -38,7 +38,14 @@ pub enum QedError {
     Corrupted,
     #[error("the image is too large for instar's consistency check")]
     TooLargeToCheck,
+    /// Tables (`cluster_size * table_size` bytes each) the sandbox cannot hold.
+    #[error("instar does not open qed images with tables of {0} bytes (at most 32 MiB)")]
+    TablesTooLarge(u64),
 }
+
+/// Largest L1/L2 table instar holds in the sandbox's memory (QEMU allows 1 GiB:
+/// 64 MiB clusters, 16-cluster tables; `qemu-img create` makes 256 KiB ones).
+pub const MAX_TABLE_BYTES: u64 = 32 << 20;
 
 /// One L2 table as last read or written (QEMU's cache is write-through, so this is
 /// what the file holds).
@@ -87,6 +94,9 @@ impl<D: BlockDev> QedImage<D> {
         let header = Header::parse(&raw);
         let file_len = dev.size();
         header.validate_all(file_len)?;
+        if header.table_bytes() > MAX_TABLE_BYTES {
+            return Err(QedError::TablesTooLarge(header.table_bytes()));
+        }
         let file_size = file_len & !(header.cluster_size() - 1);
         let backing_name = if header.has_backing() {
             let mut name = vec![0u8; header.backing_filename_size as usize];
