@@ -398,6 +398,17 @@ fn safe_relative_names_in_subdirectories() {
 }
 
 #[test]
+fn safe_onto_a_long_name() {
+    // 3000 bytes: past qcow2's 1023-byte limit, inside a qed header cluster; the new
+    // backing exists (and is probed without -F).
+    case("qed-safe-long", true, &|fx| {
+        basic(fx, &[]);
+        let name = fx.long_name(3000, "new.qcow2");
+        vec!["-b".into(), name, "-F".into(), "qcow2".into()]
+    });
+}
+
+#[test]
 fn safe_old_backing_shorter_writes_zeroes() {
     // Past the old backing's end qemu-img writes zeroes: zero clusters in qed.
     case("qed-safe-short-old", true, &|fx| {
