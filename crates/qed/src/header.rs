@@ -94,11 +94,12 @@ fn power_of_two_in(v: u32, min: u32, max: u32) -> bool {
     (min..=max).contains(&v) && v.is_power_of_two()
 }
 
-/// `qed_max_image_size`.
+/// `qed_max_image_size`, with QEMU's 64-bit wrap-around: with the largest clusters and
+/// tables the product wraps (to 0 at 64 MiB clusters), and QEMU's limit is that value.
 pub fn max_image_size(cluster_size: u32, table_size: u32) -> u64 {
-    let entries = u64::from(table_size) * u64::from(cluster_size) / 8;
-    let l2_size = entries * u64::from(cluster_size);
-    l2_size.saturating_mul(entries)
+    let entries = u64::from(table_size.wrapping_mul(cluster_size)) / 8;
+    let l2_size = entries.wrapping_mul(u64::from(cluster_size));
+    l2_size.wrapping_mul(entries)
 }
 
 impl Header {
