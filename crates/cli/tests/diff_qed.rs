@@ -672,3 +672,96 @@ fn error_not_qed_with_f_qed() {
         s(&["-u", "-f", "qed", "-b", ""])
     });
 }
+
+/// xorshift64*: a reproducible sequence without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// qemu-io writes and zero writes at random sector offsets, some cluster-sized.
+fn random_ops(rng: &mut Rng, size: u64, cs: u64, n: usize) -> Vec<String> {
+    let mut ops = Vec::new();
+    for _ in 0..n {
+        let off = rng.below(size / 512) * 512;
+        let lens = [
+            512,
+            4096,
+            cs,
+            2 * cs,
+            (1 + rng.below(63)) * 512,
+            3 * cs + 512,
+        ];
+        let len = (*rng.pick(&lens)).min(size - off);
+        if rng.below(10) < 7 {
+            ops.push(format!("write -P {} {off} {len}", 1 + rng.below(254)));
+        } else {
+            ops.push(format!("write -z {off} {len}"));
+        }
+    }
+    ops
+}
+
+/// One random scenario: cluster and table size, image size, old and new backing (raw,
+/// qcow2 or qed, shorter or longer than the overlay, or none) and the mode.
+fn random_fixture(fx: &Fx, seed: u64) -> Vec<String> {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let cs = *rng.pick(&[4096u64, 8192, 65536]);
+    let ts = *rng.pick(&[2u64, 4, 8]);
+    let size = ((1 + rng.below(23)) * 512 * *rng.pick(&[1u64, 8, 256, 2048])).max(512);
+    let fmts = ["raw", "qcow2", "qed"];
+    let mut opts = vec![format!("cluster_size={cs},table_size={ts}")];
+    if rng.below(4) != 0 {
+        let f = *rng.pick(&fmts);
+        let osz = *rng.pick(&[size, (size / 2 / 512 * 512).max(512), size + 3 * cs]);
+        let name = format!("old.{f}");
+        fx.create(f, &name, &osz.to_string(), &[]);
+        let ops = random_ops(&mut rng, osz, cs, 6);
+        fx.io(
+            f,
+            &name,
+            &ops.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        opts.extend(["-b".into(), name, "-F".into(), f.into()]);
+    }
+    let f = *rng.pick(&fmts);
+    let nsz = *rng.pick(&[size, (size / 3 / 512 * 512).max(512), size + cs]);
+    let new = format!("new.{f}");
+    fx.create(f, &new, &nsz.to_string(), &[]);
+    let ops = random_ops(&mut rng, nsz, cs, 6);
+    fx.io(f, &new, &ops.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut create = vec!["-o"];
+    create.extend(opts.iter().map(String::as_str));
+    fx.create("qed", "ov.qed", &size.to_string(), &create);
+    let ops = random_ops(&mut rng, size, cs, 5);
+    fx.io(
+        "qed",
+        "ov.qed",
+        &ops.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    match rng.below(4) {
+        0 => s(&["-b", ""]),
+        1 => vec!["-u".into(), "-b".into(), new, "-F".into(), f.into()],
+        _ => vec!["-b".into(), new, "-F".into(), f.into()],
+    }
+}
+
+#[test]
+fn random_scenarios() {
+    for seed in 1..=16 {
+        let name = format!("qed-random-{seed}");
+        case(&name, false, &move |fx| random_fixture(fx, seed));
+    }
+}
