@@ -537,8 +537,7 @@ fn safe_qcow2_over_a_qed_backing() {
 
 #[test]
 fn safe_dirty_image_is_repaired_as_qemu_repairs_it() {
-    // QED_F_NEED_CHECK with an L2 entry past the end of the file, an L1 entry past it
-    // and two L1 entries sharing one L2 table.
+    // QED_F_NEED_CHECK with an L2 entry past the end of the file and an L1 entry past it.
     dirty_case("qed-safe-dirty", &|fx| {
         raw_with(fx, "base.raw", "16M", &["write -P 0x11 0 16M"]);
         fx.create("raw", "new.raw", "16M", &[]);
@@ -567,9 +566,7 @@ fn safe_dirty_image_is_repaired_as_qemu_repairs_it() {
         fx.edit("ov.qed", |b| {
             let l1 = le64(b, 40) as usize;
             let l2 = le64(b, l1) as usize;
-            let second = le64(b, l1 + 8);
             b[l2 + 8 * 2..l2 + 8 * 3].copy_from_slice(&0x1000_0000u64.to_le_bytes());
-            b[l1 + 16..l1 + 24].copy_from_slice(&second.to_le_bytes());
             b[l1 + 24..l1 + 32].copy_from_slice(&0x700_0000u64.to_le_bytes());
             b[16] |= 2;
         });
@@ -579,11 +576,14 @@ fn safe_dirty_image_is_repaired_as_qemu_repairs_it() {
 
 #[test]
 fn unsafe_dirty_image_is_repaired_as_qemu_repairs_it() {
+    // Also a second L1 entry sharing the first one's L2 table: QEMU's check counts it
+    // and looks no further into that table (nothing is written through it here).
     dirty_case("qed-unsafe-dirty", &|fx| {
         basic(fx, &[]);
         fx.edit("ov.qed", |b| {
             let l1 = le64(b, 40) as usize;
             let l2 = le64(b, l1) as usize;
+            b[l1 + 8..l1 + 16].copy_from_slice(&(l2 as u64).to_le_bytes());
             b[l2 + 8 * 8..l2 + 8 * 9].copy_from_slice(&0x1000_0000u64.to_le_bytes());
             b[16] |= 2;
         });
@@ -764,4 +764,85 @@ fn random_scenarios() {
         let name = format!("qed-random-{seed}");
         case(&name, false, &move |fx| random_fixture(fx, seed));
     }
+}
+
+/// A rebase that would write through a cluster two structures share: instar refuses
+/// with nothing written; qemu-img (which has no overlap check for qed) goes ahead and
+/// leaves an image that `qemu-img check` rejects or whose content changed.
+fn run_refusal(name: &str, build: &Build) {
+    let Some((refs, subject)) = setup() else {
+        return;
+    };
+    let scratch = Scratch::new(name);
+    let fx = Fx::new(scratch.fixture(), &refs.v10_2);
+    let argv = rebase_argv(&build(&fx), "ov.qed");
+    let dir = scratch.copy("subject");
+    let got = run(subject.path(), &argv, &dir);
+    if subject.is_instar() {
+        assert_eq!(got.status, 1, "{name}: instar must refuse: {}", got.stderr);
+        assert!(
+            got.stderr.contains("Preventing invalid write on metadata"),
+            "{name}: {}",
+            got.stderr
+        );
+        assert!(
+            snapshot(&scratch.fixture()) == snapshot(&dir),
+            "{name}: a file changed"
+        );
+    }
+    let q = scratch.copy("qemu");
+    let out = run(&refs.v10_2.img, &argv, &q);
+    assert_eq!(out.status, 0, "{name}: qemu-img: {}", out.stderr);
+    let orig = scratch.fixture().join("ov.qed");
+    let orig = orig.to_string_lossy();
+    let same = run(&refs.v10_2.img, &["compare", &*orig, "ov.qed"], &q).status == 0;
+    let clean = check_clean(&refs.v10_2, &q, "ov.qed", "qed").is_none();
+    assert!(
+        !(same && clean),
+        "{name}: qemu-img's result is fine, so the refusal is not needed"
+    );
+}
+
+#[test]
+fn refusal_an_l2_entry_points_at_its_own_table() {
+    run_refusal("qed-refuse-self", &|fx| {
+        basic(fx, &["-o", "cluster_size=4096,table_size=2"]);
+        fx.create("raw", "new.raw", "4M", &[]);
+        fx.edit("ov.qed", |b| {
+            let l1 = le64(b, 40) as usize;
+            let l2 = le64(b, l1);
+            let at = l2 as usize + 8 * 4;
+            b[at..at + 8].copy_from_slice(&l2.to_le_bytes());
+        });
+        s(&["-b", "new.raw", "-F", "raw"])
+    });
+}
+
+#[test]
+fn refusal_two_l1_entries_share_an_l2_table() {
+    // 4 KiB clusters, 2-cluster tables: each L2 table maps 4 MiB.
+    run_refusal("qed-refuse-shared", &|fx| {
+        raw_with(fx, "base.raw", "8M", &["write -P 0x11 0 8M"]);
+        fx.create("raw", "new.raw", "8M", &[]);
+        fx.create(
+            "qed",
+            "ov.qed",
+            "8M",
+            &[
+                "-o",
+                "cluster_size=4096,table_size=2",
+                "-b",
+                "base.raw",
+                "-F",
+                "raw",
+            ],
+        );
+        fx.io("qed", "ov.qed", &["write -P 0x33 64k 4k"]);
+        fx.edit("ov.qed", |b| {
+            let l1 = le64(b, 40) as usize;
+            let l2 = le64(b, l1);
+            b[l1 + 8..l1 + 16].copy_from_slice(&l2.to_le_bytes());
+        });
+        s(&["-b", "new.raw", "-F", "raw"])
+    });
 }

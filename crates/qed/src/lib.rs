@@ -10,6 +10,7 @@ extern crate alloc;
 pub mod check;
 pub mod header;
 pub mod image;
+pub mod overlap;
 pub mod writer;
 
 pub use header::{ChangeError, Header, HeaderError};

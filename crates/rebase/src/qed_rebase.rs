@@ -14,6 +14,7 @@
 //! ([`instar_qed::check`]), planned before and written after `write_phase`. Everything
 //! that can fail is checked before `write_phase`.
 
+use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -188,14 +189,19 @@ fn safe<'a>(
         hooks,
     )?;
 
-    // Every request must find valid tables before the first write.
-    let mut writer = Writer::new(image, old_len > 0);
+    // Every request must find valid tables, and write through no shared cluster,
+    // before the first write.
+    let mut touched = BTreeSet::new();
     for op in &plan.ops {
         let (Op::Data { offset, len } | Op::Zero { offset, len }) = *op;
-        writer
-            .check(offset, len)
+        image
+            .touched(offset, len, &mut touched)
             .map_err(|e| plain(format!("Error while writing to COW image: {e}")))?;
     }
+    image
+        .check_overlaps(&touched)
+        .map_err(|e| plain(e.to_string()))?;
+    let mut writer = Writer::new(image, old_len > 0);
 
     hooks.write_phase();
     writer.with_image(|img| apply_repair(img, &repair))?;
