@@ -3,7 +3,8 @@
 //! table or two L2 entries sharing a data cluster make its writes change what other
 //! parts of the image show. Before the first write, every cluster a rebase would write
 //! through (in-place data clusters, updated L2 tables, the L1 table) is checked against
-//! every structure of the image: header, L1 table, each L2 table, each data cluster.
+//! every structure of the image: header, L1 table, each L2 table, each data cluster
+//! (tables of L1 entries past the image's end map nothing and are left out).
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use core::fmt;
@@ -116,7 +117,10 @@ impl<D: BlockDev> QedImage<D> {
         let ts = u64::from(self.header.table_size);
         mark(0, u64::from(self.header.header_size), Use::Header)?;
         mark(self.header.l1_table_offset, ts, Use::L1Table)?;
-        for i in 0..self.l1.len() {
+        // Entries past the image's end map nothing anyone reads: not structures.
+        let reach = self.cluster_size() * self.header.table_entries();
+        let reachable = self.virtual_size().div_ceil(reach) as usize;
+        for i in 0..self.l1.len().min(reachable) {
             let table = self.l1[i];
             if table == 0 || !self.header.table_offset_ok(table, self.file_size) {
                 continue;

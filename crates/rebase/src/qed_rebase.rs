@@ -63,6 +63,18 @@ fn open_overlay<D: BlockDev>(mut dev: D) -> Result<(QedImage<D>, Repair), GuestE
     } else {
         Repair::default()
     };
+    // A table the repair rewrites must not be anything else too.
+    let cs = img.cluster_size();
+    let mut touched = BTreeSet::new();
+    for (offset, bytes) in &repair.writes {
+        let mut c = *offset & !(cs - 1);
+        while c < offset + bytes.len() as u64 {
+            touched.insert(c);
+            c += cs;
+        }
+    }
+    img.check_overlaps(&touched)
+        .map_err(|e| plain(e.to_string()))?;
     Ok((img, repair))
 }
 
