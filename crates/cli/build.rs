@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The no_std crates the guest is built from (besides guest/ itself).
-const GUEST_CRATES: &[&str] = &["abi", "blockdev", "qcow2", "vmdk", "chain", "rebase"];
+const GUEST_CRATES: &[&str] = &["abi", "blockdev", "qcow2", "vmdk", "qed", "chain", "rebase"];
 
 fn main() {
     let manifest_dir = PathBuf::from(

@@ -10,6 +10,7 @@ extern crate alloc;
 pub mod copy;
 mod other_formats;
 mod probe;
+mod qed_rebase;
 mod safe;
 mod unsafe_rebase;
 mod vmdk_info;
@@ -41,6 +42,9 @@ pub fn handle(call: &Call, devs: &mut [&mut dyn BlockDev], hooks: &mut dyn Hooks
         Request::Probe(req) => probe::probe(req, devs).map(Response::Probe),
         Request::Rebase(req) if req.overlay_format == Format::Vmdk => {
             vmdk_rebase::rebase(req, devs, hooks).map(Response::Rebase)
+        }
+        Request::Rebase(req) if req.overlay_format == Format::Qed => {
+            qed_rebase::rebase(req, devs, hooks).map(Response::Rebase)
         }
         Request::Rebase(req) if req.unsafe_mode => {
             unsafe_rebase::rebase(req, devs, hooks).map(Response::Rebase)

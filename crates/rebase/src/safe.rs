@@ -32,6 +32,7 @@ use instar_qcow2::image::Qcow2Image;
 use instar_qcow2::overlap::{Layout, OverlapError};
 use instar_qcow2::writer::{BackingRead, Finish, IoOp, ShadowDev, WriteError, WriteKind, Writer};
 use instar_qcow2::{Header, OpenMode};
+use instar_qed::QedImage;
 use instar_vmdk::VmdkImage;
 
 use crate::copy::{self, ChainStatus, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
@@ -258,6 +259,9 @@ pub(crate) fn open_chain<'a>(
                     Qcow2Image::open(dev, &header)
                         .map_err(|e| open_error(img.dev, e.to_string()))?,
                 )
+            }
+            Format::Qed => {
+                Box::new(QedImage::open(dev).map_err(|e| open_error(img.dev, e.to_string()))?)
             }
             Format::Vmdk => {
                 let v = VmdkImage::open(dev).map_err(|e| open_error(img.dev, e.to_string()))?;

@@ -78,8 +78,9 @@ pub fn decide(
         return Ok(NewBacking::Detach);
     }
     // qcow2's limit, checked where QEMU checks it; without -F QEMU's EINVAL reads as a
-    // missing format, and that text is kept.
-    if args.backing.len() > MAX_BACKING_NAME {
+    // missing format, and that text is kept. (qed's limit is its header's free space,
+    // checked in the guest.)
+    if overlay_format != Format::Qed && args.backing.len() > MAX_BACKING_NAME {
         return Err(cmd.change(if backing_format.is_some() {
             "Invalid argument"
         } else {

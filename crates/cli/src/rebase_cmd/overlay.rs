@@ -88,7 +88,7 @@ pub fn check_format(cmd: &Cmd, format: Format) -> Result<(), Failure> {
     match format {
         // qemu-img 10.x's bdrv_get_info() fails for parallels before anything else.
         Format::Parallels => Err(Failure::plain("could not get block driver info")),
-        Format::Qcow2 | Format::Vmdk => Ok(()),
+        Format::Qcow2 | Format::Vmdk | Format::Qed => Ok(()),
         _ => Err(cmd.change("Operation not supported")),
     }
 }
