@@ -8,7 +8,10 @@
 
 use std::collections::HashMap;
 
-use instar_qcow2::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use instar_qcow2::entry::{
+    L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+};
 use instar_qcow2::map::{compressed_extent, EntryFormat};
 use instar_qcow2::refcount::RefcountReader;
 use instar_qcow2::{Header, OpenMode};
@@ -50,6 +53,9 @@ fn be64(b: &[u8], i: usize) -> u64 {
 }
 
 fn read(dev: &mut FuzzDev, off: u64, len: u64) -> Option<Vec<u8>> {
+    if off.checked_add(len)? > dev.size() {
+        return None;
+    }
     let mut buf = vec![0u8; usize::try_from(len).ok()?];
     dev.read_at(off, &mut buf).ok()?;
     Some(buf)
@@ -85,11 +91,21 @@ fn check(data: &[u8]) -> Option<bool> {
     let rt_len = u64::from(h.refcount_table_clusters) * cs;
     ok &= refs.add(h.refcount_table_offset, rt_len);
     let mut rc = RefcountReader::load(&mut dev, &h).ok()?;
-    for &e in rc.table().to_vec().iter() {
+    let blocks = rc.table().to_vec();
+    for &e in &blocks {
         ok &= e & 511 == 0 && refs.add(e, if e == 0 { 0 } else { cs });
     }
     if !ok {
         return Some(false);
+    }
+    // QEMU's check wants the refcount structures counted exactly.
+    let own = blocks.iter().filter(|&&e| e != 0).map(|&e| e / cs);
+    for c in
+        own.chain(h.refcount_table_offset / cs..(h.refcount_table_offset + rt_len).div_ceil(cs))
+    {
+        if rc.refcount(&mut dev, c).ok()? != refs.count.get(&c).copied().unwrap_or(0) {
+            return Some(false);
+        }
     }
     for (&c, &n) in &refs.count {
         if rc.refcount(&mut dev, c).ok()? < n {
@@ -113,6 +129,7 @@ fn l1_tree(
     let esize = if fmt.extended_l2 { 16 } else { 8 };
     for i in 0..n as usize {
         let l2 = be64(&l1, i * 8) & L1E_OFFSET_MASK;
+        ok &= be64(&l1, i * 8) & L1E_RESERVED_MASK == 0;
         if l2 == 0 {
             continue;
         }
@@ -126,6 +143,7 @@ fn l1_tree(
         };
         for j in 0..(cs / esize) as usize {
             let e = be64(&t, j * esize as usize);
+            ok &= fmt.extended_l2 || e & OFLAG_COMPRESSED != 0 || e & L2E_STD_RESERVED_MASK == 0;
             ok &= if e & OFLAG_COMPRESSED != 0 {
                 let x = compressed_extent(fmt, e);
                 refs.add(x.offset & !511, x.len + (x.offset & 511))
