@@ -3,6 +3,8 @@
 //! ```text
 //! instar-fuzz campaign TARGET|all [--execs N] [--secs S] [--seed N] [--seeds DIR] [--findings DIR]
 //! instar-fuzz run TARGET FILE...
+//! instar-fuzz seeds TARGET|all DIR [--seeds DIR]
+//! instar-fuzz unpack FILE DIR
 //! instar-fuzz list
 //! ```
 
@@ -117,6 +119,26 @@ fn reproduce(name: &str, files: &[String]) -> Result<bool, String> {
     Ok(clean)
 }
 
+/// Write the seed inputs of a target (or of `all`, one directory each) into `dir`.
+fn write_seeds(name: &str, dir: &str, opts: &Opts) -> Result<bool, String> {
+    let mut files = seeds::committed();
+    if let Some(extra) = &opts.seeds {
+        files.extend(seeds::load_dir(extra));
+    }
+    for t in targets(name)? {
+        let out = if name == "all" {
+            PathBuf::from(dir).join(t.name())
+        } else {
+            PathBuf::from(dir)
+        };
+        std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+        for (i, input) in seeds::for_target(t, &files).iter().enumerate() {
+            std::fs::write(out.join(format!("seed-{i:03}")), input).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(true)
+}
+
 /// Write the images of a case input as `DIR/0`, `DIR/1`, `DIR/2`, and its flags.
 fn unpack(file: &str, dir: &str) -> Result<bool, String> {
     let data = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
@@ -135,11 +157,12 @@ fn main() -> ExitCode {
         Some("campaign") if args.len() >= 2 => parse(&args[2..]).and_then(|o| run_campaign(&args[1], &o)),
         Some("run") if args.len() >= 3 => reproduce(&args[1], &args[2..]),
         Some("unpack") if args.len() == 3 => unpack(&args[1], &args[2]),
+        Some("seeds") if args.len() >= 3 => parse(&args[3..]).and_then(|o| write_seeds(&args[1], &args[2], &o)),
         Some("list") => {
             Target::ALL.iter().for_each(|t| println!("{}", t.name()));
             Ok(true)
         }
-        _ => Err(String::from("usage: instar-fuzz campaign TARGET|all [--execs N] [--secs S] [--seed N] [--seeds DIR] [--findings DIR] | run TARGET FILE... | list")),
+        _ => Err(String::from("usage: instar-fuzz campaign TARGET|all [--execs N] [--secs S] [--seed N] [--seeds DIR] [--findings DIR] | run TARGET FILE... | seeds TARGET|all DIR [--seeds DIR] | unpack FILE DIR | list")),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
