@@ -5,6 +5,7 @@
 //! instar-fuzz run TARGET FILE...
 //! instar-fuzz seeds TARGET|all DIR [--seeds DIR]
 //! instar-fuzz unpack FILE DIR
+//! instar-fuzz mutate IN OUT SEED
 //! instar-fuzz list
 //! ```
 
@@ -139,6 +140,17 @@ fn write_seeds(name: &str, dir: &str, opts: &Opts) -> Result<bool, String> {
     Ok(true)
 }
 
+/// Write a structure-aware mutant of the image `input` to `output` (for scripts).
+fn mutate_file(input: &str, output: &str, seed: &str) -> Result<bool, String> {
+    let mut data = std::fs::read(input).map_err(|e| format!("{input}: {e}"))?;
+    let seed: u64 = seed.parse().map_err(|e| format!("seed: {e}"))?;
+    let others: Vec<Vec<u8>> = seeds::committed().into_iter().map(|(_, d)| d).collect();
+    let mut rng = instar_fuzz::rng::Rng::new(seed);
+    instar_fuzz::mutate::mutate(&mut rng, &mut data, &others);
+    std::fs::write(output, &data).map_err(|e| format!("{output}: {e}"))?;
+    Ok(true)
+}
+
 /// Write the images of a case input as `DIR/0`, `DIR/1`, `DIR/2`, and its flags.
 fn unpack(file: &str, dir: &str) -> Result<bool, String> {
     let data = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
@@ -157,12 +169,13 @@ fn main() -> ExitCode {
         Some("campaign") if args.len() >= 2 => parse(&args[2..]).and_then(|o| run_campaign(&args[1], &o)),
         Some("run") if args.len() >= 3 => reproduce(&args[1], &args[2..]),
         Some("unpack") if args.len() == 3 => unpack(&args[1], &args[2]),
+        Some("mutate") if args.len() == 4 => mutate_file(&args[1], &args[2], &args[3]),
         Some("seeds") if args.len() >= 3 => parse(&args[3..]).and_then(|o| write_seeds(&args[1], &args[2], &o)),
         Some("list") => {
             Target::ALL.iter().for_each(|t| println!("{}", t.name()));
             Ok(true)
         }
-        _ => Err(String::from("usage: instar-fuzz campaign TARGET|all [--execs N] [--secs S] [--seed N] [--seeds DIR] [--findings DIR] | run TARGET FILE... | seeds TARGET|all DIR [--seeds DIR] | unpack FILE DIR | list")),
+        _ => Err(String::from("usage: instar-fuzz campaign TARGET|all [--execs N] [--secs S] [--seed N] [--seeds DIR] [--findings DIR] | run TARGET FILE... | seeds TARGET|all DIR [--seeds DIR] | unpack FILE DIR | mutate IN OUT SEED | list")),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
