@@ -14,6 +14,7 @@ modes (-u or safe, with or without -F; sometimes detaching). Invariants:
   `qemu-img convert` is what it was before the rebase (when qemu-img could read it).
 
     scripts/fuzz_e2e.py --cases N [--images DIR] [--out DIR] [--seed N] [--instar PATH]
+                        [--mutator PATH]
 
 Images come from scripts/fuzz-corpus.sh (DIR) plus fuzz/seeds. Findings are copied to
 OUT/findings/case-K with a note. Exits 1 if there was any finding.
@@ -92,7 +93,7 @@ class Campaign:
         self.args = args
         self.rng = random.Random(args.seed)
         self.instar = Path(args.instar)
-        self.mutator = TARGET / "debug" / "instar-fuzz"
+        self.mutator = Path(args.mutator)
         self.out = Path(args.out)
         self.images = {}
         for d in [ROOT / "fuzz" / "seeds", Path(args.images) if args.images else None]:
@@ -228,6 +229,7 @@ def main():
     ap.add_argument("--out", default=str(TARGET / "fuzz-e2e"))
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--instar", default=str(TARGET / "debug" / "instar"))
+    ap.add_argument("--mutator", default=str(TARGET / "debug" / "instar-fuzz"))
     args = ap.parse_args()
     c = Campaign(args)
     start = time.time()
