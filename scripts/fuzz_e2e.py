@@ -42,6 +42,14 @@ def run(args, cwd, timeout=TIMEOUT):
     return subprocess.run(args, cwd=cwd, capture_output=True, timeout=timeout)
 
 
+def qemu(args, cwd):
+    """qemu-img on a hostile image: a hang (it happens) means it could not read it."""
+    try:
+        return subprocess.run([QEMU_IMG] + args, cwd=cwd, capture_output=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(args, 124, b"", b"timeout")
+
+
 def digest(d: Path):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(d.iterdir()) if p.is_file()}
@@ -52,7 +60,7 @@ def check(path: Path, fmt: str):
     is not opened: it may be missing or broken), or None if it cannot check."""
     spec = json.dumps({"driver": fmt, "backing": None,
                        "file": {"driver": "file", "filename": path.name}})
-    r = run([QEMU_IMG, "check", "--output=json", "json:" + spec], path.parent)
+    r = qemu(["check", "--output=json", "json:" + spec], path.parent)
     try:
         j = json.loads(r.stdout or b"{}")
     except json.JSONDecodeError:
@@ -66,7 +74,7 @@ def check(path: Path, fmt: str):
 
 def content(path: Path, fmt: str, out: Path):
     """The overlay's guest content through its chain, via qemu-img convert."""
-    r = run([QEMU_IMG, "info", "--output=json", "-f", fmt, path.name], path.parent)
+    r = qemu(["info", "--output=json", "-f", fmt, path.name], path.parent)
     try:
         size = json.loads(r.stdout)["virtual-size"]
     except (json.JSONDecodeError, KeyError):
@@ -74,14 +82,14 @@ def content(path: Path, fmt: str, out: Path):
     if r.returncode != 0 or size > MAX_COMPARE:
         return None
     try:
-        r = run([QEMU_IMG, "convert", "-f", fmt, "-O", "raw", path.name, str(out)], path.parent)
+        r = qemu(["convert", "-f", fmt, "-O", "raw", path.name, str(out)], path.parent)
         return out.read_bytes() if r.returncode == 0 else None
     finally:
         out.unlink(missing_ok=True)
 
 
 def backing_name(path: Path, fmt: str):
-    r = run([QEMU_IMG, "info", "--output=json", "-f", fmt, path.name], path.parent)
+    r = qemu(["info", "--output=json", "-f", fmt, path.name], path.parent)
     try:
         return json.loads(r.stdout).get("backing-filename")
     except json.JSONDecodeError:
