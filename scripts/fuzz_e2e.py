@@ -107,7 +107,7 @@ class Campaign:
         self.rng = random.Random(args.seed)
         self.instar = Path(args.instar)
         self.mutator = Path(args.mutator)
-        self.out = Path(args.out)
+        self.out = Path(args.out).resolve()
         self.images = {}
         for d in [ROOT / "fuzz" / "seeds", Path(args.images) if args.images else None]:
             if d and d.is_dir():
