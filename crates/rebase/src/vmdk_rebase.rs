@@ -29,7 +29,7 @@ use instar_abi::{ErrorKind, Format, GuestError, RebaseOutcome, RebaseRequest};
 use instar_blockdev::{BlockDev, IoError};
 use instar_chain::probe::check_format;
 use instar_chain::view::ChainView;
-use instar_vmdk::writer::{check_rewritable, write_descriptor};
+use instar_vmdk::writer::{check_clear_of_descriptor, check_rewritable, write_descriptor};
 use instar_vmdk::{Below, GrainKind, RewriteError, SparseWriter, VmdkImage, WriteError};
 
 use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
@@ -82,6 +82,7 @@ fn vmdk_write_error(e: WriteError) -> GuestError {
         WriteError::StreamOptimized
         | WriteError::Version3
         | WriteError::DescriptorArea { .. }
+        | WriteError::OverDescriptor { .. }
         | WriteError::GrainTooLarge(_) => open_error(OVERLAY, e.to_string()),
         WriteError::Overlap(o) => plain(o.to_string()),
         other => plain(format!("Error while writing to COW image: {other}")),
@@ -97,8 +98,9 @@ pub(crate) fn rebase(
     let descriptor = {
         let dev = device(devs, OVERLAY)?;
         check_format(dev, Format::Vmdk, true).map_err(|e| open_error(OVERLAY, e.to_string()))?;
-        let img = VmdkImage::open(dev).map_err(|e| open_error(OVERLAY, e.to_string()))?;
+        let mut img = VmdkImage::open(dev).map_err(|e| open_error(OVERLAY, e.to_string()))?;
         check_rewritable(img.header(), img.is_compressed()).map_err(vmdk_write_error)?;
+        check_clear_of_descriptor(&mut img).map_err(vmdk_write_error)?;
         img.descriptor().clone()
     };
     let parent_cid = descriptor.parent_cid;

@@ -49,6 +49,11 @@ pub enum WriteError {
          (descriptor at sector {desc_offset}, {desc_size} sectors)"
     )]
     DescriptorArea { desc_offset: u64, desc_size: u64 },
+    #[error(
+        "{what} at sector {sector} lies in the header or descriptor area (sectors 0 to 20), \
+         which the rebase rewrites"
+    )]
+    OverDescriptor { what: &'static str, sector: u64 },
     #[error("grains of {0} bytes are too large to write (at most {MAX_WRITE_GRAIN})")]
     GrainTooLarge(u64),
     #[error("no grain table for guest offset {0:#x}: QEMU cannot write there either")]
@@ -96,6 +101,45 @@ pub fn check_rewritable(header: &SparseHeader, compressed: bool) -> Result<(), W
             desc_offset: header.desc_offset,
             desc_size: header.desc_size,
         });
+    }
+    Ok(())
+}
+
+/// Every grain table the grain directory names, and every grain those tables name,
+/// must lie past the descriptor area: rewriting the descriptor would otherwise change
+/// a grain's data or a table. Reads each distinct grain table once.
+pub fn check_clear_of_descriptor<D: BlockDev>(img: &mut VmdkImage<D>) -> Result<(), WriteError> {
+    let desc_end = (DESC_OFFSET + DESC_SIZE as u64) / 512;
+    let zero_grain = img.has_zero_grain();
+    let gt_len = img.header().num_gtes_per_gt as usize * 4;
+    let mut tables: Vec<u32> = img
+        .grain_directory()
+        .iter()
+        .copied()
+        .filter(|&g| g != 0)
+        .collect();
+    tables.sort_unstable();
+    tables.dedup();
+    let mut raw = vec![0u8; gt_len];
+    for gt in tables {
+        let sector = u64::from(gt);
+        if sector < desc_end {
+            return Err(WriteError::OverDescriptor {
+                what: "a grain table",
+                sector,
+            });
+        }
+        // Entries past the end of the file read as unallocated, as QEMU's reads do.
+        img.dev_mut().read_zero_padded(sector * 512, &mut raw)?;
+        for e in raw.chunks_exact(4).map(|c| le32(c, 0)) {
+            let unused = e == 0 || (e == GTE_ZEROED && zero_grain);
+            if !unused && u64::from(e) < desc_end {
+                return Err(WriteError::OverDescriptor {
+                    what: "a grain",
+                    sector: u64::from(e),
+                });
+            }
+        }
     }
     Ok(())
 }
