@@ -120,11 +120,15 @@ pub(crate) fn rebase<'a>(
 
     // No write onto metadata: proved before the first write.
     let has_backing = old_len > 0 || header.version < 3;
-    prove_writes(&mut *overlay, &header, &plan.ops, has_backing)?;
+    let proved_end = prove_writes(&mut *overlay, &header, &plan.ops, has_backing)?;
 
-    // 3. Write.
+    // 3. Write. The dry run knows exactly where the writes end (a refcount block that
+    // claims clusters past the end of the file pushes allocations further out than
+    // the plan's size alone suggests); the estimate is kept as a floor.
     hooks.write_phase(
-        crate::write_end::plan_end(overlay_len, cluster_size, &plan.ops).max(cluster_size),
+        crate::write_end::plan_end(overlay_len, cluster_size, &plan.ops)
+            .max(proved_end)
+            .max(cluster_size),
     );
     // QEMU opens the overlay with its old backing; v2 write-zeroes then fall back to
     // writing zero data. A v2 overlay without a backing file would lose content in
@@ -293,13 +297,14 @@ pub(crate) fn open_chain<'a>(
 /// Prove that the plan's writes land only where they may: find every structure of the
 /// overlay, replay the plan through the writer into memory (guest data left out, so
 /// nothing is read from the old chain and nothing reaches the device), and audit every
-/// cluster the writer wrote or took, plus the final header rewrite.
+/// cluster the writer wrote or took, plus the final header rewrite. Returns where the
+/// last of those writes ends.
 fn prove_writes(
     overlay: &mut dyn BlockDev,
     header: &Header,
     ops: &[Op],
     has_backing: bool,
-) -> Result<(), GuestError> {
+) -> Result<u64, GuestError> {
     let layout = Layout::scan(&mut *overlay, header).map_err(overlap_error)?;
     let shadow = ShadowDev::new(&mut *overlay);
     let lost = shadow.lost_flag();
@@ -324,7 +329,13 @@ fn prove_writes(
         .map_err(write_error)
         .map_err(unproved)?;
     record.add_write(0, header.cluster_size(), WriteKind::Header);
-    layout.audit(overlay, &record).map_err(overlap_error)
+    layout.audit(overlay, &record).map_err(overlap_error)?;
+    Ok(record
+        .writes
+        .iter()
+        .map(|w| w.offset.saturating_add(w.len))
+        .max()
+        .unwrap_or(0))
 }
 
 fn overlap_error(e: OverlapError) -> GuestError {
