@@ -8,6 +8,7 @@
 
 use alloc::vec;
 use instar_abi::Format;
+use instar_blockdev::endian::Fixed;
 use instar_blockdev::BlockDev;
 
 /// QEMU's `BLOCK_PROBE_BUF_SIZE`.
@@ -64,18 +65,6 @@ fn read(dev: &mut dyn BlockDev, offset: u64, buf: &mut [u8]) -> Result<(), Probe
         .map_err(|_| ProbeError::ReadFailed)
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
 /// `"QFI\xfb"`, shared by qcow (version 1) and qcow2 (version 2 and up).
 const QCOW_MAGIC: u32 = 0x5146_49fb;
 
@@ -91,22 +80,22 @@ pub fn score(format: Format, buf: &[u8; PROBE_BUF_SIZE]) -> u32 {
     match format {
         Format::Raw => 1,
         Format::Qcow2 => {
-            if be32(buf, 0) == QCOW_MAGIC && be32(buf, 4) >= 2 {
+            if Fixed(buf).be32::<0>() == QCOW_MAGIC && Fixed(buf).be32::<4>() >= 2 {
                 100
             } else {
                 0
             }
         }
         Format::Qcow => {
-            if be32(buf, 0) == QCOW_MAGIC && be32(buf, 4) == 1 {
+            if Fixed(buf).be32::<0>() == QCOW_MAGIC && Fixed(buf).be32::<4>() == 1 {
                 100
             } else {
                 0
             }
         }
         Format::Vmdk => vmdk_score(buf),
-        Format::Qed => u32::from(le32(buf, 0) == 0x0044_4551) * 100,
-        Format::Vdi => u32::from(le32(buf, 0x40) == 0xbeda_107f) * 100,
+        Format::Qed => u32::from(Fixed(buf).le32::<0>() == 0x0044_4551) * 100,
+        Format::Vdi => u32::from(Fixed(buf).le32::<0x40>() == 0xbeda_107f) * 100,
         Format::Vpc => u32::from(&buf[..8] == b"conectix") * 100,
         Format::Vhdx => u32::from(&buf[..8] == b"vhdxfile") * 100,
         Format::Luks => u32::from(&buf[..6] == b"LUKS\xba\xbe" && buf[6..8] == [0, 1]) * 100,
@@ -114,12 +103,12 @@ pub fn score(format: Format, buf: &[u8; PROBE_BUF_SIZE]) -> u32 {
             let magic = &buf[..16];
             u32::from(
                 (magic == b"WithoutFreeSpace" || magic == b"WithouFreSpacExt")
-                    && le32(buf, 16) == 2,
+                    && Fixed(buf).le32::<16>() == 2,
             ) * 100
         }
         Format::Dmg => 0,
         Format::Bochs => {
-            let version = le32(buf, 64);
+            let version = Fixed(buf).le32::<64>();
             u32::from(
                 c_field_is(buf, 0, "Bochs Virtual HD Image")
                     && c_field_is(buf, 32, "Redolog")
@@ -138,7 +127,7 @@ pub fn score(format: Format, buf: &[u8; PROBE_BUF_SIZE]) -> u32 {
 /// `vmdk_probe`: the sparse magics, or a text descriptor whose first non-comment,
 /// non-blank line is `version=1|2|3`.
 fn vmdk_score(buf: &[u8; PROBE_BUF_SIZE]) -> u32 {
-    let magic = be32(buf, 0);
+    let magic = Fixed(buf).be32::<0>();
     if magic == 0x434f_5744 || magic == 0x4b44_4d56 {
         return 100; // "COWD", "KDMV"
     }
@@ -236,7 +225,7 @@ pub fn check_format(
     match format {
         Format::Raw => Ok(()),
         Format::Qcow2 => {
-            if be32(&buf, 0) == QCOW_MAGIC {
+            if Fixed(&buf).be32::<0>() == QCOW_MAGIC {
                 Ok(())
             } else {
                 Err(ProbeError::NotQcow2)
@@ -246,7 +235,7 @@ pub fn check_format(
         Format::Qed => ok_if(score(format, &buf) > 0, ProbeError::NotQed),
         Format::Vdi => ok_if(
             score(format, &buf) > 0,
-            ProbeError::NotVdi(le32(&buf, 0x40)),
+            ProbeError::NotVdi(Fixed(&buf).le32::<0x40>()),
         ),
         Format::Vpc => {
             if score(format, &buf) > 0 {
@@ -259,7 +248,7 @@ pub fn check_format(
             let mut footer = [0u8; 512];
             read(dev, size.next_multiple_of(512) - 512, &mut footer)?;
             ok_if(
-                &footer[..8] == b"conectix" && be32(&footer, 60) == 2,
+                &footer[..8] == b"conectix" && Fixed(&footer).be32::<60>() == 2,
                 ProbeError::NotVpc,
             )
         }
@@ -285,7 +274,7 @@ pub fn check_format(
         }
         Format::Bochs => ok_if(score(format, &buf) > 0, ProbeError::NotBochs),
         Format::Cloop => {
-            let block_size = be32(&buf, 128);
+            let block_size = Fixed(&buf).be32::<128>();
             if !block_size.is_multiple_of(512) {
                 Err(ProbeError::CloopBlockSizeAlign(block_size))
             } else if block_size == 0 {
@@ -313,7 +302,7 @@ fn check_vmdk(dev: &mut dyn BlockDev, head: &[u8; PROBE_BUF_SIZE]) -> Result<(),
     if size == 0 {
         return Err(ProbeError::VmdkTooSmall);
     }
-    let magic = be32(head, 0);
+    let magic = Fixed(head).be32::<0>();
     if magic == 0x434f_5744 || magic == 0x4b44_4d56 {
         return Ok(());
     }

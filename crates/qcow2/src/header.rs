@@ -123,13 +123,15 @@ impl Header {
     }
 }
 
+mod error;
 mod extensions;
 mod io;
 mod parse;
 mod rebuild;
 mod snapshots;
 
-pub use parse::{OpenError, OpenMode};
+pub use error::OpenError;
+pub use parse::OpenMode;
 pub use rebuild::ChangeBackingError;
 
 /// The feature table QEMU writes (type, bit, name), for v3 images with clusters over 4 KiB.

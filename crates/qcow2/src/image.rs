@@ -7,6 +7,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use instar_blockdev::endian::{be64, be64_table};
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::compress::{decompress_cluster, CompressionType, DecompressError};
@@ -159,7 +160,7 @@ impl<D: BlockDev> Qcow2Image<D> {
         }
         let mut raw = vec![0u8; l1_len as usize];
         dev.read_at(l1_off, &mut raw)?;
-        let l1 = raw.chunks_exact(8).map(be64).collect();
+        let l1 = be64_table(&raw);
 
         // The block layer's length is whole sectors.
         let virtual_size = header.size & !511;
@@ -307,11 +308,8 @@ impl<D: BlockDev> Qcow2Image<D> {
         let raw = self.slice_bytes(l2_offset, l2_index, esize, table_off, len)?;
         let entries: Vec<(u64, u64)> = raw
             .chunks_exact(esize as usize)
-            .map(|c| {
-                let e = be64(&c[..8]);
-                let b = if esize == 16 { be64(&c[8..16]) } else { 0 };
-                (e, b)
-            })
+            // Without extended L2 there is no bitmap word: it reads as 0.
+            .map(|c| (be64(c, 0).unwrap_or(0), be64(c, 8).unwrap_or(0)))
             .collect();
 
         let spc = self.fmt.subclusters_per_cluster();
@@ -515,10 +513,4 @@ impl<D: BlockDev> Qcow2Image<D> {
         }
         Ok(())
     }
-}
-
-fn be64(c: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&c[..8]);
-    u64::from_be_bytes(a)
 }

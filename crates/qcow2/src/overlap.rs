@@ -28,6 +28,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
+use instar_blockdev::endian::{be64, be64_table, Fixed};
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::entry::{l2_entry_size, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
@@ -268,16 +269,10 @@ pub struct Layout {
     extents: Vec<Extent>,
 }
 
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
 fn read_u64s<D: BlockDev + ?Sized>(dev: &mut D, offset: u64, n: u64) -> Result<Vec<u64>, IoError> {
     let mut raw = vec![0u8; (n * 8) as usize];
     dev.read_at(offset, &mut raw)?;
-    Ok(raw.chunks_exact(8).map(be64).collect())
+    Ok(be64_table(&raw))
 }
 
 impl Layout {
@@ -448,7 +443,7 @@ impl Layout {
             last = Some(e.offset);
             dev.read_at(e.offset, &mut buf)?;
             for (j, raw) in buf.chunks_exact(esize as usize).enumerate() {
-                let entry = be64(raw);
+                let entry = be64(raw, 0).unwrap_or(0);
                 let by = Referrer::L2 {
                     table: e.offset,
                     index: j as u64,
@@ -750,11 +745,12 @@ fn snapshot_l1s<D: BlockDev + ?Sized>(
         offset = offset.next_multiple_of(8);
         let mut h = [0u8; 40];
         dev.read_at(offset, &mut h)?;
-        let l1_offset = be64(&h[0..8]);
-        let l1_size = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
-        let id = u64::from(u16::from_be_bytes([h[12], h[13]]));
-        let name = u64::from(u16::from_be_bytes([h[14], h[15]]));
-        let extra = u64::from(u32::from_be_bytes([h[36], h[37], h[38], h[39]]));
+        let f = Fixed(&h);
+        let l1_offset = f.be64::<0>();
+        let l1_size = f.be32::<8>();
+        let id = u64::from(f.be16::<12>());
+        let name = u64::from(f.be16::<14>());
+        let extra = u64::from(f.be32::<36>());
         offset += 40 + extra + id + name;
         l1s.push((l1_offset, l1_size));
     }

@@ -4,6 +4,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use instar_blockdev::endian::be64_table;
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::Header;
@@ -94,10 +95,7 @@ impl RefcountReader {
         }
         let mut raw = vec![0u8; len as usize];
         dev.read_at(off, &mut raw)?;
-        let table = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect();
+        let table = be64_table(&raw);
         Ok(RefcountReader {
             table,
             cluster_bits: header.cluster_bits,

@@ -5,6 +5,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 use instar_abi::{Format, ImageInfo};
+use instar_blockdev::endian::Fixed;
 use instar_blockdev::BlockDev;
 
 /// QEMU reads the embedded descriptor of a sparse file at byte 512, 20 sectors long.
@@ -14,18 +15,6 @@ const DESC_SIZE: usize = 20 * 512;
 const MAX_DESC_FILE: u64 = (1 << 20) - 1;
 /// `sizeof(bs->auto_backing_file)` - 1.
 const MAX_PARENT_NAME: usize = 4095;
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
 
 /// The descriptor as a C string.
 fn c_text(buf: &[u8]) -> &[u8] {
@@ -157,14 +146,15 @@ pub fn info(dev: &mut dyn BlockDev) -> Result<ImageInfo, instar_blockdev::IoErro
         data_file: None,
         extent_file: None,
     };
+    let fixed = Fixed(&head);
     let desc = if &head[..4] == b"KDMV" {
-        report.version = le32(&head, 4);
-        let capacity = le64(&head, 12);
+        report.version = fixed.le32::<4>();
+        let capacity = fixed.le64::<12>();
         report.virtual_size = capacity.saturating_mul(512);
-        report.cluster_size = u32::try_from(le64(&head, 20).saturating_mul(512)).unwrap_or(0);
+        report.cluster_size = u32::try_from(fixed.le64::<20>().saturating_mul(512)).unwrap_or(0);
         // vmdk_open_vmdk4: a sparse header with no capacity and a descriptor offset is
         // opened as that descriptor, extents and all.
-        let desc_offset = le64(&head, 28);
+        let desc_offset = fixed.le64::<28>();
         if capacity == 0 && desc_offset != 0 {
             let len = dev.size().min(MAX_DESC_FILE) as usize;
             let mut embedded = vec![0u8; len];

@@ -11,6 +11,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
+use instar_blockdev::endian::le32_table;
 use instar_blockdev::BlockDev;
 
 use crate::descriptor::{DESC_OFFSET, DESC_SIZE};
@@ -91,10 +92,6 @@ struct Extent {
     part: Part,
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 /// Check that no structure overlaps another and no grain lies in a structure. `gd` and
 /// `rgd` are the directories as read. Tables outside the file or over the header and
 /// descriptor are left to the writer's own check (`BadGrainTable`, for the tables a
@@ -166,8 +163,7 @@ pub fn check<D: BlockDev + ?Sized>(
     tables.dedup();
     for t in tables {
         dev.read_at(t, &mut raw)?;
-        for j in 0..header.num_gtes_per_gt as usize {
-            let gte = le32(&raw, j * 4);
+        for (j, gte) in le32_table(&raw).into_iter().enumerate() {
             if gte <= GTE_ZEROED {
                 continue;
             }

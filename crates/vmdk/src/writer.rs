@@ -23,6 +23,7 @@
 use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
+use instar_blockdev::endian::{le32, le32_table};
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::descriptor::{DESC_OFFSET, DESC_SIZE};
@@ -118,10 +119,6 @@ pub struct SparseWriter<D> {
     written_end: u64,
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 impl<D: BlockDev> SparseWriter<D> {
     /// Open and validate (as [`VmdkImage::open`] plus [`check_rewritable`]).
     pub fn open(dev: D) -> Result<Self, WriteError> {
@@ -148,7 +145,7 @@ impl<D: BlockDev> SparseWriter<D> {
                 })?;
             let mut raw = vec![0u8; len as usize];
             dev.read_at(off, &mut raw)?;
-            Some((0..gd.len()).map(|i| le32(&raw, i * 4)).collect())
+            Some(le32_table(&raw))
         } else {
             None
         };
@@ -240,7 +237,7 @@ impl<D: BlockDev> SparseWriter<D> {
         let (gt_off, index) = self
             .locate(false, offset)?
             .ok_or(WriteError::NoGrainTable(offset))?;
-        Ok(le32(self.table(gt_off)?, index * 4))
+        le32(self.table(gt_off)?, index * 4).ok_or(WriteError::BadGrainTable(gt_off))
     }
 
     fn needs_allocation(&self, gte: u32) -> bool {

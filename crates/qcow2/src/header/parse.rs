@@ -1,12 +1,13 @@
 //! Opening a qcow2 image: the checks of QEMU's `qcow2_do_open`, in its order, with
 //! its messages.
 
-use alloc::string::String;
 use alloc::vec;
 use instar_blockdev::BlockDev;
 
 use super::extensions::{self, Context, Extensions, CRYPT_LUKS};
-use super::io::{be32, be64, c_str, pread, range_ok};
+use instar_blockdev::endian::Fixed;
+
+use super::io::{c_str, pread, range_ok};
 use super::snapshots::{self, SNAPSHOT_HEADER_SIZE};
 use super::*;
 use crate::entry::SUBCLUSTERS_PER_CLUSTER;
@@ -29,109 +30,6 @@ pub enum OpenMode {
     ReadOnly,
     /// `BDRV_O_RDWR`: refuses the corrupt bit, clears unknown autoclear bits.
     ReadWrite,
-}
-
-/// Why QEMU would refuse to open the image. The text is QEMU's message (the part
-/// after `Could not open '<file>': `).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum OpenError {
-    #[error("Could not read qcow2 header: Input/output error")]
-    ReadHeader,
-    #[error("Image is not in qcow2 format")]
-    NotQcow2,
-    #[error("Unsupported qcow2 version {0}")]
-    UnsupportedVersion(u32),
-    #[error("Unsupported cluster size: 2^{0}")]
-    UnsupportedClusterSize(u32),
-    #[error("qcow2 header too short")]
-    HeaderTooShort,
-    #[error("qcow2 header exceeds cluster size")]
-    HeaderExceedsCluster,
-    #[error("Invalid backing file offset")]
-    InvalidBackingFileOffset,
-    #[error("qcow2: unknown compression type: {0}")]
-    UnknownCompressionType(u8),
-    #[error("qcow2: Compression type incompatible feature bit must not be set")]
-    CompressionBitSet,
-    #[error("qcow2: Compression type incompatible feature bit must be set")]
-    CompressionBitMissing,
-    /// The list of features, formatted as QEMU does.
-    #[error("Unsupported qcow2 feature(s): {0}")]
-    UnsupportedFeatures(String),
-    #[error("qcow2: Image is corrupt; cannot be opened read/write")]
-    Corrupt,
-    #[error("Unsupported subcluster size: {0}")]
-    UnsupportedSubclusterSize(u64),
-    #[error("Reference count entry width too large; may not exceed 64 bits")]
-    RefcountOrderTooLarge,
-    #[error("Image does not contain a reference count table")]
-    NoRefcountTable,
-    #[error("{0} too large")]
-    TableTooLarge(&'static str),
-    #[error("{0} offset invalid")]
-    TableOffsetInvalid(&'static str),
-    #[error("Image is too big")]
-    TooBig,
-    #[error("L1 table is too small")]
-    L1TooSmall,
-    #[error("Could not read L1 table: Input/output error")]
-    ReadL1,
-    /// `%d` of an unsigned field, as QEMU prints it.
-    #[error("Unsupported encryption method {}", *.0 as i32)]
-    UnsupportedEncryption(u32),
-    #[error("Could not initialize refcount handling: Input/output error")]
-    ReadRefcountTable,
-    #[error("Header extension too large")]
-    ExtensionTooLarge,
-    #[error("ERROR: ext_backing_format: len={0} too large (>=16)")]
-    BackingFormatTooLarge(u32),
-    #[error("CRYPTO header extension only expected with LUKS encryption method")]
-    CryptoNotLuks,
-    #[error("CRYPTO header extension size {0}, but expected size 16")]
-    CryptoHeaderSize(u32),
-    #[error(
-        "Encryption header offset '{offset}' is not a multiple of cluster size '{cluster_size}'"
-    )]
-    CryptoHeaderOffset { offset: u64, cluster_size: u64 },
-    /// Encrypted images need a secret, which instar (like a bare `qemu-img`) never has.
-    #[error("Parameter 'encrypt.key-secret' is required for cipher")]
-    SecretRequired,
-    #[error("bitmaps_ext: Invalid extension length")]
-    BitmapsExtLength,
-    #[error("bitmaps_ext: Reserved field is not zero")]
-    BitmapsReserved,
-    #[error("bitmaps_ext: Image has {0} bitmaps, exceeding the QEMU supported maximum of 65535")]
-    TooManyBitmaps(u32),
-    #[error("found bitmaps extension with zero bitmaps")]
-    ZeroBitmaps,
-    #[error("bitmaps_ext: invalid bitmap directory offset")]
-    BitmapDirectoryOffset,
-    #[error(
-        "bitmaps_ext: bitmap directory size ({0}) exceeds the maximum supported size (67107840)"
-    )]
-    BitmapDirectorySize(u64),
-    #[error("'data-file' is required for this image")]
-    DataFileRequired,
-    #[error("data-file-raw requires a data file")]
-    DataFileRawWithoutDataFile,
-    #[error("Missing CRYPTO header for crypt method {}", *.0 as i32)]
-    MissingCryptoHeader(u32),
-    #[error("Backing file name too long")]
-    BackingNameTooLong,
-    /// QEMU adds the hint on its own line.
-    #[error("Too much extra metadata in snapshot table entry {0}\nYou can force-remove this extra metadata with qemu-img check -r all")]
-    SnapshotExtraData(u32),
-    #[error("Snapshot table is too big\nYou can force-remove all {0} overhanging snapshots with qemu-img check -r all")]
-    SnapshotTableTooBig(u32),
-    #[error("Failed to read snapshot table: Input/output error")]
-    ReadSnapshots,
-    /// The read-write open rewrites the header to clear unknown autoclear bits, and
-    /// the rewritten header does not fit.
-    #[error("Could not update qcow2 header: No space left on device")]
-    HeaderUpdateNoSpace,
-    /// The block layer's check after the driver opened the image.
-    #[error("Could not refresh total sector count: File too large")]
-    SizeTooLarge,
 }
 
 /// `qcow2_validate_table`.
@@ -160,29 +58,30 @@ impl Header {
     pub fn read(dev: &mut dyn BlockDev, mode: OpenMode) -> Result<Header, OpenError> {
         let mut fixed = [0u8; V3_HEADER_SIZE as usize];
         pread(dev, 0, &mut fixed).map_err(|_| OpenError::ReadHeader)?;
-        if be32(&fixed, 0) != QCOW2_MAGIC {
+        let f = Fixed(&fixed);
+        if f.be32::<0>() != QCOW2_MAGIC {
             return Err(OpenError::NotQcow2);
         }
-        let version = be32(&fixed, 4);
+        let version = f.be32::<4>();
         if !(2..=3).contains(&version) {
             return Err(OpenError::UnsupportedVersion(version));
         }
-        let cluster_bits = be32(&fixed, 20);
+        let cluster_bits = f.be32::<20>();
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(OpenError::UnsupportedClusterSize(cluster_bits));
         }
         let cluster_size = 1u64 << cluster_bits;
 
-        let backing_file_offset = be64(&fixed, 8);
-        let backing_file_size = be32(&fixed, 16);
-        let size = be64(&fixed, 24);
-        let crypt_method = be32(&fixed, 32);
-        let l1_size = be32(&fixed, 36);
-        let l1_table_offset = be64(&fixed, 40);
-        let refcount_table_offset = be64(&fixed, 48);
-        let refcount_table_clusters = be32(&fixed, 56);
-        let nb_snapshots = be32(&fixed, 60);
-        let snapshots_offset = be64(&fixed, 64);
+        let backing_file_offset = f.be64::<8>();
+        let backing_file_size = f.be32::<16>();
+        let size = f.be64::<24>();
+        let crypt_method = f.be32::<32>();
+        let l1_size = f.be32::<36>();
+        let l1_table_offset = f.be64::<40>();
+        let refcount_table_offset = f.be64::<48>();
+        let refcount_table_clusters = f.be32::<56>();
+        let nb_snapshots = f.be32::<60>();
+        let snapshots_offset = f.be64::<64>();
 
         let (
             incompatible_features,
@@ -193,15 +92,15 @@ impl Header {
         ) = if version == 2 {
             (0, 0, 0, 4, V2_HEADER_SIZE)
         } else {
-            let header_length = be32(&fixed, 100);
+            let header_length = f.be32::<100>();
             if header_length < 104 {
                 return Err(OpenError::HeaderTooShort);
             }
             (
-                be64(&fixed, 72),
-                be64(&fixed, 80),
-                be64(&fixed, 88),
-                be32(&fixed, 96),
+                f.be64::<72>(),
+                f.be64::<80>(),
+                f.be64::<88>(),
+                f.be32::<96>(),
                 header_length,
             )
         };

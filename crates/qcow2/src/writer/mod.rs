@@ -68,6 +68,7 @@ pub use shadow::ShadowDev;
 use alloc::vec;
 use alloc::vec::Vec;
 
+use instar_blockdev::endian::be64_table;
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
@@ -300,7 +301,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         if !raw.is_empty() {
             dev.read_at(l1_offset, &mut raw)?;
         }
-        let l1: Vec<u64> = raw.chunks_exact(8).map(be64).collect();
+        let l1 = be64_table(&raw);
 
         // Refcount table.
         let rt_offset = h.refcount_table_offset;
@@ -313,7 +314,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         }
         let mut raw = vec![0u8; rt_bytes as usize];
         dev.read_at(rt_offset, &mut raw)?;
-        let rt: Vec<u64> = raw.chunks_exact(8).map(be64).collect();
+        let rt = be64_table(&raw);
         let max_rt_index = rt.iter().rposition(|&e| e != 0);
 
         let refcount_order = h.refcount_order;
@@ -543,10 +544,4 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     fn need_accurate_refcounts(&self) -> bool {
         self.incompat & INCOMPAT_DIRTY == 0
     }
-}
-
-pub(crate) fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }

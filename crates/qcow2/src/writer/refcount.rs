@@ -11,6 +11,7 @@ use super::{
     corrupt, BackingRead, WriteError, WriteKind, Writer, HDR_REFTABLE_OFFSET, MAX_CLUSTER_OFFSET,
     MAX_REFTABLE_ENTRIES, REFT_OFFSET_MASK,
 };
+use crate::refcount::refcount_entry;
 
 /// Outcome of an operation that may have created a refcount block, after which the
 /// caller must redo its search for free clusters (QEMU's `-EAGAIN`).
@@ -18,27 +19,6 @@ use super::{
 pub(crate) enum Flow {
     Done,
     Again,
-}
-
-/// Refcount `index` of a block with entries of `1 << order` bits.
-pub(crate) fn get_refcount(block: &[u8], index: u64, order: u32) -> u64 {
-    let i = index as usize;
-    match order {
-        0..=2 => {
-            let bits = 1usize << order;
-            let bit = i * bits;
-            let mask = (1u8 << bits).wrapping_sub(1);
-            ((block[bit / 8] >> (bit % 8)) & mask) as u64
-        }
-        3 => block[i] as u64,
-        4 => u16::from_be_bytes([block[2 * i], block[2 * i + 1]]) as u64,
-        5 => {
-            let mut a = [0u8; 4];
-            a.copy_from_slice(&block[4 * i..4 * i + 4]);
-            u32::from_be_bytes(a) as u64
-        }
-        _ => super::be64(&block[8 * i..]),
-    }
 }
 
 pub(crate) fn set_refcount(block: &mut [u8], index: u64, order: u32, value: u64) {
@@ -107,7 +87,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         self.cache_get(Which::Refcount, off)?;
         let order = self.refcount_order;
         let idx = cluster & (self.rb_entries() - 1);
-        Ok(get_refcount(
+        Ok(refcount_entry(
             &self.table(Which::Refcount, off)?.data,
             idx,
             order,
@@ -202,7 +182,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             let max = self.refcount_max;
             let tbl = self.table(Which::Refcount, block_off)?;
             tbl.dirty = true;
-            let rc = get_refcount(&tbl.data, idx, order);
+            let rc = refcount_entry(&tbl.data, idx, order);
             let new = if decrease {
                 rc.checked_sub(1).ok_or(corrupt("refcount below zero", c))?
             } else {
@@ -365,7 +345,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                 let end_index = ((end_off - first_covered) / cs).min(self.rb_entries());
                 let tbl = self.table(Which::Refcount, off)?;
                 while j < end_index {
-                    if get_refcount(&tbl.data, j, order) != 0 {
+                    if refcount_entry(&tbl.data, j, order) != 0 {
                         return Err(corrupt("refcount area not free", first_covered + j * cs));
                     }
                     set_refcount(&mut tbl.data, j, order, 1);

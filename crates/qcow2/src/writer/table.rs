@@ -1,6 +1,7 @@
 //! L1/L2 tables: entry decoding (cluster and subcluster types), loading L2 slices, and
 //! allocating or copying L2 tables (`get_cluster_table` / `l2_allocate`).
 
+use instar_blockdev::endian::be64;
 use instar_blockdev::BlockDev;
 
 use super::cache::Which;
@@ -145,13 +146,13 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         let ext = self.ext_l2;
         let t = self.table(Which::L2, s.offset)?;
         let p = (s.index + i) as usize * es;
-        let e = super::be64(&t.data[p..]);
-        let b = if ext {
-            super::be64(&t.data[p + 8..])
-        } else {
-            0
-        };
-        Ok((e, b))
+        let entry = be64(&t.data, p);
+        // Without extended L2 there is no bitmap word: it reads as 0.
+        let bitmap = if ext { be64(&t.data, p + 8) } else { Some(0) };
+        match (entry, bitmap) {
+            (Some(e), Some(b)) => Ok((e, b)),
+            _ => Err(corrupt("L2 entry outside its table", s.offset)),
+        }
     }
 
     pub(crate) fn l2_set(
