@@ -12,11 +12,10 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use instar_blockdev::endian::le32_table;
-use instar_blockdev::BlockDev;
+use instar_blockdev::{BlockDev, IoError};
 
 use crate::descriptor::{DESC_OFFSET, DESC_SIZE};
 use crate::image::{SparseHeader, GTE_ZEROED};
-use crate::writer::WriteError;
 
 /// A structure of the file, or a grain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -102,7 +101,7 @@ pub fn check<D: BlockDev + ?Sized>(
     gd: &[u32],
     rgd: Option<&[u32]>,
     grain: u64,
-) -> Result<(), WriteError> {
+) -> Result<(), LayoutError> {
     let gt_len = u64::from(header.num_gtes_per_gt) * 4;
     let dir_len = gd.len() as u64 * 4;
     let mut extents = vec![
@@ -187,8 +186,21 @@ pub fn check<D: BlockDev + ?Sized>(
     Ok(())
 }
 
-fn overlap(a: Extent, b: Extent) -> WriteError {
-    WriteError::Overlap(Overlap {
+/// Why [`check`] refused the image, or could not finish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayoutError {
+    Overlap(Overlap),
+    Io(IoError),
+}
+
+impl From<IoError> for LayoutError {
+    fn from(e: IoError) -> Self {
+        LayoutError::Io(e)
+    }
+}
+
+fn overlap(a: Extent, b: Extent) -> LayoutError {
+    LayoutError::Overlap(Overlap {
         a: a.part,
         a_offset: a.offset,
         b: b.part,

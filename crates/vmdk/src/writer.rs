@@ -28,6 +28,7 @@ use instar_blockdev::{BlockDev, IoError};
 
 use crate::descriptor::{DESC_OFFSET, DESC_SIZE};
 use crate::image::{SparseHeader, VmdkError, VmdkImage, FLAG_RGD, GTE_ZEROED};
+use crate::layout::{self, LayoutError};
 
 /// QEMU's `VMDK_EXTENT_MAX_SECTORS`: a grain must start below 2^32 sectors.
 pub const MAX_SECTORS: u64 = 1 << 32;
@@ -60,13 +61,22 @@ pub enum WriteError {
     Full,
     /// A grain table overlaps another structure or a grain ([`crate::layout`]).
     #[error("{0}")]
-    Overlap(crate::layout::Overlap),
+    Overlap(layout::Overlap),
     #[error("write of {len:#x} bytes at {offset:#x} goes past the virtual size")]
     BeyondVirtualSize { offset: u64, len: u64 },
     #[error("error while reading the layers below: {0}")]
     Below(IoError),
     #[error(transparent)]
     Io(#[from] IoError),
+}
+
+impl From<LayoutError> for WriteError {
+    fn from(e: LayoutError) -> Self {
+        match e {
+            LayoutError::Overlap(o) => WriteError::Overlap(o),
+            LayoutError::Io(e) => WriteError::Io(e),
+        }
+    }
 }
 
 /// The content under the overlay, for the part of a new grain a write leaves out.
@@ -150,7 +160,7 @@ impl<D: BlockDev> SparseWriter<D> {
             None
         };
         // Grain table entries are written in place: no table may overlap anything.
-        crate::layout::check(&mut dev, &header, &gd, rgd.as_deref(), grain)?;
+        layout::check(&mut dev, &header, &gd, rgd.as_deref(), grain)?;
         let gt_sectors = u64::from(header.num_gtes_per_gt) * header.granularity;
         // vmdk_add_extent: the file length in sectors, rounded up to a grain.
         let next_sector = dev
