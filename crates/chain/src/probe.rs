@@ -10,6 +10,7 @@ use alloc::vec;
 use instar_abi::Format;
 use instar_blockdev::endian::Fixed;
 use instar_blockdev::BlockDev;
+use instar_vmdk::descriptor::{quoted_value, until_nul, MAX_DESC_FILE};
 
 /// QEMU's `BLOCK_PROBE_BUF_SIZE`.
 pub const PROBE_BUF_SIZE: usize = 512;
@@ -307,19 +308,9 @@ fn check_vmdk(dev: &mut dyn BlockDev, head: &[u8; PROBE_BUF_SIZE]) -> Result<(),
         return Ok(());
     }
     // QEMU reads the descriptor up to 1 MiB - 1 (the file length rounded up to 512).
-    let len = size.next_multiple_of(512).min((1 << 20) - 1) as usize;
+    let len = size.next_multiple_of(512).min(MAX_DESC_FILE) as usize;
     let mut desc = vec![0u8; len];
     read(dev, 0, &mut desc)?;
-    let text = match desc.iter().position(|&c| c == 0) {
-        Some(n) => &desc[..n],
-        None => &desc[..],
-    };
-    // vmdk_parse_description("createType"): the name, two bytes (`="`), a value, a quote.
-    let found = text
-        .windows(10)
-        .position(|w| w == b"createType")
-        .map(|at| at + 12)
-        .filter(|&v| v < text.len())
-        .is_some_and(|v| text[v..].contains(&b'"'));
+    let found = quoted_value(until_nul(&desc), b"createType").is_some();
     ok_if(found, ProbeError::VmdkDescriptor)
 }

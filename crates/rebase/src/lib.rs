@@ -6,6 +6,7 @@
 
 extern crate alloc;
 
+mod chains;
 pub mod copy;
 mod other_formats;
 mod probe;
@@ -50,10 +51,11 @@ pub fn handle(call: &Call, devs: &mut [&mut dyn BlockDev], hooks: &mut dyn Hooks
     result.unwrap_or_else(Response::Error)
 }
 
-fn plain(message: &str) -> GuestError {
+/// A refusal in the guest's own words (not an image's open error).
+pub(crate) fn plain(message: impl Into<String>) -> GuestError {
     GuestError {
         kind: ErrorKind::Plain,
-        message: String::from(message),
+        message: message.into(),
     }
 }
 
