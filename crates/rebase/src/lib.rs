@@ -23,6 +23,8 @@ use instar_blockdev::BlockDev;
 
 /// `strerror(EIO)`, QEMU's text for a failed read or write.
 pub(crate) const IO_ERROR: &str = "Input/output error";
+/// The overlay is always device 0.
+pub(crate) const OVERLAY: u8 = 0;
 
 /// Callbacks into the guest runtime (doorbells).
 pub trait Hooks {

@@ -33,10 +33,7 @@ use crate::chains::{
 use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
 use crate::probe::open_error;
 use crate::unsafe_rebase::{change_error, map_change_error, open_for_change};
-use crate::{plain, Hooks, IO_ERROR};
-
-/// The overlay is always device 0.
-const OVERLAY: u8 = 0;
+use crate::{plain, Hooks, IO_ERROR, OVERLAY};
 
 pub(crate) fn rebase(
     req: &RebaseRequest,

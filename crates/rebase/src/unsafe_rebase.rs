@@ -8,10 +8,7 @@ use instar_chain::probe::check_format;
 use instar_qcow2::{ChangeBackingError, Header, OpenMode};
 
 use crate::probe::{open_error, qcow2_info};
-use crate::{device, Hooks, IO_ERROR};
-
-/// The overlay is always device 0.
-const OVERLAY: u8 = 0;
+use crate::{device, Hooks, IO_ERROR, OVERLAY};
 
 pub(crate) fn change_error(message: &str) -> GuestError {
     GuestError {

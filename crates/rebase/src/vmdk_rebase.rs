@@ -38,10 +38,7 @@ use crate::chains::{
 use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
 use crate::probe::open_error;
 use crate::unsafe_rebase::change_error;
-use crate::{device, plain, Hooks, IO_ERROR};
-
-/// The overlay is always device 0.
-const OVERLAY: u8 = 0;
+use crate::{device, plain, Hooks, IO_ERROR, OVERLAY};
 
 /// The `CID` of the vmdk on `dev` (opened and validated like any chain image).
 fn read_cid(devs: &mut [&mut dyn BlockDev], dev: u8) -> Result<u32, GuestError> {
