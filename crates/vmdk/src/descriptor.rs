@@ -1,8 +1,16 @@
-//! The text descriptor of a monolithicSparse vmdk, read the way QEMU reads it
-//! (`vmdk_read_cid`, `vmdk_parent_open`, `vmdk_parse_description`): substring
-//! searches in a NUL-terminated buffer, not a full parser.
+//! The text descriptor of a vmdk, read the way QEMU reads it (`vmdk_read_cid`,
+//! `vmdk_parent_open`, `vmdk_parse_description`, `vmdk_parse_extents`): substring
+//! searches and `sscanf` directives in a NUL-terminated buffer (one scanner, `scan`),
+//! not a full parser. [`Descriptor`] is what a monolithicSparse image holds, and its
+//! rewrite with a new parent; [`parent_hint`], [`first_extent_file`], [`extent_sectors`] and
+//! [`line_number`] are what a probe reports of any descriptor.
 
 use alloc::vec::Vec;
+
+mod scan;
+
+pub use scan::{find, until_nul};
+use scan::{hex, quoted_after, Scanned};
 
 /// Where QEMU reads the descriptor of a sparse file, and how much of it.
 pub const DESC_OFFSET: u64 = 0x200;
@@ -48,11 +56,6 @@ pub struct Descriptor {
     pub create_type: Option<Vec<u8>>,
     pub extents: Vec<ExtentLine>,
 }
-
-mod scan;
-
-pub use scan::{find, until_nul};
-use scan::{hex, quoted_after, Scanned};
 
 /// `vmdk_read_cid`: first occurrence of `key`, skip `key.len() + 1` bytes, scan hex.
 fn read_cid(text: &[u8], key: &[u8]) -> Option<u32> {
