@@ -10,7 +10,7 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 
-pub mod endian;
+pub mod bytes;
 
 /// Why an I/O on a [`BlockDev`] failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

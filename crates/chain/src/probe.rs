@@ -8,9 +8,9 @@
 
 use alloc::vec;
 use instar_abi::Format;
-use instar_blockdev::endian::Fixed;
+use instar_blockdev::bytes::{c_str, Fixed};
 use instar_blockdev::BlockDev;
-use instar_vmdk::descriptor::{quoted_value, until_nul, MAX_DESC_FILE};
+use instar_vmdk::descriptor::{quoted_value, MAX_DESC_FILE};
 
 /// QEMU's `BLOCK_PROBE_BUF_SIZE`.
 pub const PROBE_BUF_SIZE: usize = 512;
@@ -311,6 +311,6 @@ fn check_vmdk(dev: &mut dyn BlockDev, head: &[u8; PROBE_BUF_SIZE]) -> Result<(),
     let len = size.next_multiple_of(512).min(MAX_DESC_FILE) as usize;
     let mut desc = vec![0u8; len];
     read(dev, 0, &mut desc)?;
-    let found = quoted_value(until_nul(&desc), b"createType").is_some();
+    let found = quoted_value(c_str(&desc), b"createType").is_some();
     ok_if(found, ProbeError::VmdkDescriptor)
 }

@@ -7,7 +7,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
-use instar_blockdev::endian::{be64, be64_table};
+use instar_blockdev::bytes::{be64, be64_table};
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::compress::{decompress_cluster, CompressionType, DecompressError};

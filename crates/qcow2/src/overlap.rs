@@ -26,7 +26,7 @@ use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use instar_blockdev::endian::be64;
+use instar_blockdev::bytes::be64;
 use instar_blockdev::BlockDev;
 
 use crate::entry::{l2_entry_size, L2E_OFFSET_MASK, OFLAG_COMPRESSED};

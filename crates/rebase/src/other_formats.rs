@@ -6,7 +6,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 use instar_abi::{Format, MAX_REPORTED_NAME};
-use instar_blockdev::endian::Fixed;
+use instar_blockdev::bytes::{c_str, Fixed};
 use instar_blockdev::{BlockDev, IoError};
 
 /// qed's `QED_F_BACKING_FILE` feature bit.
@@ -20,9 +20,8 @@ fn name_at(dev: &mut dyn BlockDev, offset: u64, len: u64) -> Result<Option<Vec<u
     let len = len.min(MAX_REPORTED_NAME as u64) as usize;
     let mut name = vec![0u8; len];
     dev.read_zero_padded(offset, &mut name)?;
-    if let Some(end) = name.iter().position(|&c| c == 0) {
-        name.truncate(end);
-    }
+    let len = c_str(&name).len();
+    name.truncate(len);
     Ok((!name.is_empty()).then_some(name))
 }
 

@@ -4,10 +4,10 @@
 
 use alloc::vec;
 use instar_abi::{Format, ImageInfo};
-use instar_blockdev::endian::Fixed;
+use instar_blockdev::bytes::{c_str, Fixed};
 use instar_blockdev::BlockDev;
 use instar_vmdk::descriptor::{
-    extent_sectors, first_extent_file, line_number, parent_hint, until_nul, DESC_OFFSET, DESC_SIZE,
+    extent_sectors, first_extent_file, line_number, parent_hint, DESC_OFFSET, DESC_SIZE,
     MAX_DESC_FILE,
 };
 
@@ -38,7 +38,7 @@ pub fn info(dev: &mut dyn BlockDev) -> Result<ImageInfo, instar_blockdev::IoErro
             let len = dev.size().min(MAX_DESC_FILE) as usize;
             let mut embedded = vec![0u8; len];
             dev.read_zero_padded(desc_offset.saturating_mul(512), &mut embedded)?;
-            report.extent_file = first_extent_file(until_nul(&embedded));
+            report.extent_file = first_extent_file(c_str(&embedded));
         }
         let mut desc = vec![0u8; DESC_SIZE];
         dev.read_zero_padded(DESC_OFFSET, &mut desc)?;
@@ -49,7 +49,7 @@ pub fn info(dev: &mut dyn BlockDev) -> Result<ImageInfo, instar_blockdev::IoErro
         dev.read_zero_padded(0, &mut desc)?;
         desc
     };
-    let text = until_nul(&desc);
+    let text = c_str(&desc);
     if &head[..4] != b"KDMV" {
         report.version = line_number(text, b"version=")
             .and_then(|v| u32::try_from(v).ok())

@@ -6,10 +6,11 @@
 //! [`line_number`] are what a probe reports of any descriptor.
 
 use alloc::vec::Vec;
+use instar_blockdev::bytes::c_str;
 
 mod scan;
 
-pub use scan::{find, until_nul};
+pub use scan::find;
 use scan::{hex, quoted_after, Scanned};
 
 /// Where QEMU reads the descriptor of a sparse file, and how much of it.
@@ -124,8 +125,8 @@ impl Descriptor {
     /// Parse the `DESC_SIZE` bytes read at [`DESC_OFFSET`].
     pub fn parse(raw: &[u8]) -> Result<Descriptor, DescriptorError> {
         // vmdk_read_cid terminates at DESC_SIZE - 1, vmdk_parent_open at DESC_SIZE.
-        let cid_text = until_nul(&raw[..raw.len().min(DESC_SIZE - 1)]);
-        let hint_text = until_nul(&raw[..raw.len().min(DESC_SIZE)]);
+        let cid_text = c_str(&raw[..raw.len().min(DESC_SIZE - 1)]);
+        let hint_text = c_str(&raw[..raw.len().min(DESC_SIZE)]);
         let cid = read_cid(cid_text, b"CID").ok_or(DescriptorError::NoCid)?;
         let parent_cid = read_cid(cid_text, b"parentCID").ok_or(DescriptorError::NoParentCid)?;
         let parent_file_name_hint = parent_hint(hint_text)?.map(<[u8]>::to_vec);
@@ -356,7 +357,7 @@ mod tests {
 
     fn text(block: &[u8]) -> &[u8] {
         assert_eq!(block.len(), DESC_SIZE);
-        until_nul(block)
+        c_str(block)
     }
 
     #[test]

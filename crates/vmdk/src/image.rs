@@ -4,7 +4,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
-use instar_blockdev::endian::{le32, le32_table, Fixed};
+use instar_blockdev::bytes::{le32, le32_table, Fixed};
 use instar_blockdev::{BlockDev, IoError};
 use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
 use miniz_oxide::inflate::TINFLStatus;

@@ -23,7 +23,7 @@
 use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
-use instar_blockdev::endian::{le32, le32_table};
+use instar_blockdev::bytes::{le32, le32_table};
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::descriptor::{DESC_OFFSET, DESC_SIZE};

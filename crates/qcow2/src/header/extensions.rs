@@ -2,10 +2,9 @@
 
 use alloc::vec::Vec;
 
-use instar_blockdev::endian::{be32, Fixed};
+use instar_blockdev::bytes::{be32, c_str, Fixed};
 
 use super::error::OpenError;
-use super::io::c_str;
 use super::{
     BitmapsExt, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_FEATURE_TABLE,
 };

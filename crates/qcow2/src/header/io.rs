@@ -23,12 +23,3 @@ pub(crate) fn pread(dev: &mut dyn BlockDev, offset: u64, buf: &mut [u8]) -> Resu
     }
     dev.read_zero_padded(offset, buf).map_err(|_| ReadFailed)
 }
-
-/// A C string view: everything before the first NUL (QEMU keeps names as C strings,
-/// so an embedded NUL ends the name).
-pub(crate) fn c_str(b: &[u8]) -> &[u8] {
-    match b.iter().position(|&c| c == 0) {
-        Some(n) => &b[..n],
-        None => b,
-    }
-}

@@ -6,9 +6,9 @@ use alloc::vec::Vec;
 use instar_blockdev::BlockDev;
 
 use super::extensions::{self, Context, Extensions, CRYPT_LUKS};
-use instar_blockdev::endian::Fixed;
+use instar_blockdev::bytes::{c_str, Fixed};
 
-use super::io::{c_str, pread, range_ok};
+use super::io::{pread, range_ok};
 use super::snapshots::{self, SNAPSHOT_HEADER_SIZE};
 use super::*;
 use crate::geometry::{Geometry, MAX_L1_BYTES, MAX_REFCOUNT_ORDER, MAX_REFTABLE_BYTES};

@@ -5,8 +5,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::extensions::BACKING_FORMAT_BUF;
-use super::io::c_str;
 use super::*;
+use instar_blockdev::bytes::c_str;
 
 /// Longest backing file name QEMU writes.
 pub const MAX_BACKING_NAME: usize = 1023;

@@ -5,7 +5,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use instar_blockdev::BlockDev;
 
-use instar_blockdev::endian::Fixed;
+use instar_blockdev::bytes::Fixed;
 
 use super::error::OpenError;
 use super::io::{pread, range_ok};

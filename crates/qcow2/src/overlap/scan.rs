@@ -4,7 +4,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use instar_blockdev::endian::{be64_table, Fixed};
+use instar_blockdev::bytes::{be64_table, Fixed};
 use instar_blockdev::{BlockDev, IoError};
 
 use super::error::{Found, OverlapError, Referrer, Structure, Target};

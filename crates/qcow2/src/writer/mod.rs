@@ -68,7 +68,7 @@ pub use shadow::ShadowDev;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use instar_blockdev::endian::be64_table;
+use instar_blockdev::bytes::be64_table;
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::geometry::{Geometry, MAX_REFTABLE_BYTES};

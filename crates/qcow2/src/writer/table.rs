@@ -1,7 +1,7 @@
 //! L1/L2 tables: entry decoding (cluster and subcluster types), loading L2 slices, and
 //! allocating or copying L2 tables (`get_cluster_table` / `l2_allocate`).
 
-use instar_blockdev::endian::be64;
+use instar_blockdev::bytes::be64;
 use instar_blockdev::BlockDev;
 
 use super::cache::Which;

@@ -2,11 +2,6 @@
 //! (`strstr`) and `sscanf` directives over the text up to its first NUL. Every reader
 //! of the descriptor (the sparse image, its rewrite, the probe) scans through these.
 
-/// The text up to its first NUL (QEMU keeps the descriptor as a C string).
-pub fn until_nul(b: &[u8]) -> &[u8] {
-    &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]
-}
-
 /// Where `needle` first occurs (`strstr`).
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)

@@ -1,5 +1,5 @@
-//! Integers stored in image bytes, read without panicking: every format crate reads
-//! its on-disk fields through these.
+//! Integers and names stored in image bytes, read without panicking: every format
+//! crate reads its on-disk fields through these.
 //!
 //! - [`be32`] and friends read at a run-time offset and answer `None` when the bytes
 //!   are not all there, so a short buffer is the caller's decision, never a panic or
@@ -8,6 +8,7 @@
 //!   array); its offsets are constants checked against the array length when the
 //!   program is compiled.
 //! - [`be64_table`] and [`le32_table`] decode whole tables of entries.
+//! - [`c_str`] reads a name the way C code holding it as a C string sees it.
 
 use alloc::vec::Vec;
 
@@ -48,6 +49,15 @@ readers! {
     le16, le16: u16, from_le_bytes;
     le32, le32: u32, from_le_bytes;
     le64, le64: u64, from_le_bytes;
+}
+
+/// Everything before the first NUL: QEMU keeps names and descriptors as C strings,
+/// so an embedded NUL ends them.
+pub fn c_str(b: &[u8]) -> &[u8] {
+    match b.iter().position(|&c| c == 0) {
+        Some(n) => &b[..n],
+        None => b,
+    }
 }
 
 /// Every whole big-endian `u64` of `raw` (a trailing partial entry is ignored).
