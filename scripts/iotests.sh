@@ -2,8 +2,10 @@
 # QEMU's own iotests that exercise `qemu-img rebase`, with `rebase` routed to instar and
 # every other qemu-img subcommand (create, map, check, info, amend …) to the real qemu-img.
 #
-#   scripts/iotests.sh              # 024 031 042 043 050 061 082 252: all must pass
-#   scripts/iotests.sh 024 050      # just these, all of which must pass
+#   scripts/iotests.sh              # 024 031 042 043 050 061 082 252 (qcow2) and
+#                                   # 024 042 043 050 under -qed: all must pass
+#   scripts/iotests.sh 024 050      # just these (qcow2), all of which must pass
+#   IOTESTS_QED="024" scripts/iotests.sh 024   # and these under -qed
 #
 # Exit status: 0 when every test that must pass passed, 1 otherwise. The tests come from
 # QEMU's source (10.2.2 by default), run outside a build tree: qemu-img and qemu-io are the
@@ -35,6 +37,8 @@ QEMU_IO=${QEMU_IO:-/usr/bin/qemu-io}
 QEMU_SRC_VERSION=${QEMU_SRC_VERSION:-1:10.2.2+ds-1}
 CACHE=${IOTESTS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/instar/iotests}
 REQUIRED=(024 031 042 043 050 061 082 252)
+# The same rebase tests with qed images (-qed).
+read -r -a REQUIRED_QED <<< "${IOTESTS_QED-024 042 043 050}"
 OPTIONAL=()
 # Failures that follow from a documented difference between instar and qemu-img; these
 # tests are not in the default set (run them by name to see the difference).
@@ -43,7 +47,10 @@ declare -A EXPECTED=(
     [271]="its last part uses -c, which instar refuses"
     [314]="it is about -c, which instar refuses"
 )
-if [ $# -gt 0 ]; then REQUIRED=("$@"); OPTIONAL=(); fi
+if [ $# -gt 0 ]; then
+    REQUIRED=("$@"); OPTIONAL=()
+    [ -n "${IOTESTS_QED+set}" ] || REQUIRED_QED=()
+fi
 
 log() { printf 'iotests: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -149,14 +156,17 @@ cd "$WORK/tests/qemu-iotests"
 start=$SECONDS
 set +e
 ./check -qcow2 "${REQUIRED[@]}" "${OPTIONAL[@]}" 2>&1 | tee "$WORK/check.log"
+if [ ${#REQUIRED_QED[@]} -gt 0 ]; then
+    ./check -qed "${REQUIRED_QED[@]}" 2>&1 | tee "$WORK/check-qed.log"
+fi
 set -e
 log "check took $((SECONDS - start)) s"
 
 # Per-test verdicts from check's result lines ("024   pass", "082   not run"; check
 # rewrites a line with \r and colours it when on a terminal).
 status_of() {
-    local s
-    s=$(tr '\r' '\n' < "$WORK/check.log" | sed -e 's/\x1b\[[0-9;]*m//g' \
+    local s log=${2:-$WORK/check.log}
+    s=$(tr '\r' '\n' < "$log" | sed -e 's/\x1b\[[0-9;]*m//g' \
         | grep -oE "(^| )$1 +(pass|fail|not run)" | tail -1 | sed -E "s/^ ?$1 +//")
     printf '%s\n' "${s:-missing}"
 }
@@ -165,6 +175,10 @@ npass=0
 nfail=0
 for t in "${REQUIRED[@]}"; do
     s=$(status_of "$t"); log "required $t: $s"
+    if [ "$s" = pass ]; then npass=$((npass + 1)); else nfail=$((nfail + 1)); failed=1; fi
+done
+for t in "${REQUIRED_QED[@]}"; do
+    s=$(status_of "$t" "$WORK/check-qed.log"); log "required $t (qed): $s"
     if [ "$s" = pass ]; then npass=$((npass + 1)); else nfail=$((nfail + 1)); failed=1; fi
 done
 for t in "${OPTIONAL[@]}"; do

@@ -13,6 +13,9 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 (cd guest && cargo clippy --quiet -- -D warnings)
 
+echo "== lint policy (scripts/lint_policy.sh)"
+scripts/lint_policy.sh
+
 echo "== cargo test"
 cargo test --workspace --all-targets --no-fail-fast
 

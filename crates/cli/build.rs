@@ -1,11 +1,13 @@
 //! Builds the sandbox guest (`guest/`, its own cargo workspace with bare-metal flags)
 //! and leaves it in `$OUT_DIR/rebase.bin` for `include_bytes!`, so `instar` is one file.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The no_std crates the guest is built from (besides guest/ itself).
-const GUEST_CRATES: &[&str] = &["abi", "blockdev", "qcow2", "vmdk", "chain", "rebase"];
+const GUEST_CRATES: &[&str] = &["abi", "blockdev", "qcow2", "vmdk", "qed", "chain", "rebase"];
 
 fn main() {
     let manifest_dir = PathBuf::from(

@@ -133,8 +133,8 @@ pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
 /// per step, then 8), and only the last differing word is compared byte by byte.
 #[no_mangle]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    // SAFETY (all reads below): the caller guarantees both ranges are valid for `n`
-    // bytes; every read stays below `n` and uses unaligned loads.
+    // SAFETY: the caller guarantees both ranges are valid for `n` bytes; every read
+    // below (all through `word`) stays below `n` and uses unaligned loads.
     let word = |p: *const u8, i: usize| unsafe { (p.add(i) as *const u64).read_unaligned() };
     let mut i = 0;
     while i + 32 <= n {

@@ -5,6 +5,7 @@
 //! ever looks at the bytes inside a fixed-size area, and callers validate the result.
 
 #![no_std]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 

@@ -81,7 +81,10 @@ impl Format {
 
     /// Whether instar can read images of this format.
     pub const fn readable(self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2 | Format::Vmdk)
+        matches!(
+            self,
+            Format::Raw | Format::Qcow2 | Format::Vmdk | Format::Qed
+        )
     }
 }
 

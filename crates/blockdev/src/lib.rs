@@ -5,6 +5,7 @@
 //! want QEMU's "zeros past the end of a backing file" ask for it explicitly.
 
 #![no_std]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 

@@ -4,6 +4,7 @@
 use instar_blockdev::{BlockDev, IoError};
 use instar_qcow2::image::{ImageError, Qcow2Image};
 use instar_qcow2::map::ClusterKind;
+use instar_qed::{ClusterState, QedError, QedImage};
 use instar_vmdk::{GrainKind, VmdkError, VmdkImage};
 
 /// Status of a range in one layer (what `bdrv_co_block_status` says without looking
@@ -27,6 +28,8 @@ pub enum LayerError {
     Qcow2(#[from] ImageError),
     #[error(transparent)]
     Vmdk(#[from] VmdkError),
+    #[error(transparent)]
+    Qed(#[from] QedError),
     #[error(transparent)]
     Io(#[from] IoError),
     #[error("layer {layer} reported an empty or overlong run at {offset:#x}")]
@@ -85,5 +88,23 @@ impl<D: BlockDev> Layer for VmdkImage<D> {
     }
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), LayerError> {
         Ok(VmdkImage::read(self, offset, buf)?)
+    }
+}
+
+impl<D: BlockDev> Layer for QedImage<D> {
+    fn virtual_size(&self) -> u64 {
+        QedImage::virtual_size(self)
+    }
+    fn block_status(&mut self, offset: u64, bytes: u64) -> Result<(LayerState, u64), LayerError> {
+        let (state, n) = self.find_cluster(offset, bytes)?;
+        let state = match state {
+            ClusterState::Found(_) => LayerState::Data,
+            ClusterState::Zero => LayerState::Zero,
+            ClusterState::UnallocatedL1 | ClusterState::UnallocatedL2 => LayerState::Unallocated,
+        };
+        Ok((state, n))
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), LayerError> {
+        Ok(QedImage::read(self, offset, buf)?)
     }
 }

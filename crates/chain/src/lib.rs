@@ -5,6 +5,7 @@
 //! - [`view`]: reads and allocation status over a chain, as QEMU's block layer does.
 
 #![no_std]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 

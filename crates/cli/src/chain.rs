@@ -15,7 +15,8 @@ use std::os::unix::ffi::OsStrExt;
 
 use instar_abi::{Format, ImageInfo};
 
-use crate::drivers::{self, DriverName};
+use crate::drivers;
+use crate::failure::Failure;
 use crate::files::ImageFile;
 use crate::guest::{self, Answer, Guest};
 use crate::locks;
@@ -63,46 +64,38 @@ pub struct Walk<'a> {
     pub already: usize,
 }
 
-impl Walk<'_> {
-    /// The message prefix for an image `level` levels below the top.
-    pub fn level_prefix(&self, level: usize) -> String {
-        format!("{}{}", self.prefix, BACKING_PREFIX.repeat(level))
-    }
+/// How QEMU's messages about an image `level` levels below a top begin, when the top's
+/// begin with `top` (`Could not open 'FILE': `).
+pub fn level_prefix(top: &str, level: usize) -> String {
+    format!("{top}{}", BACKING_PREFIX.repeat(level))
 }
 
 /// The format a backing file is opened with: forced `vmdk` below a vmdk image, else the
 /// recorded one (`None`: probe). Errors are QEMU's for an unknown driver, and instar's
 /// for a QEMU driver it cannot read.
-fn backing_format(parent: &ImageInfo) -> Result<Option<Format>, String> {
+fn backing_format(parent: &ImageInfo) -> Result<Option<Format>, drivers::NotOpenable> {
     if parent.format == Format::Vmdk {
         return Ok(Some(Format::Vmdk));
     }
     let Some(recorded) = parent.backing_format.as_deref() else {
         return Ok(None);
     };
-    let name = sanitize::name(recorded);
-    match std::str::from_utf8(recorded).map(drivers::classify) {
-        Ok(DriverName::Format(f)) => Ok(Some(f)),
-        Ok(DriverName::QemuOnly) => Err(format!("Driver '{name}' is not supported by instar")),
-        _ => Err(format!("Unknown driver '{name}'")),
-    }
+    drivers::format_to_open(recorded, sanitize::name(recorded)).map(Some)
 }
 
-/// The text of a lock failure: QEMU's, with its hint naming the file.
-pub fn lock_text(prefix: &str, shown_path: &str, e: &locks::LockError) -> String {
-    let mut text = format!("{prefix}{e}");
-    if e.is_conflict() {
-        text.push_str(&format!(
-            "\nIs another process using the image [{shown_path}]?"
-        ));
-    }
-    text
+/// instar's refusal of an image it found but does not read (a format the sandbox only
+/// recognises).
+pub fn unreadable(prefix: &str, format: Format) -> Failure {
+    Failure::about(
+        prefix,
+        format!("instar does not read {} images", format.name()),
+    )
 }
 
 /// Follow the backing names from `top` to the end of its chain. `seen` holds the files
 /// already in this chain (the overlay at least); an image met twice is a loop. Returns
-/// the images nearest first, or the error text (after "instar: ").
-pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Opened>, String> {
+/// the images nearest first.
+pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Opened>, Failure> {
     let mut images: Vec<Opened> = Vec::new();
     let mut parent_filename = top.filename.to_vec();
     let mut parent_info = top.info.clone();
@@ -113,14 +106,14 @@ pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Op
     };
     while let Some(name) = name_of(&parent_info) {
         let level = images.len() + 1;
-        let prefix = w.level_prefix(level);
-        let refused = |r: Refused| format!("{prefix}{r}");
+        let prefix = level_prefix(&w.prefix, level);
+        let refused = |r: Refused| Failure::about(&prefix, r);
         if w.already + images.len() >= MAX_CHAIN {
             return Err(refused(Refused::TooDeep {
                 name: sanitize::name(&name),
             }));
         }
-        let format = backing_format(&parent_info).map_err(|t| format!("{prefix}{t}"))?;
+        let format = backing_format(&parent_info).map_err(|t| Failure::about(&prefix, t))?;
         let loc = policy::locate(&name, &parent_filename, w.cwd, w.allowed).map_err(refused)?;
         let shown_path = sanitize::name(&loc.filename);
         if !seen.insert(loc.id) {
@@ -131,17 +124,14 @@ pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Op
         let image = policy::open_located(&loc, w.allowed).map_err(refused)?;
         if w.lock {
             locks::lock_image(&image.file, locks::READER)
-                .map_err(|e| lock_text(&prefix, &shown_path, &e))?;
+                .map_err(|e| Failure::lock(&prefix, &shown_path, &e))?;
         }
         let info = match guest::probe(w.guest, &image, format, false)? {
             Answer::Ok(info) => info,
-            Answer::Refused(r) => return Err(guest::refusal_text(&prefix, &r)),
+            Answer::Refused(r) => return Err(Failure::refused(&prefix, &r)),
         };
         if !info.format.readable() {
-            return Err(format!(
-                "{prefix}instar does not read {} images",
-                info.format.name()
-            ));
+            return Err(unreadable(&prefix, info.format));
         }
         parent_filename = loc.filename.clone();
         parent_info = info.clone();

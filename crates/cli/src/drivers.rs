@@ -70,6 +70,27 @@ pub fn classify(name: &str) -> DriverName {
     }
 }
 
+/// Why instar cannot open an image with a driver. `Display` is the text after the
+/// file's prefix: QEMU's for an unknown driver, instar's for a QEMU driver it does not
+/// open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotOpenable {
+    #[error("Unknown driver '{0}'")]
+    Unknown(String),
+    #[error("Driver '{0}' is not supported by instar")]
+    QemuOnly(String),
+}
+
+/// The format an image is opened as for the driver `name` (from `-f`, `-F` or an
+/// image's recorded backing format); `shown` is the name as messages print it.
+pub fn format_to_open(name: &[u8], shown: impl Into<String>) -> Result<Format, NotOpenable> {
+    match std::str::from_utf8(name).map(classify) {
+        Ok(DriverName::Format(f)) => Ok(f),
+        Ok(DriverName::QemuOnly) => Err(NotOpenable::QemuOnly(shown.into())),
+        _ => Err(NotOpenable::Unknown(shown.into())),
+    }
+}
+
 /// Cache modes accepted by QEMU's `bdrv_parse_cache_mode` (`off` is an old alias of
 /// `none`). instar validates them like qemu-img; the sandbox's I/O does not depend on them.
 pub const CACHE_MODES: &[&str] = &[
@@ -103,6 +124,15 @@ mod tests {
         assert_eq!(classify("host_device"), DriverName::QemuOnly);
         assert_eq!(classify("file"), DriverName::QemuOnly);
         assert_eq!(classify("foo"), DriverName::Unknown);
+        assert_eq!(format_to_open(b"vmdk", "vmdk"), Ok(Format::Vmdk));
+        assert_eq!(
+            format_to_open(b"nbd", "nbd").unwrap_err().to_string(),
+            "Driver 'nbd' is not supported by instar"
+        );
+        assert_eq!(
+            format_to_open(b"\xff", "\\xff").unwrap_err().to_string(),
+            "Unknown driver '\\xff'"
+        );
         assert!(is_cache_mode("off"));
         assert!(!is_cache_mode("Writeback"));
     }

@@ -25,6 +25,11 @@ pub fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// The C library's text for an I/O error, as QEMU prints it.
+pub fn io_text(e: &io::Error) -> String {
+    strerror(errno_of(e))
+}
+
 /// Why an image file could not be opened. `Display` is the text QEMU's `file` driver
 /// gives (which callers prefix with their own "Could not open 'X': ").
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +67,8 @@ pub struct ImageFile {
 /// (it is refused right after as not regular). Only regular files are accepted.
 ///
 /// For names the user typed (FILE, `-b`), which messages show as typed, like qemu-img.
-/// Names read from images are opened through [`crate::policy`] instead, which escapes
-/// them.
+/// Names read from images are opened through the path policy (`policy.rs`) instead,
+/// which escapes them.
 pub fn open_image(path: &Path, writable: bool) -> Result<ImageFile, OpenError> {
     let shown = path.to_string_lossy().into_owned();
     let file = OpenOptions::new()

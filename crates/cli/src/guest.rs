@@ -1,42 +1,78 @@
 //! Calls into the sandbox, and checks of what comes back.
 //!
 //! The flow talks to a [`Guest`] so that it can be exercised without KVM; the real one
-//! runs one micro-VM per call.
-
-use std::fs::File;
+//! runs one micro-VM per call. A call ends one of three ways: an answer, a refusal (the
+//! guest's [`Response::Error`], which the command reports with QEMU's words), or a
+//! [`RunError`] (the sandbox gave no answer), which ends the command at once.
 
 use instar_abi::{
-    Call, ErrorKind, Format, GuestError, ImageInfo, ProbeRequest, RebaseOutcome, Request, Response,
+    Call, Format, GuestError, ImageInfo, ProbeRequest, RebaseOutcome, Request, Response,
     MAX_MESSAGE, MAX_REPORTED_NAME,
 };
 
 use crate::files::ImageFile;
+pub use crate::sandbox::Device;
 use crate::sanitize;
-
-/// One file attached to a VM as a virtio-blk device.
-#[derive(Debug, Clone, Copy)]
-pub struct Attached<'a> {
-    pub file: &'a File,
-    pub writable: bool,
-}
 
 /// Something that runs one call in a fresh sandbox.
 pub trait Guest {
     /// Run `call` with `devices` attached (index = device number). `on_progress` receives
-    /// the guest's progress reports. `Err` is a sandbox failure, as text to print after
-    /// "instar: " (it may contain guest text and is escaped by the caller).
+    /// the guest's progress reports. A refusal is an `Ok` [`Response::Error`].
     fn run(
         &mut self,
         call: &Call,
-        devices: &[Attached<'_>],
+        devices: &[Device<'_>],
         on_progress: &mut (dyn FnMut(u32) + Send),
-    ) -> Result<Response, String>;
+    ) -> Result<Response, RunError>;
+}
+
+/// Why a sandbox call ended without an answer. Each `Display` is the sandbox's one line
+/// to print after "instar: "; it may contain guest text, which must be escaped before
+/// it is printed (the command's failures do it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunError {
+    /// The sandbox could not start (no KVM, a bad configuration, a failed setup).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The watchdog stopped a guest that made no progress.
+    #[error("{0}")]
+    Watchdog(String),
+    /// The run's total deadline passed.
+    #[error("{0}")]
+    Deadline(String),
+    /// The guest or the VMM failed (a guest panic or fault, `KVM_RUN` failing, an answer
+    /// that breaks the protocol, test-only fault injection).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<instar_vmm::Error> for RunError {
+    fn from(e: instar_vmm::Error) -> RunError {
+        use instar_vmm::Error as E;
+        let text = e.to_string();
+        match e {
+            E::KvmUnavailable { .. } | E::Config(_) | E::Setup { .. } => {
+                RunError::Unavailable(text)
+            }
+            E::Watchdog(_) => RunError::Watchdog(text),
+            E::Deadline(_) => RunError::Deadline(text),
+            E::GuestPanic(_) | E::GuestFault(_) | E::StoppedAfterWrites(_) | E::Run(_) => {
+                RunError::Internal(text)
+            }
+        }
+    }
 }
 
 /// A guest answer that breaks the protocol (wrong variant, impossible values).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("internal error: the sandbox returned {0}")]
 pub struct Unexpected(pub &'static str);
+
+impl From<Unexpected> for RunError {
+    fn from(e: Unexpected) -> RunError {
+        RunError::Internal(e.to_string())
+    }
+}
 
 /// What a call produced once validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,14 +127,13 @@ pub fn probe_answer(
 }
 
 /// Probe one opened file in its own VM, attached read-only (even the overlay: a probe
-/// never writes); `writable` validates it as a read-write open would. `Err` is the text
-/// to print after "instar: ".
+/// never writes); `writable` validates it as a read-write open would.
 pub fn probe(
     guest: &mut dyn Guest,
     image: &ImageFile,
     format: Option<Format>,
     writable: bool,
-) -> Result<Answer<ImageInfo>, String> {
+) -> Result<Answer<ImageInfo>, RunError> {
     let call = Call {
         device_sizes: vec![image.len],
         request: Request::Probe(ProbeRequest {
@@ -107,23 +142,23 @@ pub fn probe(
             writable,
         }),
     };
-    let devices = [Attached {
+    let devices = [Device {
         file: &image.file,
         writable: false,
     }];
-    let response = guest
-        .run(&call, &devices, &mut |_| {})
-        .map_err(|e| sanitize::escape_text(&e))?;
-    probe_answer(response, format).map_err(|e| e.to_string())
+    let response = guest.run(&call, &devices, &mut |_| {})?;
+    Ok(probe_answer(response, format)?)
 }
 
-/// The text of a guest refusal about a file whose messages start with `prefix`
-/// (`Could not open 'X': …`); plain messages stand alone.
-pub fn refusal_text(prefix: &str, r: &Refusal) -> String {
-    match r.kind {
-        ErrorKind::Plain => r.message.clone(),
-        _ => format!("{prefix}{}", r.message),
-    }
+/// Run one rebase call and check its answer.
+pub fn rebase(
+    guest: &mut dyn Guest,
+    call: &Call,
+    devices: &[Device<'_>],
+    on_progress: &mut (dyn FnMut(u32) + Send),
+) -> Result<Answer<RebaseOutcome>, RunError> {
+    let response = guest.run(call, devices, on_progress)?;
+    Ok(rebase_answer(response)?)
 }
 
 /// Check a rebase answer.
@@ -163,6 +198,28 @@ mod tests {
         long.backing_file = Some(vec![b'a'; MAX_REPORTED_NAME + 1]);
         assert!(probe_answer(Response::Probe(long), None).is_err());
         assert!(probe_answer(Response::SelfTest(1), None).is_err());
+    }
+
+    #[test]
+    fn sandbox_stops_keep_their_kind_and_line() {
+        use std::time::Duration;
+        let e = RunError::from(instar_vmm::Error::Watchdog(Duration::from_secs(2)));
+        assert_eq!(
+            e,
+            RunError::Watchdog(
+                "internal error in sandbox: the guest made no progress for 2s".into()
+            )
+        );
+        let e = RunError::from(instar_vmm::Error::Deadline(Duration::from_secs(1)));
+        assert!(matches!(e, RunError::Deadline(_)), "{e:?}");
+        let e = RunError::from(instar_vmm::Error::Config("too many devices".into()));
+        assert!(matches!(e, RunError::Unavailable(_)), "{e:?}");
+        let e = RunError::from(instar_vmm::Error::GuestPanic("boom".into()));
+        assert_eq!(e.to_string(), "internal error in sandbox: boom");
+        assert_eq!(
+            RunError::from(Unexpected("an over-long name")),
+            RunError::Internal("internal error: the sandbox returned an over-long name".into())
+        );
     }
 
     #[test]

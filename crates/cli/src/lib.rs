@@ -6,6 +6,7 @@ pub mod args;
 pub mod chain;
 pub mod cli;
 pub mod drivers;
+pub mod failure;
 pub mod files;
 pub mod getopt;
 pub mod guest;

@@ -1,5 +1,7 @@
 //! `instar`: a sandboxed `qemu-img rebase`. See `instar --help`.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 /// Environment variable that sets the sandbox watchdog: seconds without a VM exit after

@@ -115,6 +115,19 @@ pub enum PathError {
     Protocol { protocol: String, name: String },
 }
 
+/// Refuse a name the user typed (FILE or `-b`) that has a protocol prefix: instar opens
+/// local files only.
+pub fn local(name: &OsStr) -> Result<(), PathError> {
+    let b = name.as_bytes();
+    if has_protocol(b) {
+        return Err(PathError::Protocol {
+            protocol: String::from_utf8_lossy(protocol_of(b)).into_owned(),
+            name: name.to_string_lossy().into_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// Where a backing file named `backing` by the image opened as `image` lives, by QEMU's
 /// rule (`bdrv_get_full_backing_filename_from_filename`): absolute names as they are,
 /// relative ones against the image's directory as the image's name was given.
@@ -122,16 +135,10 @@ pub enum PathError {
 /// Used for `-b` (relative to the overlay) and, in safe mode, for every backing name an
 /// image records (relative to that image). `image` must itself be a plain name.
 pub fn resolve_backing(image: &OsStr, backing: &OsStr) -> Result<PathBuf, PathError> {
-    let b = backing.as_bytes();
-    if has_protocol(b) {
-        return Err(PathError::Protocol {
-            protocol: String::from_utf8_lossy(protocol_of(b)).into_owned(),
-            name: backing.to_string_lossy().into_owned(),
-        });
-    }
+    local(backing)?;
     Ok(PathBuf::from(OsString::from_vec(combine(
         image.as_bytes(),
-        b,
+        backing.as_bytes(),
     ))))
 }
 

@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 
 use instar_abi::{Call, Request, Response};
 
-use crate::guest::{Attached, Guest};
+use crate::guest::{Guest, RunError};
 use crate::progress;
 use crate::sandbox::{self, Device, Options};
 
@@ -21,10 +21,28 @@ pub struct SandboxGuest {
     pub options: Options,
     /// Files probed as a read-write open, and the virtual size found.
     probed: Vec<(FileId, u64)>,
-    /// Tests only: the guest image rebase calls run instead of the embedded one (probes
-    /// keep the real guest, so that the flow reaches the rebase). The binary never
-    /// sets it.
-    rebase_guest: Option<Vec<u8>>,
+    /// Tests only: a guest image that one kind of call runs instead of the embedded
+    /// one. The binary never sets it.
+    hostile: Option<Hostile>,
+}
+
+/// Tests only: a hand-built guest, and the calls it answers.
+#[derive(Debug)]
+struct Hostile {
+    elf: Vec<u8>,
+    /// Probes (else rebase calls; the other kind keeps the real guest, so that the flow
+    /// reaches the hostile call).
+    probes: bool,
+}
+
+impl Hostile {
+    fn answers(&self, request: &Request) -> bool {
+        match request {
+            Request::Probe(_) => self.probes,
+            Request::Rebase(_) => !self.probes,
+            _ => false,
+        }
+    }
 }
 
 /// A file's identity and length: a file that changed is not the one probed.
@@ -51,12 +69,22 @@ impl SandboxGuest {
         SandboxGuest {
             options,
             probed: Vec::new(),
-            rebase_guest: Some(elf),
+            hostile: Some(Hostile { elf, probes: false }),
+        }
+    }
+
+    /// Tests only: a guest whose probes run `elf` (a hostile guest), with everything
+    /// else as in the binary.
+    pub fn with_probe_guest(options: Options, elf: Vec<u8>) -> SandboxGuest {
+        SandboxGuest {
+            options,
+            probed: Vec::new(),
+            hostile: Some(Hostile { elf, probes: true }),
         }
     }
 
     /// The probed virtual size of a rebase's overlay (device 0, writable).
-    fn overlay_size(&self, call: &Call, devices: &[Attached<'_>]) -> Option<u64> {
+    fn overlay_size(&self, call: &Call, devices: &[Device<'_>]) -> Option<u64> {
         let overlay = devices.first().filter(|d| d.writable)?;
         if !matches!(call.request, Request::Rebase(_)) {
             return None;
@@ -68,7 +96,7 @@ impl SandboxGuest {
             .map(|&(_, size)| size)
     }
 
-    fn remember(&mut self, call: &Call, devices: &[Attached<'_>], response: &Response) {
+    fn remember(&mut self, call: &Call, devices: &[Device<'_>], response: &Response) {
         let (Request::Probe(p), Response::Probe(info)) = (&call.request, response) else {
             return;
         };
@@ -84,9 +112,9 @@ impl Guest for SandboxGuest {
     fn run(
         &mut self,
         call: &Call,
-        devices: &[Attached<'_>],
+        devices: &[Device<'_>],
         on_progress: &mut (dyn FnMut(u32) + Send),
-    ) -> Result<Response, String> {
+    ) -> Result<Response, RunError> {
         let mut options = self.options.clone();
         options.virtual_size = self.overlay_size(call, devices);
         let file_bytes = devices
@@ -100,26 +128,14 @@ impl Guest for SandboxGuest {
             let steps = bound.map_or(steps, |b| u64::from(steps).min(b) as u32);
             on_progress(steps)
         };
-        let devs = devices_of(devices);
-        let response = match (&self.rebase_guest, &call.request) {
-            (Some(elf), Request::Rebase(_)) => {
-                sandbox::run_guest(elf, call, &devs, &options, &mut bounded).map(|o| o.response)
-            }
-            _ => sandbox::run(call, &devs, &options, &mut bounded),
+        let hostile = self.hostile.as_ref().filter(|h| h.answers(&call.request));
+        let response = match hostile {
+            Some(h) => sandbox::run_guest(&h.elf, call, devices, &options, &mut bounded)
+                .map(|o| o.response),
+            None => sandbox::run(call, devices, &options, &mut bounded),
         }
-        .map_err(|e| e.to_string())?;
+        .map_err(RunError::from)?;
         self.remember(call, devices, &response);
         Ok(response)
     }
-}
-
-/// The sandbox's view of the files a [`Guest`] call attaches.
-pub fn devices_of<'a>(attached: &[Attached<'a>]) -> Vec<Device<'a>> {
-    attached
-        .iter()
-        .map(|d| Device {
-            file: d.file,
-            writable: d.writable,
-        })
-        .collect()
 }

@@ -33,9 +33,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use instar::guest::{Attached, Guest};
+use instar::guest::{Guest, RunError};
 use instar::sandbox::{self, Device, Options, SandboxError};
-use instar::sandbox_guest::devices_of;
 use instar_abi::{Call, Request, Response, SelfTest};
 use instar_vmm::BlockOp;
 use qemu::{Fx, Qemu, Scratch};
@@ -84,16 +83,15 @@ impl Guest for StoppingGuest {
     fn run(
         &mut self,
         call: &Call,
-        devices: &[Attached<'_>],
+        devices: &[Device<'_>],
         on_progress: &mut (dyn FnMut(u32) + Send),
-    ) -> Result<Response, String> {
-        let devices = devices_of(devices);
+    ) -> Result<Response, RunError> {
         let opts = Options {
             stop_after_writes: self.stop_after,
             record_writes: self.record,
             ..Options::default()
         };
-        match sandbox::run_detailed(call, &devices, &opts, on_progress) {
+        match sandbox::run_detailed(call, devices, &opts, on_progress) {
             Ok(o) => {
                 self.writes.push(o.writes);
                 self.logs.push(o.io_log);
@@ -103,7 +101,7 @@ impl Guest for StoppingGuest {
                 if let SandboxError::StoppedAfterWrites(n) = e {
                     self.stopped = Some(n);
                 }
-                Err(e.to_string())
+                Err(e.into())
             }
         }
     }

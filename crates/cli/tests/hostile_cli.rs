@@ -1,8 +1,9 @@
 //! The whole `instar rebase` flow against a hostile guest: the probes run the real
 //! guest, the rebase call a hand-built one (`SandboxGuest::with_rebase_guest`) that
 //! floods the host, attacks virtio-blk, reports maximal progress or answers with
-//! terminal escapes. Each case runs `instar::cli::run` in a child process of this test
-//! binary, so that its exit status, stdout and stderr are seen as a user would.
+//! terminal escapes; or the probes run a hand-built guest (`with_probe_guest`). Each case
+//! runs `instar::cli::run` in a child process of this test binary, so that its exit
+//! status, stdout and stderr (and the number of VMs it started) are seen as a user would.
 //!
 //! Needs /dev/kvm and qemu-img (skips with a note unless INSTAR_REQUIRE_KVM=1 /
 //! INSTAR_REQUIRE_QEMU=1).
@@ -19,12 +20,31 @@ use std::time::Duration;
 
 use asm::*;
 use cli_support::{create, kvm, qemu, Scratch};
+use instar::guest::{Device, RunError};
 use instar::sandbox::Options;
 use instar::sandbox_guest::SandboxGuest;
-use instar_abi::{ErrorKind, GuestError, RebaseOutcome, Response};
+use instar_abi::{Call, ErrorKind, GuestError, RebaseOutcome, Response};
 
 const CHILD: &str = "INSTAR_HOSTILE_CLI_CHILD";
 const DIR: &str = "INSTAR_HOSTILE_CLI_DIR";
+
+/// The child's guest: the real sandbox (with its hostile call), counting the VMs.
+struct Counting {
+    inner: SandboxGuest,
+    vms: usize,
+}
+
+impl instar::guest::Guest for Counting {
+    fn run(
+        &mut self,
+        call: &Call,
+        devices: &[Device<'_>],
+        on_progress: &mut (dyn FnMut(u32) + Send),
+    ) -> Result<Response, RunError> {
+        self.vms += 1;
+        self.inner.run(call, devices, on_progress)
+    }
+}
 
 /// What a child run printed.
 struct Seen {
@@ -33,7 +53,8 @@ struct Seen {
 }
 
 /// In the child (`name` set in the environment): run `instar rebase ARGS` in the
-/// scratch directory with `guest` built by `make`, print its status, whether the
+/// scratch directory with `guest` built by `make`, print its status, the VMs it
+/// started, whether the
 /// overlay is as it was (`ovl.orig`), the directory's files, and the status of a real
 /// rebase of the overlay run next in the same process (which needs every lock of the
 /// first run released). In the parent: save `ovl.orig`, start the child in `dir` and
@@ -47,10 +68,14 @@ fn in_child(
     if std::env::var(CHILD).as_deref() == Ok(name) {
         let dir = std::env::var_os(DIR).unwrap();
         std::env::set_current_dir(dir).unwrap();
-        let mut guest = make();
+        let mut guest = Counting {
+            inner: make(),
+            vms: 0,
+        };
         let args: Vec<OsString> = args.iter().map(OsString::from).collect();
         let status = instar::cli::run(&args, &mut guest);
         eprintln!("CHILD-STATUS {status}");
+        eprintln!("CHILD-VMS {}", guest.vms);
         let unchanged = std::fs::read("ovl.qcow2").unwrap() == std::fs::read("ovl.orig").unwrap();
         eprintln!("CHILD-UNCHANGED {unchanged}");
         let mut files: Vec<String> = std::fs::read_dir(".")
@@ -167,6 +192,76 @@ fn an_exit_flood_ends_at_the_deadline() {
         stderr.trim_end(),
         "instar: internal error in sandbox: the guest did not finish within its deadline of 1 s"
     );
+    unchanged_and_unlocked(&seen);
+}
+
+/// `-u` with `-F` tries the change in one VM; a guest the watchdog stops there ends the
+/// command with the watchdog's message, without the probe VM and the second rebase VM
+/// of the full path.
+#[test]
+fn unsafe_mode_ends_at_the_first_watchdog_stop() {
+    let name = "unsafe_mode_ends_at_the_first_watchdog_stop";
+    let in_parent = std::env::var(CHILD).is_err();
+    let dir = if in_parent { images(name, "64M") } else { None };
+    if in_parent && dir.is_none() {
+        return;
+    }
+    let here = dir
+        .as_ref()
+        .map_or_else(|| Path::new(".").to_path_buf(), |d| d.0.clone());
+    let make = || {
+        let mut g = Guest::default();
+        // A spin without VM exits: only the watchdog ends it.
+        g.forever(|_| {});
+        let options = Options {
+            watchdog: Duration::from_secs(1),
+            ..Options::default()
+        };
+        SandboxGuest::with_rebase_guest(options, g.elf())
+    };
+    let args = ["rebase", "-u", "-b", "base.raw", "-F", "raw", "ovl.qcow2"];
+    let Some(seen) = in_child(name, &here, make, &args) else {
+        return;
+    };
+    let (status, stderr) = status(&seen);
+    assert_eq!(status, 1);
+    assert_eq!(
+        stderr.trim_end(),
+        "instar: internal error in sandbox: the guest made no progress for 1s"
+    );
+    assert_eq!(field(&seen, "CHILD-VMS"), "1");
+    unchanged_and_unlocked(&seen);
+}
+
+/// A probe VM stopped at its deadline ends the command with that message: no other VM
+/// starts.
+#[test]
+fn a_probe_stopped_at_its_deadline_ends_the_command() {
+    let name = "a_probe_stopped_at_its_deadline_ends_the_command";
+    let in_parent = std::env::var(CHILD).is_err();
+    let dir = if in_parent { images(name, "64M") } else { None };
+    if in_parent && dir.is_none() {
+        return;
+    }
+    let here = dir
+        .as_ref()
+        .map_or_else(|| Path::new(".").to_path_buf(), |d| d.0.clone());
+    let make = || {
+        let mut g = Guest::default();
+        g.forever(|g| g.ring(DOORBELL_PROGRESS, 1));
+        SandboxGuest::with_probe_guest(options(Some(Duration::from_secs(1))), g.elf())
+    };
+    let args = ["rebase", "-b", "base.raw", "-F", "raw", "ovl.qcow2"];
+    let Some(seen) = in_child(name, &here, make, &args) else {
+        return;
+    };
+    let (status, stderr) = status(&seen);
+    assert_eq!(status, 1);
+    assert_eq!(
+        stderr.trim_end(),
+        "instar: internal error in sandbox: the guest did not finish within its deadline of 1 s"
+    );
+    assert_eq!(field(&seen, "CHILD-VMS"), "1");
     unchanged_and_unlocked(&seen);
 }
 

@@ -166,7 +166,9 @@ fn guest_panic_is_reported_sanitised() {
     assert!(matches!(err, SandboxError::GuestPanic(_)), "{err:?}");
     let text = err.to_string();
     assert!(
-        text.starts_with("internal error in sandbox: boom ?[2J?second line ???"),
+        text.starts_with(
+            "internal error in sandbox: boom \\x1b[2J\\x0asecond line \\x7f\\xc3\\xa9"
+        ),
         "{text}"
     );
     assert!(text.bytes().all(|b| (0x20..0x7f).contains(&b)), "{text:?}");

@@ -15,6 +15,7 @@
 //! Everything works on an [`instar_blockdev::BlockDev`]; nothing here does I/O of its own.
 
 #![no_std]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 

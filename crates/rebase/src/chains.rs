@@ -16,6 +16,7 @@ use instar_chain::raw::RawImage;
 use instar_chain::view::ChainView;
 use instar_qcow2::image::Qcow2Image;
 use instar_qcow2::OpenMode;
+use instar_qed::QedImage;
 use instar_vmdk::VmdkImage;
 
 use crate::copy::{self, ChainStatus, Content, CopyError, Geometry, Op, OverlayStatus};
@@ -178,6 +179,9 @@ fn open_chain<'a>(
                     Qcow2Image::open(dev, &header)
                         .map_err(|e| open_error(img.dev, e.to_string()))?,
                 )
+            }
+            Format::Qed => {
+                Box::new(QedImage::open(dev).map_err(|e| open_error(img.dev, e.to_string()))?)
             }
             Format::Vmdk => {
                 let v = VmdkImage::open(dev).map_err(|e| open_error(img.dev, e.to_string()))?;

@@ -3,6 +3,7 @@
 //! The guest's `main` builds one [`BlockDev`] per device and calls [`handle`].
 
 #![no_std]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 
@@ -10,6 +11,7 @@ mod chains;
 pub mod copy;
 mod other_formats;
 mod probe;
+mod qed_rebase;
 mod safe;
 mod unsafe_rebase;
 mod vmdk_info;
@@ -43,6 +45,9 @@ pub fn handle(call: &Call, devs: &mut [&mut dyn BlockDev], hooks: &mut dyn Hooks
         Request::Probe(req) => probe::probe(req, devs).map(Response::Probe),
         Request::Rebase(req) if req.overlay_format == Format::Vmdk => {
             vmdk_rebase::rebase(req, devs, hooks).map(Response::Rebase)
+        }
+        Request::Rebase(req) if req.overlay_format == Format::Qed => {
+            qed_rebase::rebase(req, devs, hooks).map(Response::Rebase)
         }
         Request::Rebase(req) if req.unsafe_mode => {
             unsafe_rebase::rebase(req, devs, hooks).map(Response::Rebase)

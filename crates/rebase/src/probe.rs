@@ -5,6 +5,7 @@ use instar_abi::{ErrorKind, Format, GuestError, ImageInfo, ProbeRequest};
 use instar_blockdev::BlockDev;
 use instar_chain::probe::{check_format, probe as probe_format};
 use instar_qcow2::{Header, OpenMode};
+use instar_qed::QedImage;
 
 use crate::{device, other_formats, vmdk_info, IO_ERROR};
 
@@ -68,8 +69,9 @@ pub(crate) fn probe(
             extent_file: None,
         }),
         Format::Vmdk => vmdk_info::info(dev).map_err(|_| open_error(req.dev, IO_ERROR.into())),
+        Format::Qed => qed_info(dev, req.dev),
         // Recognised so that the host can refuse it by name, with the backing file it
-        // names (qcow, qed) so that the host knows what a probed format would let in.
+        // names (qcow) so that the host knows what a probed format would let in.
         _ => Ok(ImageInfo {
             format,
             virtual_size: 0,
@@ -82,4 +84,21 @@ pub(crate) fn probe(
             extent_file: None,
         }),
     }
+}
+
+/// What QEMU's open of a qed image reports, with its checks. A raw backing file
+/// (`QED_F_BACKING_FORMAT_NO_PROBE`) is reported as format `raw`.
+pub(crate) fn qed_info(dev: &mut dyn BlockDev, index: u8) -> Result<ImageInfo, GuestError> {
+    let img = QedImage::open(dev).map_err(|e| open_error(index, e.to_string()))?;
+    let header = *img.header();
+    Ok(ImageInfo {
+        format: Format::Qed,
+        virtual_size: img.virtual_size(),
+        cluster_size: header.cluster_size,
+        version: 0,
+        backing_file: img.backing_name().map(<[u8]>::to_vec),
+        backing_format: (header.has_backing() && header.backing_is_raw()).then(|| b"raw".to_vec()),
+        data_file: None,
+        extent_file: None,
+    })
 }

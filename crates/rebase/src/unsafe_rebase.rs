@@ -106,11 +106,6 @@ pub(crate) fn rebase(
             _ if name.is_some() && format.is_none() => {
                 change_error("backing format must be specified")
             }
-            // QEMU can change a qed backing file; instar does not read qed.
-            Format::Qed => GuestError {
-                kind: ErrorKind::Plain,
-                message: String::from("instar does not rebase qed images"),
-            },
             _ => change_error("Operation not supported"),
         });
     }

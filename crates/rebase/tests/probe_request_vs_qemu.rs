@@ -141,6 +141,35 @@ fn probe_reports_what_qemu_img_info_shows() {
         "1M",
     ]);
     std::fs::write(dir.join("odd.raw"), vec![1u8; 1000]).unwrap();
+    make(&["create", "-q", "-f", "qed", "plain.qed", "3M"]);
+    make(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-b",
+        "odd.raw",
+        "-F",
+        "raw",
+        "raw-b.qed",
+        "1M",
+    ]);
+    make(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "plain.qcow2",
+        "-F",
+        "qcow2",
+        "q-b.qed",
+    ]);
+    for f in ["plain.qed", "raw-b.qed", "q-b.qed"] {
+        check(&q, &dir, f);
+    }
     for f in [
         "plain.qcow2",
         "v2.qcow2",

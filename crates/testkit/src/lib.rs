@@ -2,6 +2,8 @@
 //! ([`qemu_ref`], used by every test crate), scratch directories, fixtures,
 //! `qemu-img convert` / `map` output.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};

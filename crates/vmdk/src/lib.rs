@@ -10,6 +10,7 @@
 //!   both grain tables), for safe-mode rebase.
 
 #![no_std]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 
