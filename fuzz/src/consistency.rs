@@ -75,7 +75,7 @@ fn check(data: &[u8]) -> Option<bool> {
     }
     let cs = h.cluster_size();
     let fmt = EntryFormat {
-        cluster_bits: h.cluster_bits,
+        cluster_bits: h.cluster_bits(),
         extended_l2: h.extended_l2(),
         has_data_file: false,
     };

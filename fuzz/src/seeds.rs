@@ -80,7 +80,7 @@ fn compressed_streams(d: &[u8]) -> Vec<Vec<u8>> {
         return Vec::new();
     };
     let kind = header.compression_type;
-    let bits = header.cluster_bits;
+    let bits = header.cluster_bits();
     let Ok(mut img) = Qcow2Image::open(&mut dev, &header) else {
         return Vec::new();
     };

@@ -195,7 +195,7 @@ fn refcount(data: &[u8]) -> u64 {
         Ok(rc) => rc,
         Err(e) => return signature(1, &e.to_string()),
     };
-    let clusters = (dev.size() >> header.cluster_bits.min(63)).saturating_add(4);
+    let clusters = (dev.size() >> header.cluster_bits().min(63)).saturating_add(4);
     let mut s = 0u64;
     for i in (0..clusters.min(4096)).chain([u64::MAX, u64::MAX >> 9, 1 << 40]) {
         match rc.refcount(&mut dev, i) {

@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+mod chains;
 pub mod copy;
 mod other_formats;
 mod probe;
@@ -24,6 +25,8 @@ use instar_blockdev::BlockDev;
 
 /// `strerror(EIO)`, QEMU's text for a failed read or write.
 pub(crate) const IO_ERROR: &str = "Input/output error";
+/// The overlay is always device 0.
+pub(crate) const OVERLAY: u8 = 0;
 
 /// Callbacks into the guest runtime (doorbells).
 pub trait Hooks {
@@ -55,10 +58,11 @@ pub fn handle(call: &Call, devs: &mut [&mut dyn BlockDev], hooks: &mut dyn Hooks
     result.unwrap_or_else(Response::Error)
 }
 
-fn plain(message: &str) -> GuestError {
+/// A refusal in the guest's own words (not an image's open error).
+pub(crate) fn plain(message: impl Into<String>) -> GuestError {
     GuestError {
         kind: ErrorKind::Plain,
-        message: String::from(message),
+        message: message.into(),
     }
 }
 

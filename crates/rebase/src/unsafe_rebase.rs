@@ -9,10 +9,7 @@ use instar_qcow2::overlap::Structure;
 use instar_qcow2::{ChangeBackingError, Header, OpenMode};
 
 use crate::probe::{open_error, qcow2_info};
-use crate::{device, Hooks, IO_ERROR};
-
-/// The overlay is always device 0.
-const OVERLAY: u8 = 0;
+use crate::{device, Hooks, IO_ERROR, OVERLAY};
 
 pub(crate) fn change_error(message: &str) -> GuestError {
     GuestError {

@@ -23,10 +23,12 @@
 use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
+use instar_blockdev::bytes::{le32, le32_table};
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::descriptor::{DESC_OFFSET, DESC_SIZE};
 use crate::image::{SparseHeader, VmdkError, VmdkImage, FLAG_RGD, GTE_ZEROED};
+use crate::layout::{self, LayoutError};
 
 /// QEMU's `VMDK_EXTENT_MAX_SECTORS`: a grain must start below 2^32 sectors.
 pub const MAX_SECTORS: u64 = 1 << 32;
@@ -64,13 +66,22 @@ pub enum WriteError {
     Full,
     /// A grain table overlaps another structure or a grain ([`crate::layout`]).
     #[error("{0}")]
-    Overlap(crate::layout::Overlap),
+    Overlap(layout::Overlap),
     #[error("write of {len:#x} bytes at {offset:#x} goes past the virtual size")]
     BeyondVirtualSize { offset: u64, len: u64 },
     #[error("error while reading the layers below: {0}")]
     Below(IoError),
     #[error(transparent)]
     Io(#[from] IoError),
+}
+
+impl From<LayoutError> for WriteError {
+    fn from(e: LayoutError) -> Self {
+        match e {
+            LayoutError::Overlap(o) => WriteError::Overlap(o),
+            LayoutError::Io(e) => WriteError::Io(e),
+        }
+    }
 }
 
 /// The content under the overlay, for the part of a new grain a write leaves out.
@@ -131,7 +142,7 @@ pub fn check_clear_of_descriptor<D: BlockDev>(img: &mut VmdkImage<D>) -> Result<
         }
         // Entries past the end of the file read as unallocated, as QEMU's reads do.
         img.dev_mut().read_zero_padded(sector * 512, &mut raw)?;
-        for e in raw.chunks_exact(4).map(|c| le32(c, 0)) {
+        for e in raw.chunks_exact(4).map(|c| le32(c, 0).unwrap_or(0)) {
             let unused = e == 0 || (e == GTE_ZEROED && zero_grain);
             if !unused && u64::from(e) < desc_end {
                 return Err(WriteError::OverDescriptor {
@@ -162,10 +173,6 @@ pub struct SparseWriter<D> {
     written_end: u64,
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 impl<D: BlockDev> SparseWriter<D> {
     /// Open and validate (as [`VmdkImage::open`] plus [`check_rewritable`]).
     pub fn open(dev: D) -> Result<Self, WriteError> {
@@ -192,12 +199,12 @@ impl<D: BlockDev> SparseWriter<D> {
                 })?;
             let mut raw = vec![0u8; len as usize];
             dev.read_at(off, &mut raw)?;
-            Some((0..gd.len()).map(|i| le32(&raw, i * 4)).collect())
+            Some(le32_table(&raw))
         } else {
             None
         };
         // Grain table entries are written in place: no table may overlap anything.
-        crate::layout::check(&mut dev, &header, &gd, rgd.as_deref(), grain)?;
+        layout::check(&mut dev, &header, &gd, rgd.as_deref(), grain)?;
         let gt_sectors = u64::from(header.num_gtes_per_gt) * header.granularity;
         // vmdk_add_extent: the file length in sectors, rounded up to a grain.
         let next_sector = dev
@@ -284,7 +291,7 @@ impl<D: BlockDev> SparseWriter<D> {
         let (gt_off, index) = self
             .locate(false, offset)?
             .ok_or(WriteError::NoGrainTable(offset))?;
-        Ok(le32(self.table(gt_off)?, index * 4))
+        le32(self.table(gt_off)?, index * 4).ok_or(WriteError::BadGrainTable(gt_off))
     }
 
     fn needs_allocation(&self, gte: u32) -> bool {
