@@ -135,7 +135,7 @@ fn cluster0_rewrite_keeps_tables(
         let end = offset.saturating_add(len).min(new.len() as u64) as usize;
         let range = offset as usize..end.max(offset as usize);
         if old.get(range.clone()) != new.get(range) {
-            return Err(crate::plain(&alloc::format!(
+            return Err(crate::plain(alloc::format!(
                 "Preventing invalid write on metadata (overlaps with qcow2_header): the {what} \
                  at {offset:#x} lies in cluster 0, and the header rewrite would change it; \
                  nothing was written"
