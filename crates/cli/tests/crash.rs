@@ -31,39 +31,13 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 
 use instar::guest::{Guest, RunError};
 use instar::sandbox::{self, Device, Options, SandboxError};
 use instar_abi::{Call, Request, Response, SelfTest};
 use instar_vmm::BlockOp;
+use instar_testkit::{require_kvm, serial};
 use qemu::{Fx, Qemu, Scratch};
-
-/// Whether KVM can be used here; otherwise explain (or fail under INSTAR_REQUIRE_KVM=1).
-fn kvm() -> bool {
-    match fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("INSTAR_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("INSTAR_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!("note: skipping a KVM test: /dev/kvm cannot be opened ({e})");
-            false
-        }
-    }
-}
-
-/// One test at a time: the CLI runs in this process and takes QEMU's OFD locks, and a
-/// child spawned by another test's thread (fork, then exec) briefly holds copies of its
-/// descriptors, so a lock could outlive the CLI's close and fail the next qemu-img run.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The real sandbox, with a write limit on every VM it starts.
 #[derive(Default)]
@@ -263,7 +237,7 @@ struct Recorded {
 fn crash_every_write(case: &Case, build: &dyn Fn(&Fx)) -> Option<Summary> {
     let name = case.name;
     let _serial = serial();
-    if !kvm() {
+    if !require_kvm() {
         return None;
     }
     let refs = qemu::refs()?;
@@ -837,7 +811,7 @@ fn crash_without_old_backing_v2_512_byte_clusters() {
 #[test]
 fn a_write_that_overtakes_a_barrier_is_caught() {
     let _serial = serial();
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let Some(refs) = qemu::refs() else {
@@ -883,7 +857,7 @@ fn a_write_that_overtakes_a_barrier_is_caught() {
 #[test]
 fn recording_keeps_every_op_of_a_long_run() {
     let _serial = serial();
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let Some(refs) = qemu::refs() else {
@@ -985,7 +959,7 @@ impl Drop for TempImage {
 #[test]
 fn stop_after_writes_stops_the_sandbox_at_the_write() {
     let _serial = serial();
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let path = std::env::temp_dir().join(format!("instar-crash-selftest-{}", std::process::id()));

@@ -12,34 +12,12 @@ mod qemu;
 use std::ffi::OsString;
 use std::fs;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 
 use instar::guest::{Guest, RunError};
 use instar::sandbox::{self, Device, Options, SandboxError};
 use instar_abi::{Call, Response};
+use instar_testkit::{require_kvm, serial};
 use qemu::{Fx, Qemu, Scratch};
-
-fn kvm() -> bool {
-    let ok = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("INSTAR_REQUIRE_KVM").as_deref() != Ok("1"),
-            "INSTAR_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
-        );
-        eprintln!("note: skipping a KVM test: /dev/kvm cannot be opened");
-    }
-    ok
-}
-
-/// One test at a time: the CLI runs in this process and takes QEMU's OFD locks.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The real sandbox, with a write limit on every VM it starts.
 #[derive(Default)]
@@ -120,7 +98,7 @@ const ARGS: [&str; 4] = ["-b", "new.qcow2", "-F", "qcow2"];
 /// per k in 0..=n with a stop after write k.
 fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) {
     let _serial = serial();
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let Some(refs) = qemu::refs() else { return };

@@ -173,7 +173,7 @@ fn run_case(c: &Case) {
             continue;
         }
         let q = &build.img;
-        let dir = scratch(c.name);
+        let dir = Scratch::new(c.name);
         (c.make)(&dir, q10);
         std::fs::copy(dir.join("ovl.qcow2"), dir.join("q.qcow2")).unwrap();
         std::fs::copy(dir.join("ovl.qcow2"), dir.join("i.qcow2")).unwrap();
@@ -474,7 +474,7 @@ cases! {
 /// write, with instar's own words.
 fn refused(make: Make, expect: &str) {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("refused");
+    let dir = Scratch::new("refused");
     make(&dir, &q);
     let path = dir.join("ovl.qcow2");
     let request = Request::Rebase(RebaseRequest {
@@ -534,7 +534,7 @@ fn autoclear_bitmaps_bit_refused() {
 fn fixture_helpers_touch_what_they_claim() {
     // The hand layout really places the name where the header says.
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("helpers");
+    let dir = Scratch::new("helpers");
     three_unknown(&dir, &q, 120);
     let path = dir.join("ovl.qcow2");
     assert_eq!(be32_at(&path, 100), 120);

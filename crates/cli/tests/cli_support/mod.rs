@@ -52,7 +52,7 @@ pub struct Qemu {
 
 /// The 10.2 reference tools, or `None` (test skipped).
 pub fn qemu(test: &str) -> Option<Qemu> {
-    let found = qemu_ref::find(qemu_ref::REFERENCE, &[]).map(|b| Qemu {
+    let found = qemu_ref::find(qemu_ref::REFERENCE).map(|b| Qemu {
         img: b.img,
         io: b.io,
     });
