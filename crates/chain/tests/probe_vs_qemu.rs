@@ -11,7 +11,6 @@ use instar_chain::probe::probe;
 use instar_testkit::qemu_ref::{self, reference_img as qemu_img};
 use instar_testkit::Scratch;
 
-
 /// The format qemu-img's probe reports for `file`.
 fn qemu_format(q: &Path, dir: &Path, file: &str) -> String {
     let out = Command::new(q)

@@ -47,7 +47,7 @@ const SAME_AS_QEMU: &[&[&str]] = &[
 
 #[test]
 fn errors_match_qemu_img_10_2() {
-    let Some(q) = qemu("errors_match_qemu_img_10_2") else {
+    let Some(q) = qemu() else {
         return;
     };
     let s = Scratch::new("args-same");
@@ -76,7 +76,7 @@ fn errors_match_qemu_img_10_2() {
 /// parsing, and the final newline after it.
 #[test]
 fn progress_frame_around_early_errors_matches_qemu() {
-    let Some(q) = qemu("progress_frame_around_early_errors_matches_qemu") else {
+    let Some(q) = qemu() else {
         return;
     };
     let s = Scratch::new("args-progress");
@@ -211,7 +211,7 @@ fn help_texts() {
 /// and refuses the same names.
 #[test]
 fn driver_list_is_qemu_10_2s() {
-    let Some(q) = qemu("driver_list_is_qemu_10_2s") else {
+    let Some(q) = qemu() else {
         return;
     };
     let r = run(&q.img, &["--help"], Path::new("/"));

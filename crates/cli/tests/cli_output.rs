@@ -9,8 +9,8 @@ use cli_support::*;
 use serde_json::{json, Value};
 
 fn setup(test: &str) -> Option<(Qemu, Scratch)> {
-    let q = qemu(test)?;
-    if !kvm(test) {
+    let q = qemu()?;
+    if !require_kvm() {
         return None;
     }
     let s = Scratch::new(test);

@@ -35,8 +35,8 @@ use std::path::{Path, PathBuf};
 use instar::guest::{Guest, RunError};
 use instar::sandbox::{self, Device, Options, SandboxError};
 use instar_abi::{Call, Request, Response, SelfTest};
-use instar_vmm::BlockOp;
 use instar_testkit::{require_kvm, serial};
+use instar_vmm::BlockOp;
 use qemu::{Fx, Qemu, Scratch};
 
 /// The real sandbox, with a write limit on every VM it starts.

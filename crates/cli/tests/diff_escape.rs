@@ -119,7 +119,7 @@ fn check(
     let qemu_text = |raw: &str| {
         let qdir = scratch.copy("qemu");
         special.make(&qdir);
-        let _held = hold.map(|(fmt, img)| Holder::open(&refs.v10_2, &qdir, fmt, img));
+        let _held = hold.map(|(fmt, img)| LockHolder::open(&refs.v10_2.io, &qdir, fmt, img, false));
         let q = run(&refs.v10_2.img, &full, &qdir);
         assert_eq!(q.status, 1, "{name}: qemu-img: {}", q.stderr);
         assert!(
@@ -142,7 +142,7 @@ fn check(
     };
     let idir = scratch.copy("subject");
     special.make(&idir);
-    let _held = hold.map(|(fmt, img)| Holder::open(&refs.v10_2, &idir, fmt, img));
+    let _held = hold.map(|(fmt, img)| LockHolder::open(&refs.v10_2.io, &idir, fmt, img, false));
     let i = run(subject.path(), &full, &idir);
     let shown = format!("cd {}; {}", idir.display(), show_cmd("instar", &full));
     assert_eq!(i.status, 1, "{shown}\n{:?}", i.stderr);

@@ -2,10 +2,9 @@
 //! seccomp. Without /dev/kvm these tests print a note and pass, unless
 //! INSTAR_REQUIRE_KVM=1, where they fail.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use instar::sandbox::{run, run_detailed, Device, Options, SandboxError};

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use asm::*;
 use instar_abi::layout::{DOORBELL_WRITE_END_HIGH, DOORBELL_WRITE_PHASE, VIRTIO_MMIO_BASE};
 use instar_abi::{Call, RebaseRequest, Request, Response, SelfTest};
-use instar_vmm::test_hooks::{self, Site};
 use instar_testkit::{require_kvm, ScratchFile};
+use instar_vmm::test_hooks::{self, Site};
 use instar_vmm::{run, Config, Device, Error, Outcome};
 
 const CHILD: &str = "INSTAR_HOSTILE_CHILD";

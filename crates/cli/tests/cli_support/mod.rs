@@ -1,90 +1,42 @@
-//! Helpers for the `cli_*` tests: running `instar` and the reference qemu tools, scratch
-//! directories, and the skip rules.
+//! Helpers for the `cli_*` tests: running `instar` and the reference qemu tools. Scratch
+//! directories, the skip rules and the qemu-io lock holder come from `instar-testkit`.
 //!
 //! - Tools: qemu-img/qemu-io 10.2 from `QEMU_IMG_10_2` or `../shared/scripts/qemu-ref.sh
-//!   --list` (`instar_testkit::qemu_ref`); `qemu-nbd` from `PATH`. Missing tools skip a test with a note, or fail it
-//!   when `INSTAR_REQUIRE_QEMU=1`.
+//!   --list` (`instar_testkit::qemu_ref`); `qemu-nbd` from `PATH`. Missing tools skip a
+//!   test with a note, or fail it when `INSTAR_REQUIRE_QEMU=1`.
 //! - Tests that run the sandbox skip without a usable `/dev/kvm`, or fail when
 //!   `INSTAR_REQUIRE_KVM=1`.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use instar_testkit::qemu_ref;
+use instar_testkit::skip::need;
 
 pub const INSTAR: &str = env!("CARGO_BIN_EXE_instar");
 
-fn required(var: &str) -> bool {
-    std::env::var(var).map(|v| v == "1").unwrap_or(false)
-}
-
-/// Skip (return false) or fail when a requirement is missing.
-fn need(ok: bool, var: &str, what: &str, test: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if required(var) {
-        panic!("{test}: {what} ({var}=1)");
-    }
-    eprintln!("skipping {test}: {what}");
-    false
-}
-
-/// Whether the sandbox can run here; otherwise skip `test` (or fail under
-/// `INSTAR_REQUIRE_KVM=1`).
-pub fn kvm(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    need(ok, "INSTAR_REQUIRE_KVM", "no usable /dev/kvm", test)
-}
+pub use instar_testkit::{require_kvm, LockHolder, Scratch};
 
 /// qemu-img and qemu-io of QEMU 10.2.
-pub struct Qemu {
-    pub img: PathBuf,
-    pub io: PathBuf,
-}
+pub use qemu_ref::Build as Qemu;
 
-/// The 10.2 reference tools, or `None` (test skipped).
-pub fn qemu(test: &str) -> Option<Qemu> {
-    let found = qemu_ref::find(qemu_ref::REFERENCE).map(|b| Qemu {
-        img: b.img,
-        io: b.io,
-    });
-    if need(
-        found.is_some(),
-        "INSTAR_REQUIRE_QEMU",
-        "qemu-img 10.2 not found",
-        test,
-    ) {
-        found
-    } else {
-        None
-    }
+/// The 10.2 reference tools, or `None` (test skipped; a failure under
+/// `INSTAR_REQUIRE_QEMU=1`).
+pub fn qemu() -> Option<Qemu> {
+    qemu_ref::need(qemu_ref::REFERENCE)
 }
 
 /// `qemu-nbd` from PATH, or `None` (test skipped).
-pub fn qemu_nbd(test: &str) -> Option<PathBuf> {
+pub fn qemu_nbd() -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)
             .map(|d| d.join("qemu-nbd"))
             .find(|c| c.exists())
     });
-    if need(
-        found.is_some(),
-        "INSTAR_REQUIRE_QEMU",
-        "qemu-nbd not found",
-        test,
-    ) {
-        found
-    } else {
-        None
-    }
+    need(found.is_some(), "INSTAR_REQUIRE_QEMU", "qemu-nbd not found");
+    found
 }
 
 /// A command's outcome as text.
@@ -130,28 +82,6 @@ pub fn as_instar(text: &str, argv0: &Path) -> String {
         .replace("qemu-img: ", "instar: ")
 }
 
-/// A fresh directory, removed on drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("instar-cli-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// `qemu-img create -f FMT NAME SIZE [opts]` in `dir`.
 pub fn create(q: &Qemu, dir: &Path, fmt: &str, name: &str, size: &str, opts: &[&str]) {
     let mut a = vec!["create", "-q", "-f", fmt];
@@ -166,49 +96,4 @@ pub fn info(q: &Qemu, dir: &Path, name: &str) -> serde_json::Value {
     let r = run(&q.img, &["info", "-U", "--output=json", name], dir);
     assert_eq!(r.status, 0, "qemu-img info {name}: {}", r.stderr);
     serde_json::from_str(&r.stdout).expect("info JSON")
-}
-
-/// A qemu-io process keeping an image open (and locked) until dropped.
-pub struct QemuIo {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl QemuIo {
-    pub fn open(q: &Qemu, dir: &Path, image: &str, read_only: bool) -> QemuIo {
-        let mut cmd = Command::new(&q.io);
-        if read_only {
-            cmd.arg("-r");
-        }
-        let mut child = cmd
-            .args(["-f", "qcow2", image])
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-io");
-        let mut stdin = child.stdin.take().expect("stdin");
-        // qemu-io opens the image before reading commands: an answer proves the locks.
-        stdin.write_all(b"length\n").expect("write");
-        stdin.flush().expect("flush");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read");
-        assert!(!line.is_empty(), "qemu-io could not open {image}");
-        QemuIo {
-            child,
-            stdin: Some(stdin),
-        }
-    }
-}
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        if let Some(mut s) = self.stdin.take() {
-            let _ = s.write_all(b"quit\n");
-        }
-        let _ = self.child.wait();
-    }
 }

@@ -12,11 +12,11 @@ use instar_rebase::{handle, Hooks};
 
 pub use instar_testkit::qemu_ref::{self, Build};
 
+/// Every reference build: 10.2, 11.1, then 10.0 and 7.2 when installed.
+pub use instar_testkit::qemu_ref::all_builds as all_qemu_imgs;
 /// qemu-img 10.2 (see `instar_testkit::qemu_ref`). `None` skips the test, unless
 /// `INSTAR_REQUIRE_QEMU=1`, which turns a missing binary into a failure.
 pub use instar_testkit::qemu_ref::reference_img as qemu_img;
-/// Every reference build: 10.2, 11.1, then 10.0 and 7.2 when installed.
-pub use instar_testkit::qemu_ref::all_builds as all_qemu_imgs;
 pub use instar_testkit::{qemu_io, Scratch};
 
 /// qemu-img 10.0, the machine's own, when installed.
