@@ -52,9 +52,7 @@ fn errors_match_qemu_img_10_2() {
     };
     let s = Scratch::new("args-same");
     std::fs::create_dir(s.path("dir")).unwrap();
-    let fifo = std::ffi::CString::new(s.path("fifo").to_string_lossy().as_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    instar_testkit::mkfifo(&s.path("fifo"));
     let mut failures = Vec::new();
     for case in SAME_AS_QEMU {
         let mut qa = vec!["rebase"];

@@ -26,77 +26,18 @@
 
 mod power_loss;
 mod qemu;
+mod stopping_guest;
 
 use std::collections::HashSet;
-use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use instar::guest::{Guest, RunError};
 use instar::sandbox::{self, Device, Options, SandboxError};
 use instar_abi::{Call, Request, Response, SelfTest};
 use instar_testkit::{require_kvm, serial};
 use instar_vmm::BlockOp;
 use qemu::{Fx, Qemu, Scratch};
-
-/// The real sandbox, with a write limit on every VM it starts.
-#[derive(Default)]
-struct StoppingGuest {
-    stop_after: Option<u64>,
-    /// Record every VM's writes and flushes (`Options::record_writes`).
-    record: bool,
-    /// Writes of each VM that completed.
-    writes: Vec<u64>,
-    /// With `record`: each completed VM's writes and flushes.
-    logs: Vec<Vec<BlockOp>>,
-    /// The write count of a VM stopped by the limit.
-    stopped: Option<u64>,
-}
-
-impl Guest for StoppingGuest {
-    fn run(
-        &mut self,
-        call: &Call,
-        devices: &[Device<'_>],
-        on_progress: &mut (dyn FnMut(u32) + Send),
-    ) -> Result<Response, RunError> {
-        let opts = Options {
-            stop_after_writes: self.stop_after,
-            record_writes: self.record,
-            ..Options::default()
-        };
-        match sandbox::run_detailed(call, devices, &opts, on_progress) {
-            Ok(o) => {
-                self.writes.push(o.writes);
-                self.logs.push(o.io_log);
-                Ok(o.response)
-            }
-            Err(e) => {
-                if let SandboxError::StoppedAfterWrites(n) = e {
-                    self.stopped = Some(n);
-                }
-                Err(e.into())
-            }
-        }
-    }
-}
-
-/// `instar rebase ARGS FILE` in-process through `guest`; returns the exit status and
-/// the guest's record.
-fn rebase(args: &[&str], file: &Path, mut guest: StoppingGuest) -> (i32, StoppingGuest) {
-    let mut argv: Vec<OsString> = vec!["rebase".into()];
-    argv.extend(args.iter().map(OsString::from));
-    argv.push(file.into());
-    let status = instar::cli::run(&argv, &mut guest);
-    (status, guest)
-}
-
-fn stopping_at(k: u64) -> StoppingGuest {
-    StoppingGuest {
-        stop_after: Some(k),
-        ..StoppingGuest::default()
-    }
-}
+use stopping_guest::{rebase, stopping_at, StoppingGuest};
 
 fn qemu_img(q: &Qemu, args: &[&str], cwd: &Path) -> qemu::Output {
     qemu::run(&q.img, args, cwd)

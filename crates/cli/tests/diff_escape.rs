@@ -54,12 +54,7 @@ fn backing_overlay(fx: &Fx, name: &[u8]) {
     fx.edit_header("ovl.qcow2", |h| h.backing = Some(name.to_vec()));
 }
 
-fn mkfifo(path: &Path) {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
-    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
-    assert_eq!(rc, 0, "mkfifo {}", path.display());
-}
+use instar_testkit::mkfifo;
 
 /// What one case expects.
 enum Expect {

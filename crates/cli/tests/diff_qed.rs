@@ -10,6 +10,7 @@
 
 mod qemu;
 
+use instar_testkit::Rng;
 use qemu::*;
 use std::path::{Path, PathBuf};
 
@@ -671,24 +672,6 @@ fn error_not_qed_with_f_qed() {
         raw_with(fx, "ov.qed", "1M", &["write -P 0x11 0 4k"]);
         s(&["-u", "-f", "qed", "-b", ""])
     });
-}
-
-/// xorshift64*: a reproducible sequence without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
 }
 
 /// qemu-io writes and zero writes at random sector offsets, some cluster-sized.

@@ -15,7 +15,7 @@ use instar_qcow2::writer::{BackingRead, Finish, IoOp, Writer};
 
 use instar_testkit::qemu_ref;
 use instar_testkit::sparse::{data_extents, zero_range};
-use instar_testkit::Scratch;
+use instar_testkit::{Rng, Scratch};
 
 use qemu_ref::Build as Qemu;
 
@@ -503,20 +503,6 @@ fn writer_lazy_refcounts() {
     s.lazy_refcounts = true;
     s.reqs = vec![w(0, 128 * K, 1), z(M, 64 * K), w(2 * M, 64 * K, 2)];
     check(&q, &s);
-}
-
-/// xorshift64*: a fixed, dependency-free PRNG so failures are reproducible.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn random_scenario(seed: u64) -> Scenario {

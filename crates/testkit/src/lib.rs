@@ -2,9 +2,9 @@
 //! KVM: locating the reference builds ([`qemu_ref`]), the skip rules ([`skip`]), scratch
 //! directories and files ([`scratch`]), a qemu-io process holding an image's locks
 //! ([`lock_holder`]), a file's data/hole layout ([`sparse`]), one-test-at-a-time
-//! ([`serial`]), fixtures, and `qemu-img convert` / `map` output.
+//! ([`serial`]), a seeded PRNG ([`rng`]), fixtures, and `qemu-img convert` / `map` output.
 
-// `sparse` calls lseek/fallocate; every `unsafe` block there has a SAFETY comment.
+// `sparse` calls lseek/fallocate and [`mkfifo`] mkfifo; every `unsafe` block there has a SAFETY comment.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,11 +12,13 @@ use std::sync::{Mutex, MutexGuard};
 
 pub mod lock_holder;
 pub mod qemu_ref;
+pub mod rng;
 pub mod scratch;
 pub mod skip;
 pub mod sparse;
 
 pub use lock_holder::LockHolder;
+pub use rng::Rng;
 pub use scratch::{Scratch, ScratchFile};
 pub use skip::require_kvm;
 
@@ -49,6 +51,20 @@ pub fn qemu_io(img: &Path) -> PathBuf {
 pub fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Make a FIFO at `path` (a special file the path policy must refuse).
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(
+        rc,
+        0,
+        "mkfifo {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Run a command; panic with its output on failure. Returns stdout.

@@ -404,30 +404,7 @@ fn check_subject_result(
     }
 }
 
-/// The file's data extents as SEEK_DATA/SEEK_HOLE report them.
-pub fn data_extents(path: &Path) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).expect("open");
-    let len = f.metadata().expect("metadata").len() as i64;
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = 0i64;
-    while pos < len {
-        // SAFETY: lseek on a file descriptor owned by `f`, which outlives the calls.
-        let d = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if d < 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
-        if h <= d {
-            break;
-        }
-        out.push((d as u64, h as u64));
-        pos = h;
-    }
-    out
-}
+pub use instar_testkit::sparse::data_extents;
 
 /// The JSON report: its fields, and counters that match the data clusters that appeared.
 #[allow(clippy::too_many_arguments)]
