@@ -94,16 +94,6 @@ fn descriptor(path: &Path) -> String {
     String::from_utf8(d[..end].to_vec()).unwrap()
 }
 
-/// Copy every file of `from` into a fresh directory.
-fn copy_dir(from: &Path, tag: &str) -> Scratch {
-    let to = Scratch::new(tag);
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-    to
-}
-
 struct Run {
     resp: Response,
     write_phase: bool,
@@ -280,7 +270,7 @@ fn unsafe_rename_sets_parent_cid() {
     assert_eq!(descriptor(&dir.join("vo.vmdk")), want);
     check_clean(&dir, &q, "vo.vmdk");
     // 0x33 at 128k over vb2.
-    let expect = copy_dir(&dir, "vmdk-rename-expect");
+    let expect = Scratch::copy_of(&dir, "vmdk-rename-expect");
     io(&expect, &q, "vb2.vmdk", &["write -P 0x33 128k 64k"]);
     same_content(&q, &expect.join("vb2.vmdk"), &dir.join("vo.vmdk"));
 }
@@ -334,7 +324,7 @@ fn unsafe_detach_and_attach_match_qemus_template() {
         .replace("\"child.vmdk\"", "\"vo.vmdk\"");
     assert_eq!(descriptor(&dir.join("vo.vmdk")), child);
     check_clean(&dir, &q, "vo.vmdk");
-    let expect = copy_dir(&dir, "vmdk-attach-expect");
+    let expect = Scratch::copy_of(&dir, "vmdk-attach-expect");
     io(&expect, &q, "vb.vmdk", &["write -P 0x33 128k 64k"]);
     same_content(&q, &expect.join("vb.vmdk"), &dir.join("vo.vmdk"));
 }
@@ -466,7 +456,7 @@ fn safe_case(
     req: RebaseRequest,
     want_backing: Option<&str>,
 ) -> (RebaseOutcome, String) {
-    let out = copy_dir(dir, "vmdk-safe-out");
+    let out = Scratch::copy_of(dir, "vmdk-safe-out");
     let r = run_vmdk(&out, files, req);
     expect_ok(&r);
     let Response::Rebase(outcome) = r.resp else {
@@ -615,7 +605,7 @@ fn safe_in_chain_drops_a_middle_image() {
     );
     // Only the grains mid.vmdk changed were copied: 64k..192k minus top's own 128k,
     // and the grain at 2M.
-    let out = copy_dir(&dir, "vmdk-safe-inchain-stats");
+    let out = Scratch::copy_of(&dir, "vmdk-safe-inchain-stats");
     match run_vmdk(&out, &["top.vmdk", "mid.vmdk", "base.vmdk"], req).resp {
         Response::Rebase(o) => assert_eq!(o.stats.clusters_copied, 2),
         other => panic!("{other:?}"),

@@ -19,7 +19,7 @@ pub mod sparse;
 
 pub use lock_holder::LockHolder;
 pub use rng::Rng;
-pub use scratch::{Scratch, ScratchFile};
+pub use scratch::{copy_tree, Scratch, ScratchFile};
 pub use skip::require_kvm;
 
 /// qemu-img 10.2 (see [`qemu_ref`]), else the machine's own 10.0 (version-checked like

@@ -37,6 +37,32 @@ impl Scratch {
     pub fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
+
+    /// A fresh directory holding a copy of everything in `src`.
+    pub fn copy_of(src: &Path, tag: &str) -> Scratch {
+        let d = Scratch::new(tag);
+        copy_tree(src, &d);
+        d
+    }
+}
+
+/// Copy the tree under `src` into `dst` (created if missing): files with their bytes,
+/// subdirectories recursively, symbolic links as links.
+pub fn copy_tree(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    for e in std::fs::read_dir(src).expect("read_dir") {
+        let e = e.expect("dir entry");
+        let ty = e.file_type().expect("file type");
+        let to = dst.join(e.file_name());
+        if ty.is_dir() {
+            copy_tree(&e.path(), &to);
+        } else if ty.is_symlink() {
+            let target = std::fs::read_link(e.path()).expect("readlink");
+            std::os::unix::fs::symlink(target, &to).expect("symlink");
+        } else {
+            std::fs::copy(e.path(), &to).expect("copy");
+        }
+    }
 }
 
 impl Deref for Scratch {

@@ -25,7 +25,7 @@ use std::sync::OnceLock;
 
 use instar_testkit::qemu_ref;
 use instar_testkit::skip::{need, required};
-pub use instar_testkit::{require_kvm, LockHolder};
+pub use instar_testkit::{copy_tree, require_kvm, LockHolder};
 
 // ---------------------------------------------------------------------------------------
 // Reference binaries
@@ -189,25 +189,8 @@ impl Scratch {
     pub fn copy(&self, label: &str) -> PathBuf {
         let dst = self.dir.path(label);
         let _ = fs::remove_dir_all(&dst);
-        copy_dir(&self.fixture(), &dst);
+        copy_tree(&self.fixture(), &dst);
         dst
-    }
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    fs::create_dir_all(dst).expect("mkdir");
-    for e in fs::read_dir(src).expect("read_dir") {
-        let e = e.expect("dir entry");
-        let ty = e.file_type().expect("file type");
-        let to = dst.join(e.file_name());
-        if ty.is_dir() {
-            copy_dir(&e.path(), &to);
-        } else if ty.is_symlink() {
-            let target = fs::read_link(e.path()).expect("readlink");
-            std::os::unix::fs::symlink(target, &to).expect("symlink");
-        } else {
-            fs::copy(e.path(), &to).expect("copy");
-        }
     }
 }
 
