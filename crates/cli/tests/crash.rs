@@ -30,11 +30,11 @@ mod stopping_guest;
 
 use std::collections::HashSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use instar::sandbox::{self, Device, Options, SandboxError};
 use instar_abi::{Call, Request, Response, SelfTest};
-use instar_testkit::{require_kvm, serial};
+use instar_testkit::{require_kvm, serial, ScratchFile};
 use instar_vmm::BlockOp;
 use qemu::{Fx, Qemu, Scratch};
 use stopping_guest::{rebase, stopping_at, StoppingGuest};
@@ -888,23 +888,13 @@ fn check_accepts_leaks_and_rejects_corruption() {
 // ---------------------------------------------------------------------------------------
 // The fault injection itself, with the guest's one-sector write self-test.
 
-/// A scratch file, removed on drop.
-struct TempImage(PathBuf);
-
-impl Drop for TempImage {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn stop_after_writes_stops_the_sandbox_at_the_write() {
     let _serial = serial();
     if !require_kvm() {
         return;
     }
-    let path = std::env::temp_dir().join(format!("instar-crash-selftest-{}", std::process::id()));
-    let img = TempImage(path);
+    let img = ScratchFile::new("crash-selftest", &[]);
     let before = vec![0x5au8; 4096];
     let call = Call {
         device_sizes: vec![],

@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use instar_testkit::qemu_ref;
-use instar_testkit::skip::{need, required};
+pub use instar_testkit::skip::{need, required};
 pub use instar_testkit::{copy_tree, require_kvm, LockHolder};
 
 // ---------------------------------------------------------------------------------------
@@ -62,7 +62,8 @@ impl Refs {
     }
 }
 
-fn find_build(label: &'static str) -> Option<Qemu> {
+/// The build of version `label` (see `instar_testkit::qemu_ref`), or `None`.
+pub fn find_build(label: &'static str) -> Option<Qemu> {
     qemu_ref::find(label).map(|b| Qemu {
         label,
         img: b.img,
