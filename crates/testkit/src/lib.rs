@@ -19,7 +19,7 @@ pub mod sparse;
 
 pub use lock_holder::LockHolder;
 pub use rng::Rng;
-pub use scratch::{copy_tree, Scratch, ScratchFile};
+pub use scratch::{copy_tree, copy_tree_dense, Scratch, ScratchFile};
 pub use skip::require_kvm;
 
 /// qemu-img 10.2 (see [`qemu_ref`]), else the machine's own 10.0 (version-checked like
@@ -65,6 +65,31 @@ pub fn mkfifo(path: &Path) {
         path.display(),
         std::io::Error::last_os_error()
     );
+}
+
+/// A finished command's exit status (-1 when killed by a signal) and output as text.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run `prog args…` in `cwd`, with no standard input and `LC_ALL=C` (messages in
+/// QEMU's own words).
+pub fn run_in<S: AsRef<std::ffi::OsStr>>(prog: &Path, args: &[S], cwd: &Path) -> Outcome {
+    let out = Command::new(prog)
+        .args(args)
+        .current_dir(cwd)
+        .env("LC_ALL", "C")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", prog.display()));
+    Outcome {
+        status: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
 
 /// Run a command; panic with its output on failure. Returns stdout.

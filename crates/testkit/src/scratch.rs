@@ -46,19 +46,32 @@ impl Scratch {
     }
 }
 
-/// Copy the tree under `src` into `dst` (created if missing): files with their bytes,
-/// subdirectories recursively, symbolic links as links.
+/// Copy the tree under `src` into `dst` (created if missing): files with their bytes
+/// (holes kept where the file system copies them so), subdirectories recursively,
+/// symbolic links as links.
 pub fn copy_tree(src: &Path, dst: &Path) {
+    copy_tree_with(src, dst, false)
+}
+
+/// [`copy_tree`] writing every byte of every file (no holes in the copies).
+pub fn copy_tree_dense(src: &Path, dst: &Path) {
+    copy_tree_with(src, dst, true)
+}
+
+fn copy_tree_with(src: &Path, dst: &Path, dense: bool) {
     std::fs::create_dir_all(dst).expect("mkdir");
     for e in std::fs::read_dir(src).expect("read_dir") {
         let e = e.expect("dir entry");
         let ty = e.file_type().expect("file type");
         let to = dst.join(e.file_name());
         if ty.is_dir() {
-            copy_tree(&e.path(), &to);
+            copy_tree_with(&e.path(), &to, dense);
         } else if ty.is_symlink() {
             let target = std::fs::read_link(e.path()).expect("readlink");
             std::os::unix::fs::symlink(target, &to).expect("symlink");
+        } else if dense {
+            let bytes = std::fs::read(e.path()).expect("read");
+            std::fs::write(&to, bytes).expect("write");
         } else {
             std::fs::copy(e.path(), &to).expect("copy");
         }

@@ -10,7 +10,6 @@
 #![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
 use instar_testkit::qemu_ref;
 use instar_testkit::skip::need;
@@ -39,34 +38,9 @@ pub fn qemu_nbd() -> Option<PathBuf> {
     found
 }
 
-/// A command's outcome as text.
-#[derive(Debug)]
-pub struct Run {
-    pub status: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl From<Output> for Run {
-    fn from(o: Output) -> Self {
-        Run {
-            status: o.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
-}
-
-/// Run `prog args…` in `cwd` with no standard input.
-pub fn run(prog: &Path, args: &[&str], cwd: &Path) -> Run {
-    Command::new(prog)
-        .args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", prog.display()))
-        .into()
-}
+/// A command's outcome as text, and running a command in a directory (no standard
+/// input, `LC_ALL=C`).
+pub use instar_testkit::{run_in as run, Outcome as Run};
 
 /// Run `instar args…` in `cwd`.
 pub fn instar(args: &[&str], cwd: &Path) -> Run {

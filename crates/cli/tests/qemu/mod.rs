@@ -217,27 +217,7 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 // ---------------------------------------------------------------------------------------
 // Running programs
 
-#[derive(Debug, Clone)]
-pub struct Output {
-    pub status: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-pub fn run<S: AsRef<std::ffi::OsStr>>(prog: &Path, args: &[S], cwd: &Path) -> Output {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(cwd)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", prog.display()));
-    Output {
-        status: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+pub use instar_testkit::{run_in as run, Outcome as Output};
 
 /// Shell-like rendering of a command, for failure reports.
 pub fn show_cmd<S: AsRef<std::ffi::OsStr>>(prog: &str, args: &[S]) -> String {

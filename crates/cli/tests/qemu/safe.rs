@@ -14,26 +14,9 @@ pub type Build<'a> = dyn Fn(&Fx) -> Vec<String> + 'a;
 /// as a hole in a file with unwritten extents depends on the page cache at that moment,
 /// so two copies of one fixture could differ in `actual-size` before any rebase.
 pub fn dense_copy(scratch: &Scratch, label: &str) -> PathBuf {
-    fn walk(src: &Path, dst: &Path) {
-        std::fs::create_dir_all(dst).expect("mkdir");
-        for e in std::fs::read_dir(src).expect("read_dir") {
-            let e = e.expect("dir entry");
-            let ty = e.file_type().expect("file type");
-            let to = dst.join(e.file_name());
-            if ty.is_dir() {
-                walk(&e.path(), &to);
-            } else if ty.is_symlink() {
-                let target = std::fs::read_link(e.path()).expect("readlink");
-                std::os::unix::fs::symlink(target, &to).expect("symlink");
-            } else {
-                let bytes = std::fs::read(e.path()).expect("read");
-                std::fs::write(&to, bytes).expect("write");
-            }
-        }
-    }
     let dst = scratch.root().join(label);
     let _ = std::fs::remove_dir_all(&dst);
-    walk(&scratch.fixture(), &dst);
+    instar_testkit::copy_tree_dense(&scratch.fixture(), &dst);
     dst
 }
 
