@@ -111,6 +111,18 @@ fn on_path() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// `qemu-nbd` from PATH (the reference builds are built without it), or `None` after a
+/// note (a failure under `INSTAR_REQUIRE_QEMU=1`).
+pub fn qemu_nbd() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("qemu-nbd"))
+            .find(|c| c.exists())
+    });
+    crate::skip::need(found.is_some(), "INSTAR_REQUIRE_QEMU", "qemu-nbd not found");
+    found
+}
+
 /// [`find`], for a build a test cannot run without: `None` (after a note) skips the
 /// test, and under `INSTAR_REQUIRE_QEMU=1` a missing build panics.
 pub fn need(prefix: &str) -> Option<Build> {

@@ -12,7 +12,6 @@
 use std::path::{Path, PathBuf};
 
 use instar_testkit::qemu_ref;
-use instar_testkit::skip::need;
 
 pub const INSTAR: &str = env!("CARGO_BIN_EXE_instar");
 
@@ -27,16 +26,7 @@ pub fn qemu() -> Option<Qemu> {
     qemu_ref::need(qemu_ref::REFERENCE)
 }
 
-/// `qemu-nbd` from PATH, or `None` (test skipped).
-pub fn qemu_nbd() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("qemu-nbd"))
-            .find(|c| c.exists())
-    });
-    need(found.is_some(), "INSTAR_REQUIRE_QEMU", "qemu-nbd not found");
-    found
-}
+pub use qemu_ref::qemu_nbd;
 
 /// A command's outcome as text, and running a command in a directory (no standard
 /// input, `LC_ALL=C`).
