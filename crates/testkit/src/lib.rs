@@ -2,9 +2,10 @@
 //! KVM: locating the reference builds ([`qemu_ref`]), the skip rules ([`skip`]), scratch
 //! directories and files ([`scratch`]), a qemu-io process holding an image's locks
 //! ([`lock_holder`]), a file's data/hole layout ([`sparse`]), one-test-at-a-time
-//! ([`serial`]), a seeded PRNG ([`rng`]), fixtures, and `qemu-img convert` / `map` output.
+//! ([`serial`]), a seeded PRNG ([`rng`]), running commands ([`run_in`]), fixtures, and
+//! `qemu-img convert` / `map` output.
 
-// `sparse` calls lseek/fallocate and [`mkfifo`] mkfifo; every `unsafe` block there has a SAFETY comment.
+// `sparse` and `mkfifo` call libc; every `unsafe` block has a SAFETY comment.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
