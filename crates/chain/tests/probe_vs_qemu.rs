@@ -87,7 +87,7 @@ fn formats_created_by_qemu_img() {
                 "--object",
                 "secret,id=s0,data=pw",
                 "-o",
-                "key-secret=s0",
+                "key-secret=s0,iter-time=10",
                 "l.luks",
                 "1M",
             ])

@@ -926,7 +926,7 @@ fn encrypted_overlay_without_key() {
                 "--object",
                 "secret,id=s0,data=123456",
                 "-o",
-                "encrypt.format=luks,encrypt.key-secret=s0",
+                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
                 "enc.qcow2",
                 "1M",
             ]);

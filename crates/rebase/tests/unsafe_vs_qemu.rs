@@ -732,7 +732,7 @@ fn luks_encrypted_qcow2() {
                 "--object",
                 "secret,id=s0,data=pw",
                 "-o",
-                "encrypt.format=luks,encrypt.key-secret=s0",
+                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
                 "ovl.qcow2",
                 "1M",
             ],
