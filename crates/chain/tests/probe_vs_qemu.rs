@@ -1,26 +1,15 @@
 //! The format probe against `qemu-img info`: every format qemu-img can create is
 //! recognised as the same format qemu-img's own probe picks.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use instar_abi::Format;
 use instar_blockdev::MemDev;
 use instar_chain::probe::probe;
 
-use instar_testkit::qemu_ref;
-
-/// qemu-img 10.2; `None` skips the test, unless `INSTAR_REQUIRE_QEMU=1`.
-fn qemu_img() -> Option<PathBuf> {
-    qemu_ref::need(qemu_ref::REFERENCE, &[]).map(|b| b.img)
-}
-
-fn scratch() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("instar-probe-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use instar_testkit::qemu_ref::{self, reference_img as qemu_img};
+use instar_testkit::Scratch;
 
 /// The format qemu-img's probe reports for `file`.
 fn qemu_format(q: &Path, dir: &Path, file: &str) -> String {
@@ -50,7 +39,7 @@ fn ours(dir: &Path, file: &str) -> Format {
 #[test]
 fn formats_created_by_qemu_img() {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch();
+    let dir = Scratch::new("probe");
     let mut files: Vec<(String, Vec<String>)> = vec![];
     for (fmt, opts) in [
         ("qcow2", ""),
@@ -88,7 +77,7 @@ fn formats_created_by_qemu_img() {
         assert_eq!(got.name(), expect, "{name}");
     }
     // LUKS needs a crypto library, which the 10.2 build here lacks.
-    if let Some(q10_0) = qemu_ref::find("10.0", &qemu_ref::on_path()) {
+    if let Some(q10_0) = qemu_ref::find("10.0") {
         let st = Command::new(&q10_0.img)
             .args([
                 "create",
@@ -98,7 +87,7 @@ fn formats_created_by_qemu_img() {
                 "--object",
                 "secret,id=s0,data=pw",
                 "-o",
-                "key-secret=s0",
+                "key-secret=s0,iter-time=10",
                 "l.luks",
                 "1M",
             ])

@@ -47,14 +47,12 @@ const SAME_AS_QEMU: &[&[&str]] = &[
 
 #[test]
 fn errors_match_qemu_img_10_2() {
-    let Some(q) = qemu("errors_match_qemu_img_10_2") else {
+    let Some(q) = qemu() else {
         return;
     };
     let s = Scratch::new("args-same");
     std::fs::create_dir(s.path("dir")).unwrap();
-    let fifo = std::ffi::CString::new(s.path("fifo").to_string_lossy().as_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    instar_testkit::mkfifo(&s.path("fifo"));
     let mut failures = Vec::new();
     for case in SAME_AS_QEMU {
         let mut qa = vec!["rebase"];
@@ -76,7 +74,7 @@ fn errors_match_qemu_img_10_2() {
 /// parsing, and the final newline after it.
 #[test]
 fn progress_frame_around_early_errors_matches_qemu() {
-    let Some(q) = qemu("progress_frame_around_early_errors_matches_qemu") else {
+    let Some(q) = qemu() else {
         return;
     };
     let s = Scratch::new("args-progress");
@@ -211,7 +209,7 @@ fn help_texts() {
 /// and refuses the same names.
 #[test]
 fn driver_list_is_qemu_10_2s() {
-    let Some(q) = qemu("driver_list_is_qemu_10_2s") else {
+    let Some(q) = qemu() else {
         return;
     };
     let r = run(&q.img, &["--help"], Path::new("/"));

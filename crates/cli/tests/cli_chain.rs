@@ -20,8 +20,8 @@ const LEVEL: &str = "Could not open backing file: ";
 type ArgsFor<'a> = &'a dyn Fn(&Path) -> Vec<String>;
 
 fn setup(test: &str) -> Option<(Qemu, Scratch)> {
-    let q = qemu(test)?;
-    if !kvm(test) {
+    let q = qemu()?;
+    if !require_kvm() {
         return None;
     }
     Some((q, Scratch::new(test)))
@@ -750,7 +750,7 @@ fn old_chain_in_use_is_refused_like_qemu() {
         &["-b", "mid.qcow2", "-F", "qcow2"],
     );
     create(&q, d, "qcow2", "nb.qcow2", "1M", &[]);
-    let _held = QemuIo::open(&q, d, "base.qcow2", false);
+    let _held = LockHolder::open(&q.io, d, "qcow2", "base.qcow2", false);
     let args = ["rebase", "-b", "nb.qcow2", "-F", "qcow2", "ovl.qcow2"];
     let rq = run(&q.img, &args, d);
     assert_eq!(rq.status, 1);

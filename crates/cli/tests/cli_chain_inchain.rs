@@ -114,7 +114,7 @@ fn instar_decision(overlay: &str, backing: &str) -> Option<usize> {
 
 #[test]
 fn in_chain_decision_matches_qemu() {
-    let Some(q) = qemu("chain-inchain") else {
+    let Some(q) = qemu() else {
         return;
     };
     let scratch = Scratch::new("chain-inchain");

@@ -212,10 +212,7 @@ fn protocols_are_refused() {
 #[test]
 fn only_regular_files() {
     let t = tree("pol-regular");
-    let fifo = t.imgs.join("fifo");
-    let c = std::ffi::CString::new(b(&fifo)).unwrap();
-    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    instar_testkit::mkfifo(&t.imgs.join("fifo"));
     let _sock = std::os::unix::net::UnixListener::bind(t.imgs.join("sock")).unwrap();
     let d = t.imgs.display();
     for name in ["fifo", "sock", "sub"] {
@@ -304,10 +301,7 @@ fn data_files_follow_the_same_rules() {
         data_refusal(&t, "sub"),
         "Could not open 'sub': Is a directory"
     );
-    let fifo = t.imgs.join("fifo");
-    let c = std::ffi::CString::new(b(&fifo)).unwrap();
-    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    instar_testkit::mkfifo(&t.imgs.join("fifo"));
     assert_eq!(
         data_refusal(&t, "fifo"),
         "'file' driver requires 'fifo' to be a regular file"

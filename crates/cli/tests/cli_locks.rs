@@ -81,13 +81,13 @@ fn rebase_u(dir: &Path, extra: &[&str]) -> Run {
 
 #[test]
 fn overlay_held_by_qemu_io() {
-    let Some(q) = qemu("overlay_held_by_qemu_io") else {
+    let Some(q) = qemu() else {
         return;
     };
     let s = fixture(&q, "locks-qemu-io");
     let before = std::fs::read(s.path("ovl.qcow2")).unwrap();
     for read_only in [false, true] {
-        let _h = QemuIo::open(&q, &s.0, "ovl.qcow2", read_only);
+        let _h = LockHolder::open(&q.io, &s.0, "qcow2", "ovl.qcow2", read_only);
         // qemu-img says the same (its prefix swapped).
         let qr = run(
             &q.img,
@@ -114,10 +114,10 @@ fn overlay_held_by_qemu_io() {
 
 #[test]
 fn overlay_served_by_qemu_nbd() {
-    let Some(q) = qemu("overlay_served_by_qemu_nbd") else {
+    let Some(q) = qemu() else {
         return;
     };
-    let Some(nbd) = qemu_nbd("overlay_served_by_qemu_nbd") else {
+    let Some(nbd) = qemu_nbd() else {
         return;
     };
     let s = fixture(&q, "locks-qemu-nbd");
@@ -133,7 +133,7 @@ fn overlay_served_by_qemu_nbd() {
 /// The locks instar takes (the library code the binary uses) keep QEMU's tools away.
 #[test]
 fn qemu_refuses_an_image_instar_holds() {
-    let Some(q) = qemu("qemu_refuses_an_image_instar_holds") else {
+    let Some(q) = qemu() else {
         return;
     };
     let s = fixture(&q, "locks-held-by-instar");
@@ -178,7 +178,7 @@ fn qemu_refuses_an_image_instar_holds() {
 /// A backing file instar reads is shared with readers but not with writers.
 #[test]
 fn reader_lock_shares_with_readers_only() {
-    let Some(q) = qemu("reader_lock_shares_with_readers_only") else {
+    let Some(q) = qemu() else {
         return;
     };
     let s = fixture(&q, "locks-reader");
@@ -197,7 +197,7 @@ fn reader_lock_shares_with_readers_only() {
     );
     // And a writer already there keeps instar's reader out.
     drop(file);
-    let _h = QemuIo::open(&q, &s.0, "nb.qcow2", false);
+    let _h = LockHolder::open(&q.io, &s.0, "qcow2", "nb.qcow2", false);
     let file = std::fs::File::open(s.path("nb.qcow2")).unwrap();
     assert_eq!(
         lock_image(&file, locks::READER).unwrap_err().to_string(),
@@ -209,15 +209,15 @@ fn reader_lock_shares_with_readers_only() {
 /// unless -U is given. Needs the sandbox (the overlay is probed first).
 #[test]
 fn new_backing_in_use_is_probed_only_with_force_share() {
-    let Some(q) = qemu("new_backing_in_use_is_probed_only_with_force_share") else {
+    let Some(q) = qemu() else {
         return;
     };
-    if !kvm("new_backing_in_use_is_probed_only_with_force_share") {
+    if !require_kvm() {
         return;
     }
     let s = fixture(&q, "locks-new-backing");
     let before = std::fs::read(s.path("ovl.qcow2")).unwrap();
-    let _h = QemuIo::open(&q, &s.0, "nb.qcow2", false);
+    let _h = LockHolder::open(&q.io, &s.0, "qcow2", "nb.qcow2", false);
     let r = instar(&["rebase", "-u", "-b", "nb.qcow2", "ovl.qcow2"], &s.0);
     assert_eq!(
         (r.status, r.stderr.as_str()),

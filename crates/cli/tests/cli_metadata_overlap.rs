@@ -136,11 +136,10 @@ fn content(q: &Qemu, dir: &Path, image: &str) -> Vec<u8> {
 }
 
 fn check(case: &Case) {
-    let test = format!("metadata overlap {}", case.name);
-    if !kvm(&test) {
+    if !require_kvm() {
         return;
     }
-    let Some(q) = qemu(&test) else {
+    let Some(q) = qemu() else {
         return;
     };
     for (mode, args) in [
@@ -427,11 +426,10 @@ fn active_l1_claims_tables_shared_with_a_snapshot() {
 /// any write.
 #[test]
 fn vmdk_two_directory_entries_name_one_grain_table() {
-    let test = "metadata overlap vmdk";
-    if !kvm(test) {
+    if !require_kvm() {
         return;
     }
-    let Some(q) = qemu(test) else {
+    let Some(q) = qemu() else {
         return;
     };
     for (mode, args) in [

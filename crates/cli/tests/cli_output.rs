@@ -9,8 +9,8 @@ use cli_support::*;
 use serde_json::{json, Value};
 
 fn setup(test: &str) -> Option<(Qemu, Scratch)> {
-    let q = qemu(test)?;
-    if !kvm(test) {
+    let q = qemu()?;
+    if !require_kvm() {
         return None;
     }
     let s = Scratch::new(test);
@@ -278,9 +278,7 @@ fn non_regular_files() {
     let Some((_q, s)) = setup("out-non-regular") else {
         return;
     };
-    let fifo = std::ffi::CString::new(s.path("fifo").to_string_lossy().as_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    instar_testkit::mkfifo(&s.path("fifo"));
     std::fs::create_dir(s.path("dir")).unwrap();
     for b in ["fifo", "dir"] {
         let r = instar(&["rebase", "-u", "-b", b, "ovl.qcow2"], &s.0);

@@ -26,103 +26,18 @@
 
 mod power_loss;
 mod qemu;
+mod stopping_guest;
 
 use std::collections::HashSet;
-use std::ffi::OsString;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::path::Path;
 
-use instar::guest::{Guest, RunError};
 use instar::sandbox::{self, Device, Options, SandboxError};
 use instar_abi::{Call, Request, Response, SelfTest};
+use instar_testkit::{require_kvm, serial, ScratchFile};
 use instar_vmm::BlockOp;
 use qemu::{Fx, Qemu, Scratch};
-
-/// Whether KVM can be used here; otherwise explain (or fail under INSTAR_REQUIRE_KVM=1).
-fn kvm() -> bool {
-    match fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("INSTAR_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("INSTAR_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!("note: skipping a KVM test: /dev/kvm cannot be opened ({e})");
-            false
-        }
-    }
-}
-
-/// One test at a time: the CLI runs in this process and takes QEMU's OFD locks, and a
-/// child spawned by another test's thread (fork, then exec) briefly holds copies of its
-/// descriptors, so a lock could outlive the CLI's close and fail the next qemu-img run.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The real sandbox, with a write limit on every VM it starts.
-#[derive(Default)]
-struct StoppingGuest {
-    stop_after: Option<u64>,
-    /// Record every VM's writes and flushes (`Options::record_writes`).
-    record: bool,
-    /// Writes of each VM that completed.
-    writes: Vec<u64>,
-    /// With `record`: each completed VM's writes and flushes.
-    logs: Vec<Vec<BlockOp>>,
-    /// The write count of a VM stopped by the limit.
-    stopped: Option<u64>,
-}
-
-impl Guest for StoppingGuest {
-    fn run(
-        &mut self,
-        call: &Call,
-        devices: &[Device<'_>],
-        on_progress: &mut (dyn FnMut(u32) + Send),
-    ) -> Result<Response, RunError> {
-        let opts = Options {
-            stop_after_writes: self.stop_after,
-            record_writes: self.record,
-            ..Options::default()
-        };
-        match sandbox::run_detailed(call, devices, &opts, on_progress) {
-            Ok(o) => {
-                self.writes.push(o.writes);
-                self.logs.push(o.io_log);
-                Ok(o.response)
-            }
-            Err(e) => {
-                if let SandboxError::StoppedAfterWrites(n) = e {
-                    self.stopped = Some(n);
-                }
-                Err(e.into())
-            }
-        }
-    }
-}
-
-/// `instar rebase ARGS FILE` in-process through `guest`; returns the exit status and
-/// the guest's record.
-fn rebase(args: &[&str], file: &Path, mut guest: StoppingGuest) -> (i32, StoppingGuest) {
-    let mut argv: Vec<OsString> = vec!["rebase".into()];
-    argv.extend(args.iter().map(OsString::from));
-    argv.push(file.into());
-    let status = instar::cli::run(&argv, &mut guest);
-    (status, guest)
-}
-
-fn stopping_at(k: u64) -> StoppingGuest {
-    StoppingGuest {
-        stop_after: Some(k),
-        ..StoppingGuest::default()
-    }
-}
+use stopping_guest::{rebase, stopping_at, StoppingGuest};
 
 fn qemu_img(q: &Qemu, args: &[&str], cwd: &Path) -> qemu::Output {
     qemu::run(&q.img, args, cwd)
@@ -263,7 +178,7 @@ struct Recorded {
 fn crash_every_write(case: &Case, build: &dyn Fn(&Fx)) -> Option<Summary> {
     let name = case.name;
     let _serial = serial();
-    if !kvm() {
+    if !require_kvm() {
         return None;
     }
     let refs = qemu::refs()?;
@@ -837,7 +752,7 @@ fn crash_without_old_backing_v2_512_byte_clusters() {
 #[test]
 fn a_write_that_overtakes_a_barrier_is_caught() {
     let _serial = serial();
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let Some(refs) = qemu::refs() else {
@@ -883,7 +798,7 @@ fn a_write_that_overtakes_a_barrier_is_caught() {
 #[test]
 fn recording_keeps_every_op_of_a_long_run() {
     let _serial = serial();
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let Some(refs) = qemu::refs() else {
@@ -973,23 +888,13 @@ fn check_accepts_leaks_and_rejects_corruption() {
 // ---------------------------------------------------------------------------------------
 // The fault injection itself, with the guest's one-sector write self-test.
 
-/// A scratch file, removed on drop.
-struct TempImage(PathBuf);
-
-impl Drop for TempImage {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn stop_after_writes_stops_the_sandbox_at_the_write() {
     let _serial = serial();
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
-    let path = std::env::temp_dir().join(format!("instar-crash-selftest-{}", std::process::id()));
-    let img = TempImage(path);
+    let img = ScratchFile::new("crash-selftest", &[]);
     let before = vec![0x5au8; 4096];
     let call = Call {
         device_sizes: vec![],

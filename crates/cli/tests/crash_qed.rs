@@ -8,84 +8,14 @@
 //! INSTAR_REQUIRE_KVM=1 / INSTAR_REQUIRE_QEMU=1.
 
 mod qemu;
+mod stopping_guest;
 
-use std::ffi::OsString;
 use std::fs;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 
-use instar::guest::{Guest, RunError};
-use instar::sandbox::{self, Device, Options, SandboxError};
-use instar_abi::{Call, Response};
+use instar_testkit::{require_kvm, serial};
 use qemu::{Fx, Qemu, Scratch};
-
-fn kvm() -> bool {
-    let ok = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("INSTAR_REQUIRE_KVM").as_deref() != Ok("1"),
-            "INSTAR_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
-        );
-        eprintln!("note: skipping a KVM test: /dev/kvm cannot be opened");
-    }
-    ok
-}
-
-/// One test at a time: the CLI runs in this process and takes QEMU's OFD locks.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The real sandbox, with a write limit on every VM it starts.
-#[derive(Default)]
-struct StoppingGuest {
-    stop_after: Option<u64>,
-    writes: Vec<u64>,
-    stopped: Option<u64>,
-}
-
-impl Guest for StoppingGuest {
-    fn run(
-        &mut self,
-        call: &Call,
-        devices: &[Device<'_>],
-        on_progress: &mut (dyn FnMut(u32) + Send),
-    ) -> Result<Response, RunError> {
-        let opts = Options {
-            stop_after_writes: self.stop_after,
-            ..Options::default()
-        };
-        match sandbox::run_detailed(call, devices, &opts, on_progress) {
-            Ok(o) => {
-                self.writes.push(o.writes);
-                Ok(o.response)
-            }
-            Err(e) => {
-                if let SandboxError::StoppedAfterWrites(n) = e {
-                    self.stopped = Some(n);
-                }
-                Err(e.into())
-            }
-        }
-    }
-}
-
-fn rebase(args: &[&str], file: &Path, stop_after: Option<u64>) -> (i32, StoppingGuest) {
-    let mut argv: Vec<OsString> = vec!["rebase".into()];
-    argv.extend(args.iter().map(OsString::from));
-    argv.push(file.into());
-    let mut guest = StoppingGuest {
-        stop_after,
-        ..StoppingGuest::default()
-    };
-    let status = instar::cli::run(&argv, &mut guest);
-    (status, guest)
-}
+use stopping_guest::{rebase, stopping_at, StoppingGuest};
 
 /// `qemu-img check`: clean, or leaked clusters only.
 fn check(q: &Qemu, dir: &Path) -> Result<&'static str, String> {
@@ -120,7 +50,7 @@ const ARGS: [&str; 4] = ["-b", "new.qcow2", "-F", "qcow2"];
 /// per k in 0..=n with a stop after write k.
 fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) {
     let _serial = serial();
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let Some(refs) = qemu::refs() else { return };
@@ -132,7 +62,7 @@ fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) {
     let original = fx.read("ovl.qed");
 
     let dir = scratch.copy("full");
-    let (status, guest) = rebase(&ARGS, &dir.join("ovl.qed"), None);
+    let (status, guest) = rebase(&ARGS, &dir.join("ovl.qed"), StoppingGuest::default());
     assert_eq!(status, 0, "{name}: the full rebase failed");
     let writing: Vec<u64> = guest.writes.iter().copied().filter(|&w| w > 0).collect();
     assert_eq!(
@@ -151,7 +81,7 @@ fn crash_every_write(name: &str, build: &dyn Fn(&Fx)) {
     let (mut clean, mut leaks) = (0, 0);
     for k in 0..=n {
         fs::write(&work, &original).expect("reset the overlay");
-        let (status, guest) = rebase(&ARGS, &work, Some(k));
+        let (status, guest) = rebase(&ARGS, &work, stopping_at(k));
         if status != 1 || guest.stopped != Some(k) {
             failures.push(format!(
                 "k={k}: expected a stop after {k} writes, got exit {status}, stopped {:?}",

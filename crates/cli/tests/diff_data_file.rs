@@ -98,14 +98,7 @@ fn one(name: &str, build: &dyn Fn(&Fx), special: Special, argv: &[&str], expect:
     let prepare = |label: &str| {
         let dir = scratch.copy(label);
         if let Special::Fifo = special {
-            let c = std::ffi::CString::new(
-                dir.join("imgs/ovl.data")
-                    .into_os_string()
-                    .into_encoded_bytes(),
-            )
-            .expect("no NUL");
-            // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            instar_testkit::mkfifo(&dir.join("imgs/ovl.data"));
         }
         dir
     };

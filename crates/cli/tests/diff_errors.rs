@@ -595,7 +595,7 @@ fn locked_overlay() {
     ovl(&fx);
     let before = fx.read("ovl.qcow2");
     {
-        let _h = Holder::open(&refs.v10_2, &fx.dir, "qcow2", "ovl.qcow2");
+        let _h = LockHolder::open(&refs.v10_2.io, &fx.dir, "qcow2", "ovl.qcow2", false);
         let q = run(
             &refs.v10_2.img,
             &[
@@ -649,7 +649,7 @@ fn locked_subject(extra: &[&str]) {
     argv.extend_from_slice(extra);
     argv.extend_from_slice(&["-b", "base.qcow2", "-F", "qcow2", "ovl.qcow2"]);
     let i = {
-        let _h = Holder::open(&refs.v10_2, &fx.dir, "qcow2", "ovl.qcow2");
+        let _h = LockHolder::open(&refs.v10_2.io, &fx.dir, "qcow2", "ovl.qcow2", false);
         run(subject.path(), &argv, &fx.dir)
     };
     let shown = format!("cd {}; {}", fx.dir.display(), show_cmd("instar", &argv));
@@ -926,7 +926,7 @@ fn encrypted_overlay_without_key() {
                 "--object",
                 "secret,id=s0,data=123456",
                 "-o",
-                "encrypt.format=luks,encrypt.key-secret=s0",
+                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
                 "enc.qcow2",
                 "1M",
             ]);

@@ -54,12 +54,7 @@ fn backing_overlay(fx: &Fx, name: &[u8]) {
     fx.edit_header("ovl.qcow2", |h| h.backing = Some(name.to_vec()));
 }
 
-fn mkfifo(path: &Path) {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
-    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
-    assert_eq!(rc, 0, "mkfifo {}", path.display());
-}
+use instar_testkit::mkfifo;
 
 /// What one case expects.
 enum Expect {
@@ -119,7 +114,7 @@ fn check(
     let qemu_text = |raw: &str| {
         let qdir = scratch.copy("qemu");
         special.make(&qdir);
-        let _held = hold.map(|(fmt, img)| Holder::open(&refs.v10_2, &qdir, fmt, img));
+        let _held = hold.map(|(fmt, img)| LockHolder::open(&refs.v10_2.io, &qdir, fmt, img, false));
         let q = run(&refs.v10_2.img, &full, &qdir);
         assert_eq!(q.status, 1, "{name}: qemu-img: {}", q.stderr);
         assert!(
@@ -142,7 +137,7 @@ fn check(
     };
     let idir = scratch.copy("subject");
     special.make(&idir);
-    let _held = hold.map(|(fmt, img)| Holder::open(&refs.v10_2, &idir, fmt, img));
+    let _held = hold.map(|(fmt, img)| LockHolder::open(&refs.v10_2.io, &idir, fmt, img, false));
     let i = run(subject.path(), &full, &idir);
     let shown = format!("cd {}; {}", idir.display(), show_cmd("instar", &full));
     assert_eq!(i.status, 1, "{shown}\n{:?}", i.stderr);

@@ -5,49 +5,23 @@
 //! (`qemu-img compare` against the original). Error scenarios must fail with
 //! qemu-img's message, exit 1, and leave every file unchanged.
 //!
-//! `QEMU_IMG_11_1` (else `../shared/scripts/qemu-ref.sh --list`) locates qemu-img 11.1;
+//! qemu-img 11.1 is located like every reference build (`instar_testkit::qemu_ref`);
 //! without it only 10.2 is compared (a failure under `INSTAR_REQUIRE_QEMU=1`).
 
 mod qemu;
 
+use instar_testkit::Rng;
 use qemu::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// qemu-img 11.1, the second reference.
 fn v11_1() -> Option<Qemu> {
-    let mut cands: Vec<PathBuf> = std::env::var_os("QEMU_IMG_11_1")
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/scripts/qemu-ref.sh");
-    if let Ok(out) = std::process::Command::new("bash")
-        .arg(&script)
-        .arg("--list")
-        .output()
-    {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some((v, p)) = line.split_once('\t') {
-                if v.starts_with("11.1") {
-                    cands.push(PathBuf::from(p.trim()));
-                }
-            }
-        }
-    }
-    let found = cands
-        .into_iter()
-        .find(|p| p.is_file() && p.with_file_name("qemu-io").is_file())
-        .map(|img| Qemu {
-            label: "11.1",
-            io: img.with_file_name("qemu-io"),
-            img,
-        });
-    if found.is_none() {
-        assert!(
-            std::env::var("INSTAR_REQUIRE_QEMU").as_deref() != Ok("1"),
-            "qemu-img 11.1 not found (INSTAR_REQUIRE_QEMU=1)"
-        );
-        eprintln!("note: qemu-img 11.1 not found: comparing with 10.2 only");
-    }
+    let found = find_build("11.1");
+    need(
+        found.is_some(),
+        "INSTAR_REQUIRE_QEMU",
+        "qemu-img 11.1 not found: comparing with 10.2 only",
+    );
     found
 }
 
@@ -671,24 +645,6 @@ fn error_not_qed_with_f_qed() {
         raw_with(fx, "ov.qed", "1M", &["write -P 0x11 0 4k"]);
         s(&["-u", "-f", "qed", "-b", ""])
     });
-}
-
-/// xorshift64*: a reproducible sequence without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
 }
 
 /// qemu-io writes and zero writes at random sector offsets, some cluster-sized.

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use asm::*;
-use cli_support::{create, kvm, qemu, Scratch};
+use cli_support::{create, qemu, require_kvm, Scratch};
 use instar::guest::{Device, RunError};
 use instar::sandbox::Options;
 use instar::sandbox_guest::SandboxGuest;
@@ -127,10 +127,10 @@ fn status(seen: &Seen) -> (i32, String) {
 
 /// An overlay of `size` (no backing file) and a raw base of 1 MiB.
 fn images(name: &str, size: &str) -> Option<Scratch> {
-    if !kvm(name) {
+    if !require_kvm() {
         return None;
     }
-    let q = qemu(name)?;
+    let q = qemu()?;
     let dir = Scratch::new(name);
     create(&q, &dir.0, "qcow2", "ovl.qcow2", size, &[]);
     std::fs::write(dir.path("base.raw"), vec![0x5a; 1 << 20]).unwrap();

@@ -2,64 +2,14 @@
 //! seccomp. Without /dev/kvm these tests print a note and pass, unless
 //! INSTAR_REQUIRE_KVM=1, where they fail.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use instar::sandbox::{run, run_detailed, Device, Options, SandboxError};
 use instar_abi::{Call, ErrorKind, GuestError, Request, Response, SelfTest};
-
-/// Whether KVM can be used here; otherwise explain (or fail under INSTAR_REQUIRE_KVM=1).
-fn kvm() -> bool {
-    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("INSTAR_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("INSTAR_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!("note: skipping a KVM test: /dev/kvm cannot be opened ({e})");
-            false
-        }
-    }
-}
-
-/// A scratch file path, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str, contents: &[u8]) -> Scratch {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "instar-sandbox-{}-{}-{tag}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::write(&path, contents).unwrap();
-        Scratch(path)
-    }
-    fn read_only(&self) -> File {
-        File::open(&self.0).unwrap()
-    }
-    fn read_write(&self) -> File {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.0)
-            .unwrap()
-    }
-    fn contents(&self) -> Vec<u8> {
-        std::fs::read(&self.0).unwrap()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use instar_testkit::{require_kvm, ScratchFile};
 
 /// Deterministic, non-repeating test data.
 fn data(len: usize, seed: u64) -> Vec<u8> {
@@ -97,7 +47,7 @@ fn selftest(
 
 #[test]
 fn echo_round_trip() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let r = selftest(
@@ -110,12 +60,12 @@ fn echo_round_trip() {
 
 #[test]
 fn read_checksums_match_the_host() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     // Not a multiple of 512, so the last sector is partial.
     let bytes = data(3 * 1024 * 1024 + 777, 42);
-    let img = Scratch::new("read", &bytes);
+    let img = ScratchFile::new("read", &bytes);
     let file = img.read_only();
     let devs = [Device {
         file: &file,
@@ -158,7 +108,7 @@ fn read_checksums_match_the_host() {
 
 #[test]
 fn guest_panic_is_reported_sanitised() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let msg = "boom \x1b[2J\nsecond line \u{7f}é";
@@ -178,7 +128,7 @@ fn guest_panic_is_reported_sanitised() {
 
 #[test]
 fn watchdog_stops_a_spinning_guest() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let opts = Options {
@@ -196,11 +146,11 @@ fn watchdog_stops_a_spinning_guest() {
 
 #[test]
 fn write_to_a_read_only_device_is_refused() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let bytes = data(8192, 7);
-    let img = Scratch::new("ro", &bytes);
+    let img = ScratchFile::new("ro", &bytes);
     // Both a read-only handle and a writable handle passed as read-only.
     for file in [img.read_only(), img.read_write()] {
         let devs = [Device {
@@ -221,11 +171,11 @@ fn write_to_a_read_only_device_is_refused() {
 
 #[test]
 fn write_to_a_writable_device_lands() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let bytes = data(4096 + 100, 9);
-    let img = Scratch::new("rw", &bytes);
+    let img = ScratchFile::new("rw", &bytes);
     let file = img.read_write();
     let devs = [Device {
         file: &file,
@@ -241,10 +191,10 @@ fn write_to_a_writable_device_lands() {
 
 #[test]
 fn a_writable_device_needs_a_writable_file() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
-    let img = Scratch::new("mode", &[0; 512]);
+    let img = ScratchFile::new("mode", &[0; 512]);
     let file = img.read_only();
     let devs = [Device {
         file: &file,
@@ -263,7 +213,7 @@ fn seccomp_child_opens_a_file_from_the_callback() {
     if std::env::var_os(CHILD_ENV).is_none() {
         return;
     }
-    let img = Scratch::new("seccomp", &data(1 << 20, 3));
+    let img = ScratchFile::new("seccomp", &data(1 << 20, 3));
     let file = img.read_only();
     let devs = [Device {
         file: &file,
@@ -297,7 +247,7 @@ fn seccomp_child_opens_a_file_from_the_callback() {
 
 #[test]
 fn seccomp_confines_the_vcpu_thread() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -322,11 +272,11 @@ fn seccomp_confines_the_vcpu_thread() {
 
 #[test]
 fn the_caller_thread_stays_unconfined() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let mut progress_calls = 0;
-    let img = Scratch::new("unconfined", &data(4096, 5));
+    let img = ScratchFile::new("unconfined", &data(4096, 5));
     let file = img.read_only();
     let devs = [Device {
         file: &file,

@@ -6,27 +6,22 @@
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use instar_blockdev::{IoError, MemDev};
 use instar_qcow2::header::{Header, OpenMode};
 use instar_qcow2::writer::{BackingRead, Finish, IoOp, Writer};
 
 use instar_testkit::qemu_ref;
+use instar_testkit::sparse::{data_extents, zero_range};
+use instar_testkit::{Rng, Scratch};
 
-struct Qemu {
-    img: PathBuf,
-    io: PathBuf,
-}
+use qemu_ref::Build as Qemu;
 
 /// qemu-img and qemu-io 10.2; `None` skips the test, unless `INSTAR_REQUIRE_QEMU=1`.
 fn qemu() -> Option<Qemu> {
-    qemu_ref::need(qemu_ref::REFERENCE, &[]).map(|b| Qemu {
-        img: b.img,
-        io: b.io,
-    })
+    qemu_ref::need(qemu_ref::REFERENCE)
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -38,18 +33,6 @@ fn run(cmd: &mut Command) -> String {
     );
     assert!(out.status.success(), "{cmd:?} failed: {text}");
     text
-}
-
-fn scratch(tag: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "instar-writer-{}-{}-{tag}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[derive(Debug, Clone)]
@@ -119,11 +102,13 @@ impl BackingRead for RawBacking {
     }
 }
 
+/// The data extents of `p` as `start-end` in hex, space-separated.
 fn data_map(p: &Path) -> String {
-    let script = "import os,sys\nfd=os.open(sys.argv[1],os.O_RDONLY)\nsize=os.fstat(fd).st_size\noff=0\nout=[]\nwhile off<size:\n    try:\n        d=os.lseek(fd,off,os.SEEK_DATA)\n    except OSError:\n        break\n    h=os.lseek(fd,d,os.SEEK_HOLE)\n    out.append('%x-%x'%(d,h))\n    off=h\nprint(' '.join(out))\n";
-    run(Command::new("python3").arg("-c").arg(script).arg(p))
-        .trim()
-        .to_string()
+    let extents: Vec<String> = data_extents(p)
+        .iter()
+        .map(|(d, h)| format!("{d:x}-{h:x}"))
+        .collect();
+    extents.join(" ")
 }
 
 /// Copy `src` to `dst` keeping exactly the source's data/hole map.
@@ -131,10 +116,8 @@ fn sparse_copy(src: &Path, dst: &Path) {
     let bytes = fs::read(src).unwrap();
     let f = fs::File::create(dst).unwrap();
     f.set_len(bytes.len() as u64).unwrap();
-    for range in data_map(src).split_whitespace() {
-        let (s, e) = range.split_once('-').unwrap();
-        let s = usize::from_str_radix(s, 16).unwrap();
-        let e = usize::from_str_radix(e, 16).unwrap().min(bytes.len());
+    for (s, e) in data_extents(src) {
+        let (s, e) = (s as usize, (e as usize).min(bytes.len()));
         f.write_all_at(&bytes[s..e], s as u64).unwrap();
     }
     f.sync_all().unwrap();
@@ -160,7 +143,7 @@ fn qemu_io_session(q: &Qemu, img: &Path, reqs: &[Req]) {
 
 /// Run one scenario; panics with a description of the first difference.
 fn check(q: &Qemu, sc: &Scenario) -> (Header, Finish) {
-    let dir = scratch(&sc.name);
+    let dir = Scratch::new(&sc.name);
     let img = dir.join("img.qcow2");
     let mut backing_bytes = None;
     let mut c = Command::new(&q.img);
@@ -244,11 +227,7 @@ fn check(q: &Qemu, sc: &Scenario) -> (Header, Finish) {
                     f.write_all_at(&dev.data[s..s + len as usize], offset)
                         .unwrap();
                 }
-                IoOp::ZeroRange { offset, len } => {
-                    run(Command::new("fallocate")
-                        .args(["-z", "-o", &offset.to_string(), "-l", &len.to_string()])
-                        .arg(&b));
-                }
+                IoOp::ZeroRange { offset, len } => zero_range(&f, offset, len),
                 IoOp::Flush => {}
             }
         }
@@ -526,20 +505,6 @@ fn writer_lazy_refcounts() {
     check(&q, &s);
 }
 
-/// xorshift64*: a fixed, dependency-free PRNG so failures are reproducible.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn random_scenario(seed: u64) -> Scenario {
     let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let v3 = r.below(4) != 0;
@@ -679,7 +644,7 @@ fn writer_crash_consistency() {
         ),
     ];
     for (name, compat, bits, setup, reqs) in cases {
-        let dir = scratch(name);
+        let dir = Scratch::new(name);
         let img = dir.join("img.qcow2");
         run(Command::new(&q.img)
             .args(["create", "-q", "-f", "qcow2", "-o"])

@@ -4,20 +4,7 @@
 use instar_blockdev::MemDev;
 use instar_qed::header::{Header, MAGIC};
 use instar_qed::{QedImage, Writer};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use instar_testkit::Rng;
 
 /// A plausible header (so that most images open) with random damage.
 fn image(rng: &mut Rng) -> Vec<u8> {

@@ -84,7 +84,7 @@ fn check(q: &Path, dir: &Path, file: &str) {
 #[test]
 fn probe_reports_what_qemu_img_info_shows() {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("probe");
+    let dir = Scratch::new("probe");
     let make = |args: &[&str]| ok(&dir, &q, args);
     make(&["create", "-q", "-f", "qcow2", "plain.qcow2", "3M"]);
     make(&[
@@ -224,7 +224,7 @@ fn probe_reports_the_files_qemu_opens_with_an_image() {
     // The probe rule (docs/path-policy.md) needs every other file QEMU would open with a
     // probed image: qcow and qed backing files, and vmdk extent files.
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("probe-names");
+    let dir = Scratch::new("probe-names");
     let make = |args: &[&str]| ok(&dir, &q, args);
     make(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
     for (fmt, file) in [("qcow", "b.qcow"), ("qed", "b.qed")] {

@@ -168,13 +168,15 @@ fn three_unknown(dir: &Path, q: &Path, header_length: u32) {
 fn run_case(c: &Case) {
     let Some(qemus) = all_qemu_imgs() else { return };
     let q10 = &qemus[0].img;
+    // One fixture (made by 10.2), copied for each build.
+    let fixture = Scratch::new(c.name);
+    (c.make)(&fixture, q10);
     for build in &qemus {
         if c.only_10 && qemu_ref::matches(&build.version, "7.2") {
             continue;
         }
         let q = &build.img;
-        let dir = scratch(c.name);
-        (c.make)(&dir, q10);
+        let dir = Scratch::copy_of(&fixture, c.name);
         std::fs::copy(dir.join("ovl.qcow2"), dir.join("q.qcow2")).unwrap();
         std::fs::copy(dir.join("ovl.qcow2"), dir.join("i.qcow2")).unwrap();
         let before = read(&dir.join("ovl.qcow2"));
@@ -474,7 +476,7 @@ cases! {
 /// write, with instar's own words.
 fn refused(make: Make, expect: &str) {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("refused");
+    let dir = Scratch::new("refused");
     make(&dir, &q);
     let path = dir.join("ovl.qcow2");
     let request = Request::Rebase(RebaseRequest {
@@ -534,7 +536,7 @@ fn autoclear_bitmaps_bit_refused() {
 fn fixture_helpers_touch_what_they_claim() {
     // The hand layout really places the name where the header says.
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("helpers");
+    let dir = Scratch::new("helpers");
     three_unknown(&dir, &q, 120);
     let path = dir.join("ovl.qcow2");
     assert_eq!(be32_at(&path, 100), 120);
@@ -730,7 +732,7 @@ fn luks_encrypted_qcow2() {
                 "--object",
                 "secret,id=s0,data=pw",
                 "-o",
-                "encrypt.format=luks,encrypt.key-secret=s0",
+                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
                 "ovl.qcow2",
                 "1M",
             ],

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use instar_abi::{
@@ -18,10 +18,6 @@ use instar_blockdev::{BlockDev, MemDev};
 use instar_rebase::handle;
 
 const DESC: std::ops::Range<usize> = 512..512 + 10240;
-
-fn qemu_io(q: &Path) -> PathBuf {
-    q.with_file_name("qemu-io")
-}
 
 fn create(dir: &Path, q: &Path, name: &str, size: &str, extra: &[&str]) {
     let mut args = vec!["create", "-q", "-f", "vmdk"];
@@ -96,16 +92,6 @@ fn descriptor(path: &Path) -> String {
     let d = std::fs::read(path).unwrap()[DESC].to_vec();
     let end = d.iter().position(|&c| c == 0).unwrap();
     String::from_utf8(d[..end].to_vec()).unwrap()
-}
-
-/// Copy every file of `from` into a fresh directory.
-fn copy_dir(from: &Path, tag: &str) -> PathBuf {
-    let to = scratch(tag);
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-    to
 }
 
 struct Run {
@@ -256,7 +242,7 @@ fn family_with(dir: &Path, q: &Path, size: &str, vb_more: &[&str]) {
 #[test]
 fn unsafe_rename_sets_parent_cid() {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("vmdk-rename");
+    let dir = Scratch::new("vmdk-rename");
     family(&dir, &q, "1M");
     let before = descriptor(&dir.join("vo.vmdk"));
     let old = info(&dir, &q, "vo.vmdk");
@@ -284,7 +270,7 @@ fn unsafe_rename_sets_parent_cid() {
     assert_eq!(descriptor(&dir.join("vo.vmdk")), want);
     check_clean(&dir, &q, "vo.vmdk");
     // 0x33 at 128k over vb2.
-    let expect = copy_dir(&dir, "vmdk-rename-expect");
+    let expect = Scratch::copy_of(&dir, "vmdk-rename-expect");
     io(&expect, &q, "vb2.vmdk", &["write -P 0x33 128k 64k"]);
     same_content(&q, &expect.join("vb2.vmdk"), &dir.join("vo.vmdk"));
 }
@@ -292,7 +278,7 @@ fn unsafe_rename_sets_parent_cid() {
 #[test]
 fn unsafe_detach_and_attach_match_qemus_template() {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("vmdk-detach");
+    let dir = Scratch::new("vmdk-detach");
     family(&dir, &q, "1M");
     let old = info(&dir, &q, "vo.vmdk");
     expect_ok(&run_vmdk(&dir, &["vo.vmdk"], request(true, "", None)));
@@ -338,7 +324,7 @@ fn unsafe_detach_and_attach_match_qemus_template() {
         .replace("\"child.vmdk\"", "\"vo.vmdk\"");
     assert_eq!(descriptor(&dir.join("vo.vmdk")), child);
     check_clean(&dir, &q, "vo.vmdk");
-    let expect = copy_dir(&dir, "vmdk-attach-expect");
+    let expect = Scratch::copy_of(&dir, "vmdk-attach-expect");
     io(&expect, &q, "vb.vmdk", &["write -P 0x33 128k 64k"]);
     same_content(&q, &expect.join("vb.vmdk"), &dir.join("vo.vmdk"));
 }
@@ -346,7 +332,7 @@ fn unsafe_detach_and_attach_match_qemus_template() {
 #[test]
 fn unsafe_refusals_leave_the_overlay_unchanged() {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("vmdk-refuse");
+    let dir = Scratch::new("vmdk-refuse");
     family(&dir, &q, "1M");
     ok(&dir, &q, &["create", "-q", "-f", "qcow2", "q.qcow2", "1M"]);
     let files = ["vo.vmdk", "vb2.vmdk"];
@@ -454,7 +440,7 @@ fn grain_in_descriptor_area_is_refused() {
 #[test]
 fn descriptor_full_is_refused() {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("vmdk-full");
+    let dir = Scratch::new("vmdk-full");
     family(&dir, &q, "1M");
     // Pad the descriptor text with a comment line to 10000 bytes.
     let path = dir.join("vo.vmdk");
@@ -488,7 +474,7 @@ fn descriptor_full_is_refused() {
 #[test]
 fn stream_optimized_is_refused() {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("vmdk-stream");
+    let dir = Scratch::new("vmdk-stream");
     create(
         &dir,
         &q,
@@ -509,7 +495,7 @@ fn safe_case(
     req: RebaseRequest,
     want_backing: Option<&str>,
 ) -> (RebaseOutcome, String) {
-    let out = copy_dir(dir, "vmdk-safe-out");
+    let out = Scratch::copy_of(dir, "vmdk-safe-out");
     let r = run_vmdk(&out, files, req);
     expect_ok(&r);
     let Response::Rebase(outcome) = r.resp else {
@@ -545,7 +531,7 @@ fn safe_onto_unrelated_vmdk() {
     let Some(q) = qemu_img() else { return };
     // 2 MiB + 32 KiB: the last grain is partial.
     for size in ["4M", "2080k"] {
-        let dir = scratch("vmdk-safe-unrelated");
+        let dir = Scratch::new("vmdk-safe-unrelated");
         family(&dir, &q, size);
         let mut req = request(false, "vb2.vmdk", Some("vmdk"));
         req.old_chain = vec![vmdk(1)];
@@ -571,7 +557,7 @@ fn safe_onto_unrelated_vmdk() {
 #[test]
 fn safe_flatten() {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("vmdk-safe-flatten");
+    let dir = Scratch::new("vmdk-safe-flatten");
     family_with(&dir, &q, "2080k", &["write -P 0x55 2048k 32k"]);
     let mut req = request(false, "", None);
     req.old_chain = vec![vmdk(1)];
@@ -588,7 +574,7 @@ fn safe_flatten() {
 fn safe_attach_to_parentless_overlay_writes_zeroes() {
     let Some(q) = qemu_img() else { return };
     for zeroed in ["off", "on"] {
-        let dir = scratch("vmdk-safe-attach");
+        let dir = Scratch::new("vmdk-safe-attach");
         family(&dir, &q, "1M");
         create(
             &dir,
@@ -622,7 +608,7 @@ fn safe_attach_to_parentless_overlay_writes_zeroes() {
 #[test]
 fn safe_in_chain_drops_a_middle_image() {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("vmdk-safe-inchain");
+    let dir = Scratch::new("vmdk-safe-inchain");
     create(&dir, &q, "base.vmdk", "3M", &[]);
     io(&dir, &q, "base.vmdk", &["write -P 0x11 0 3M"]);
     create(
@@ -658,7 +644,7 @@ fn safe_in_chain_drops_a_middle_image() {
     );
     // Only the grains mid.vmdk changed were copied: 64k..192k minus top's own 128k,
     // and the grain at 2M.
-    let out = copy_dir(&dir, "vmdk-safe-inchain-stats");
+    let out = Scratch::copy_of(&dir, "vmdk-safe-inchain-stats");
     match run_vmdk(&out, &["top.vmdk", "mid.vmdk", "base.vmdk"], req).resp {
         Response::Rebase(o) => assert_eq!(o.stats.clusters_copied, 2),
         other => panic!("{other:?}"),
@@ -668,7 +654,7 @@ fn safe_in_chain_drops_a_middle_image() {
 #[test]
 fn safe_refuses_a_stale_parent_cid() {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("vmdk-safe-stale");
+    let dir = Scratch::new("vmdk-safe-stale");
     family(&dir, &q, "1M");
     // vb changes CID when written again; vo's parentCID is then stale.
     io(&dir, &q, "vb.vmdk", &["write -P 0x77 512k 4k"]);
@@ -682,7 +668,7 @@ fn safe_refuses_a_stale_parent_cid() {
 #[test]
 fn safe_refuses_an_old_chain_the_overlay_does_not_name() {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("vmdk-safe-chain");
+    let dir = Scratch::new("vmdk-safe-chain");
     family(&dir, &q, "1M");
     // vo names vb, but no old chain is given: its data would become zeros.
     let mut req = request(false, "vb2.vmdk", None);

@@ -1,28 +1,40 @@
-//! Helpers for the tests against real qemu-img / qemu-io: locating the reference builds
-//! ([`qemu_ref`], used by every test crate), scratch directories, fixtures,
+//! The one test kit of the workspace, for the tests against real qemu-img / qemu-io and
+//! KVM: locating the reference builds ([`qemu_ref`]), the skip rules ([`skip`]), scratch
+//! directories and files ([`scratch`]), a qemu-io process holding an image's locks
+//! ([`lock_holder`]), a file's data/hole layout ([`sparse`]), one-test-at-a-time
+//! ([`serial`]), a seeded PRNG ([`rng`]), running commands ([`run_in`]), fixtures, and
 //! `qemu-img convert` / `map` output.
 
-#![forbid(unsafe_code)]
+// `sparse` and `mkfifo` call libc; every `unsafe` block has a SAFETY comment.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
+pub mod lock_holder;
 pub mod qemu_ref;
+pub mod rng;
+pub mod scratch;
+pub mod skip;
+pub mod sparse;
 
-/// qemu-img 10.2 (see [`qemu_ref`]), else the machine's own one on PATH. `None` means
-/// skip, unless `INSTAR_REQUIRE_QEMU=1`, which makes a missing binary fail.
+pub use lock_holder::LockHolder;
+pub use rng::Rng;
+pub use scratch::{copy_tree, copy_tree_dense, Scratch, ScratchFile};
+pub use skip::require_kvm;
+
+/// qemu-img 10.2 (see [`qemu_ref`]), else the machine's own 10.0 (version-checked like
+/// every build). `None` means skip, unless `INSTAR_REQUIRE_QEMU=1`, which makes a
+/// missing binary fail.
 pub fn qemu_img() -> Option<PathBuf> {
-    let found = qemu_ref::find(qemu_ref::REFERENCE, &[])
-        .map(|b| b.img)
-        .or_else(|| qemu_ref::on_path().into_iter().find(|p| p.is_file()));
-    if found.is_none() {
-        assert!(
-            !qemu_ref::required(),
-            "qemu-img not found and INSTAR_REQUIRE_QEMU=1"
-        );
-        eprintln!("qemu-img not found: skipping");
-    }
+    let found = qemu_ref::find(qemu_ref::REFERENCE)
+        .or_else(|| qemu_ref::find("10.0"))
+        .map(|b| b.img);
+    skip::need(
+        found.is_some(),
+        "INSTAR_REQUIRE_QEMU",
+        "qemu-img 10.2 (or 10.0) not found",
+    );
     found
 }
 
@@ -33,30 +45,51 @@ pub fn qemu_io(img: &Path) -> PathBuf {
     p
 }
 
-/// A fresh scratch directory, removed on drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(tag: &str) -> Scratch {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "instar-read-{}-{}-{}",
-            tag,
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
+/// One test at a time within a test binary, for tests that run the CLI in-process: it
+/// takes QEMU's OFD locks, and a child spawned by another test's thread (fork, then exec)
+/// briefly holds copies of its descriptors, so a lock could outlive the CLI's close and
+/// fail the next qemu-img run.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// Make a FIFO at `path` (a special file the path policy must refuse).
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(
+        rc,
+        0,
+        "mkfifo {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A finished command's exit status (-1 when killed by a signal) and output as text.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run `prog args…` in `cwd`, with no standard input and `LC_ALL=C` (messages in
+/// QEMU's own words).
+pub fn run_in<S: AsRef<std::ffi::OsStr>>(prog: &Path, args: &[S], cwd: &Path) -> Outcome {
+    let out = Command::new(prog)
+        .args(args)
+        .current_dir(cwd)
+        .env("LC_ALL", "C")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", prog.display()));
+    Outcome {
+        status: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 

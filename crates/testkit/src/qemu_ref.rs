@@ -3,9 +3,10 @@
 //! A build is asked for by version prefix (`"10.2"` matches `10.2.2`, not `10.20`). The
 //! candidates are, in order: the environment variable `QEMU_IMG_<MAJOR>_<MINOR>` (e.g.
 //! `QEMU_IMG_11_1`), the builds `../shared/scripts/qemu-ref.sh --list` reports (the
-//! script's path can be set with `INSTAR_QEMU_REF`), then any fallbacks the caller
-//! passes. A candidate counts only if its `--version` says that version and a `qemu-io`
-//! runs next to it. Some builds are wrapper scripts that start the real binary with a
+//! script's path can be set with `INSTAR_QEMU_REF`), then every `qemu-img` on `PATH`
+//! (the machine's own build, e.g. 10.0.2 in /usr/bin). A candidate counts only if its
+//! `--version` says that version and a `qemu-io` runs next to it: no build stands in
+//! for another. This is the one place the tests locate qemu-img. Some builds are wrapper scripts that start the real binary with a
 //! private runtime (11.1.3); they are used like any other.
 
 use std::path::{Path, PathBuf};
@@ -28,7 +29,7 @@ pub struct Build {
 
 /// Whether `INSTAR_REQUIRE_QEMU=1`: a missing reference build fails the test.
 pub fn required() -> bool {
-    std::env::var("INSTAR_REQUIRE_QEMU").as_deref() == Ok("1")
+    crate::skip::required("INSTAR_REQUIRE_QEMU")
 }
 
 fn script() -> PathBuf {
@@ -75,9 +76,8 @@ pub fn matches(version: &str, prefix: &str) -> bool {
     version == prefix || version.starts_with(&format!("{prefix}."))
 }
 
-/// The build of version `prefix`, or `None`. `fallbacks` are tried last (e.g. the
-/// machine's own `qemu-img` on PATH, see [`on_path`]).
-pub fn find(prefix: &str, fallbacks: &[PathBuf]) -> Option<Build> {
+/// The build of version `prefix`, or `None`.
+pub fn find(prefix: &str) -> Option<Build> {
     let var = format!("QEMU_IMG_{}", prefix.replace('.', "_"));
     let mut candidates: Vec<PathBuf> = std::env::var_os(&var)
         .map(PathBuf::from)
@@ -88,7 +88,7 @@ pub fn find(prefix: &str, fallbacks: &[PathBuf]) -> Option<Build> {
             candidates.push(p.clone());
         }
     }
-    candidates.extend(fallbacks.iter().cloned());
+    candidates.extend(on_path());
     candidates.into_iter().find_map(|img| {
         let version = version_of(&img)?;
         let io = img.with_file_name("qemu-io");
@@ -100,8 +100,8 @@ pub fn find(prefix: &str, fallbacks: &[PathBuf]) -> Option<Build> {
     })
 }
 
-/// Every `qemu-img` on PATH, as fallbacks for [`find`].
-pub fn on_path() -> Vec<PathBuf> {
+/// Every `qemu-img` on PATH, the last candidates of [`find`].
+fn on_path() -> Vec<PathBuf> {
     std::env::var_os("PATH")
         .map(|p| {
             std::env::split_paths(&p)
@@ -111,26 +111,52 @@ pub fn on_path() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// `qemu-nbd` from PATH (the reference builds are built without it), or `None` after a
+/// note (a failure under `INSTAR_REQUIRE_QEMU=1`).
+pub fn qemu_nbd() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("qemu-nbd"))
+            .find(|c| c.exists())
+    });
+    crate::skip::need(found.is_some(), "INSTAR_REQUIRE_QEMU", "qemu-nbd not found");
+    found
+}
+
 /// [`find`], for a build a test cannot run without: `None` (after a note) skips the
 /// test, and under `INSTAR_REQUIRE_QEMU=1` a missing build panics.
-pub fn need(prefix: &str, fallbacks: &[PathBuf]) -> Option<Build> {
-    let found = find(prefix, fallbacks);
+pub fn need(prefix: &str) -> Option<Build> {
+    let found = find(prefix);
     if found.is_none() {
         let note = format!(
             "qemu-img {prefix} not found (set QEMU_IMG_{} or run ../shared/scripts/qemu-ref.sh)",
             prefix.replace('.', "_")
         );
-        assert!(!required(), "{note} and INSTAR_REQUIRE_QEMU=1");
-        eprintln!("skipping: {note}");
+        crate::skip::need(false, "INSTAR_REQUIRE_QEMU", &note);
     }
     found
+}
+
+/// qemu-img 10.2, the reference, alone: `None` skips (see [`need`]).
+pub fn reference_img() -> Option<PathBuf> {
+    need(REFERENCE).map(|b| b.img)
+}
+
+/// Every reference build: 10.2 first, then 11.1 (the newest release, required like
+/// 10.2), then 10.0 (the machine's own) and 7.2 when installed. `None` skips.
+pub fn all_builds() -> Option<Vec<Build>> {
+    let (reference, newest) = reference_and_newest()?;
+    let mut v = vec![reference, newest];
+    v.extend(find("10.0"));
+    v.extend(find("7.2"));
+    Some(v)
 }
 
 /// The reference (10.2) and the newest (11.1) builds, which must give the same bytes;
 /// `None` skips the test (panics under `INSTAR_REQUIRE_QEMU=1`) unless both are found.
 pub fn reference_and_newest() -> Option<(Build, Build)> {
-    let reference = need(REFERENCE, &[]);
-    let newest = need(NEWEST, &[]);
+    let reference = need(REFERENCE);
+    let newest = need(NEWEST);
     Some((reference?, newest?))
 }
 

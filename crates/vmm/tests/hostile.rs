@@ -11,32 +11,18 @@
 #[path = "hostile/asm.rs"]
 mod asm;
 
-use std::fs::{File, OpenOptions};
-use std::io::Write as _;
+use std::fs::File;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use asm::*;
 use instar_abi::layout::{DOORBELL_WRITE_END_HIGH, DOORBELL_WRITE_PHASE, VIRTIO_MMIO_BASE};
 use instar_abi::{Call, RebaseRequest, Request, Response, SelfTest};
+use instar_testkit::{require_kvm, ScratchFile};
 use instar_vmm::test_hooks::{self, Site};
 use instar_vmm::{run, Config, Device, Error, Outcome};
 
 const CHILD: &str = "INSTAR_HOSTILE_CHILD";
-
-fn kvm() -> bool {
-    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("INSTAR_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("INSTAR_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!("note: skipping a KVM test: /dev/kvm cannot be opened ({e})");
-            false
-        }
-    }
-}
 
 /// Run `case` in a child process (this test binary, filtered to `name`), with
 /// `RUST_BACKTRACE=1` so that the panic path is the expensive one; the child must exit
@@ -46,7 +32,7 @@ fn in_child(name: &str, case: impl FnOnce()) {
         case();
         return;
     }
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -68,34 +54,6 @@ fn in_child(name: &str, case: impl FnOnce()) {
     );
     assert!(out.status.success(), "{text}");
     assert!(text.contains("1 passed"), "the case did not run:\n{text}");
-}
-
-/// A scratch file, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str, contents: &[u8]) -> Scratch {
-        let path =
-            std::env::temp_dir().join(format!("instar-hostile-{}-{tag}", std::process::id()));
-        File::create(&path).unwrap().write_all(contents).unwrap();
-        Scratch(path)
-    }
-    fn open(&self, writable: bool) -> File {
-        OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(&self.0)
-            .unwrap()
-    }
-    fn contents(&self) -> Vec<u8> {
-        std::fs::read(&self.0).unwrap()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -140,7 +98,7 @@ fn status_preset(g: &mut Guest) {
 /// An indirect table of `entries` descriptors, chained as one read request: header,
 /// data segments of 512 bytes, status.
 fn indirect_case(entries: u32) {
-    let img = Scratch::new(&format!("ind{entries}"), &pattern(1 << 20));
+    let img = ScratchFile::new(&format!("ind{entries}"), &pattern(1 << 20));
     let mut g = Guest::default();
     status_preset(&mut g);
     g.desc(DESC, 0, IND, entries * 16, F_INDIRECT, 0);
@@ -185,7 +143,7 @@ fn indirect_table_of_65535_entries() {
 
 /// Chains of `data` 512-byte data segments (direct, in the 256-entry table).
 fn direct_chain(data: u32) -> (Vec<u32>, Vec<u8>) {
-    let img = Scratch::new(&format!("chain{data}"), &pattern(1 << 20));
+    let img = ScratchFile::new(&format!("chain{data}"), &pattern(1 << 20));
     let mut g = Guest::default();
     status_preset(&mut g);
     g.desc(DESC, 0, HDR, 16, F_NEXT, 1);
@@ -240,7 +198,7 @@ fn chains_up_to_seg_max_are_served_and_longer_ones_refused() {
 #[test]
 fn nested_and_looping_indirect_tables() {
     in_child("nested_and_looping_indirect_tables", || {
-        let img = Scratch::new("nested", &pattern(4096));
+        let img = ScratchFile::new("nested", &pattern(4096));
         let mut g = Guest::default();
         status_preset(&mut g);
         // Request 0: an indirect entry inside the indirect table.
@@ -282,7 +240,7 @@ fn nested_and_looping_indirect_tables() {
 #[test]
 fn descriptors_at_the_top_of_the_address_space() {
     in_child("descriptors_at_the_top_of_the_address_space", || {
-        let img = Scratch::new("top", &pattern(4096));
+        let img = ScratchFile::new("top", &pattern(4096));
         let mut g = Guest::default();
         status_preset(&mut g);
         // 0: the status byte at u64::MAX with length 2 (its end overflows).
@@ -336,7 +294,7 @@ fn buffers_over_the_rings_and_the_next_request() {
             file[16 * k..16 * k + 16].copy_from_slice(&evil);
         }
         file[512 + 2..512 + 4].copy_from_slice(&302u16.to_le_bytes());
-        let img = Scratch::new("overlap", &file);
+        let img = ScratchFile::new("overlap", &file);
         let mut g = Guest::default();
         status_preset(&mut g);
         // Request 0 (descriptors 32..): read sector 0 over descriptors 0..31.
@@ -383,7 +341,7 @@ fn buffers_over_the_rings_and_the_next_request() {
 
 /// `count` copies of one read request of a sector in one notify.
 fn many_requests(count: u16) -> (Result<Outcome, Error>, Vec<u32>) {
-    let img = Scratch::new(&format!("many{count}"), &pattern(4096));
+    let img = ScratchFile::new(&format!("many{count}"), &pattern(4096));
     let mut g = Guest::default();
     status_preset(&mut g);
     g.desc(DESC, 0, HDR, 16, F_NEXT, 1);
@@ -430,7 +388,7 @@ fn a_full_queue_is_served_and_more_ends_the_vm() {
 #[test]
 fn queue_reprogramming_after_ready_is_ignored() {
     in_child("queue_reprogramming_after_ready_is_ignored", || {
-        let img = Scratch::new("reprogram", &pattern(4096));
+        let img = ScratchFile::new("reprogram", &pattern(4096));
         let mut g = Guest::default();
         status_preset(&mut g);
         g.desc(DESC, 0, HDR, 16, F_NEXT, 1);
@@ -485,7 +443,7 @@ fn write_phase(g: &mut Guest, end: u64) {
 fn writes_to_a_read_only_device_are_refused() {
     in_child("writes_to_a_read_only_device_are_refused", || {
         let before = pattern(4096);
-        let img = Scratch::new("ro", &before);
+        let img = ScratchFile::new("ro", &before);
         let mut g = Guest::default();
         write_request(&mut g, 0, 0, 0xee);
         g.avail_idx(1);
@@ -536,7 +494,7 @@ fn writes_before_the_write_phase_or_past_its_end_are_refused() {
         "writes_before_the_write_phase_or_past_its_end_are_refused",
         || {
             let before = pattern(4096);
-            let img = Scratch::new("phase", &before);
+            let img = ScratchFile::new("phase", &before);
             let mut g = Guest::default();
             // 0: before the write phase. 1: inside the declared end (1000 bytes: two
             // sectors). 2: past it.
@@ -575,7 +533,7 @@ fn writes_before_the_write_phase_or_past_its_end_are_refused() {
 fn a_declared_end_past_the_host_bound_is_cut_to_it() {
     in_child("a_declared_end_past_the_host_bound_is_cut_to_it", || {
         let before = pattern(4096);
-        let img = Scratch::new("cap", &before);
+        let img = ScratchFile::new("cap", &before);
         let mut g = Guest::default();
         // Declared end u64::MAX; the host's bound for a 4 KiB image of 4 KiB virtual
         // size is about 64 MiB: a write at 1 MiB is fine, one at 512 GiB is not.
@@ -604,7 +562,7 @@ fn a_declared_end_past_the_host_bound_is_cut_to_it() {
 #[test]
 fn write_phase_twice_ends_the_vm() {
     in_child("write_phase_twice_ends_the_vm", || {
-        let img = Scratch::new("twice", &pattern(512));
+        let img = ScratchFile::new("twice", &pattern(512));
         let mut g = Guest::default();
         write_phase(&mut g, 512);
         write_phase(&mut g, 1 << 40);
@@ -624,7 +582,7 @@ fn write_phase_twice_ends_the_vm() {
 /// Run a guest that floods the host with exits forever under a 1 s deadline (and a
 /// 30 s watchdog, which an exit flood never trips).
 fn flood(body: impl FnOnce(&mut Guest)) {
-    let img = Scratch::new("flood", &pattern(4096));
+    let img = ScratchFile::new("flood", &pattern(4096));
     let mut g = Guest::default();
     g.forever(body);
     let deadline = Duration::from_secs(1);
@@ -680,7 +638,7 @@ fn request_floods_end_at_the_deadline() {
             g.avail(k, 0);
         }
         g.setup_queue();
-        let img = Scratch::new("reqflood", &pattern(4096));
+        let img = ScratchFile::new("reqflood", &pattern(4096));
         // Each round makes the next 256 available (used index + 256) and notifies.
         g.forever(|c| {
             // mov rbx, USED+2; movzx eax, word [rbx]; add eax, 256;
@@ -713,7 +671,7 @@ fn request_floods_end_at_the_deadline() {
 #[test]
 fn a_panic_on_the_vcpu_thread_is_an_error() {
     in_child("a_panic_on_the_vcpu_thread_is_an_error", || {
-        let img = Scratch::new("vcpu-panic", &pattern(4096));
+        let img = ScratchFile::new("vcpu-panic", &pattern(4096));
         let mut g = Guest::default();
         g.ring(DOORBELL_PROGRESS, 1);
         g.answer(7);
@@ -749,7 +707,7 @@ fn a_panic_on_the_vcpu_thread_is_an_error() {
 fn a_panic_on_an_io_worker_fails_the_request() {
     in_child("a_panic_on_an_io_worker_fails_the_request", || {
         // A 1 MiB read of a 2 MiB file with a call that gets a worker.
-        let img = Scratch::new("worker-panic", &pattern(2 << 20));
+        let img = ScratchFile::new("worker-panic", &pattern(2 << 20));
         let request = |g: &mut Guest| {
             status_preset(g);
             g.desc(DESC, 0, HDR, 16, F_NEXT, 1);
@@ -789,7 +747,7 @@ fn a_panic_on_an_io_worker_fails_the_request() {
 #[test]
 fn a_panic_on_the_teardown_thread_is_survived() {
     in_child("a_panic_on_the_teardown_thread_is_survived", || {
-        let img = Scratch::new("teardown-panic", &pattern(4096));
+        let img = ScratchFile::new("teardown-panic", &pattern(4096));
         test_hooks::arm(Site::Teardown);
         for _ in 0..3 {
             let mut g = Guest::default();
@@ -811,7 +769,7 @@ fn maximal_progress_reaches_the_callback_as_is() {
     in_child("maximal_progress_reaches_the_callback_as_is", || {
         // The host passes the count on; bounding it is the caller's business (the
         // CLI's progress counter), tested with it.
-        let img = Scratch::new("progress", &pattern(4096));
+        let img = ScratchFile::new("progress", &pattern(4096));
         let mut g = Guest::default();
         for _ in 0..3 {
             g.ring(DOORBELL_PROGRESS, u32::MAX);

@@ -5,24 +5,8 @@
 use std::time::{Duration, Instant};
 
 use instar_abi::{Call, Request, SelfTest};
+use instar_testkit::require_kvm;
 use instar_vmm::{run, Config, Error};
-
-fn kvm() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("INSTAR_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("INSTAR_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!("note: skipping a KVM test: /dev/kvm cannot be opened ({e})");
-            false
-        }
-    }
-}
 
 const LOAD: u64 = 0x10_0000;
 const HEADERS: u64 = 64 + 56;
@@ -106,7 +90,7 @@ fn go(elf: &[u8], config: &Config) -> Result<instar_vmm::Outcome, Error> {
 
 #[test]
 fn triple_fault_is_reported_with_rip() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let err = go(&elf(&UD2), &Config::default()).unwrap_err();
@@ -118,7 +102,7 @@ fn triple_fault_is_reported_with_rip() {
 
 #[test]
 fn stack_guard_page_faults() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     // A write just below the image (the top of the guard page) faults.
@@ -129,7 +113,7 @@ fn stack_guard_page_faults() {
 
 #[test]
 fn stray_mmio_is_an_error() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let code = [
@@ -148,7 +132,7 @@ fn stray_mmio_is_an_error() {
 
 #[test]
 fn port_io_is_an_error() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let err = go(&elf(&[0xe6, 0x80, 0x0f, 0x0b]), &Config::default()).unwrap_err();
@@ -158,7 +142,7 @@ fn port_io_is_an_error() {
 
 #[test]
 fn unknown_doorbell_is_an_error() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let err = go(&elf(&doorbell(9)), &Config::default()).unwrap_err();
@@ -167,7 +151,7 @@ fn unknown_doorbell_is_an_error() {
 
 #[test]
 fn panic_text_is_sanitised_and_bad_lengths_survive() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     // Length 4, text "A\x1b[\n".
@@ -198,7 +182,7 @@ fn panic_text_is_sanitised_and_bad_lengths_survive() {
 
 #[test]
 fn malformed_response_is_an_error() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     // DONE with an empty response area.
@@ -227,7 +211,7 @@ fn go_within(
 
 #[test]
 fn watchdog_stops_a_spinning_guest() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let limit = Duration::from_millis(200);
@@ -268,7 +252,7 @@ fn ring_progress(count: u32) -> Vec<u8> {
 
 #[test]
 fn watchdog_spares_a_guest_that_keeps_exiting() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     // Far longer than the limit in all, but never the limit without an exit.
@@ -304,7 +288,7 @@ fn watchdog_spares_a_guest_that_keeps_exiting() {
 
 #[test]
 fn watchdog_does_not_count_host_time() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     // The progress callback keeps the host busy for about twelve limits (a spin loop: the
@@ -352,7 +336,7 @@ fn watchdog_does_not_count_host_time() {
 
 #[test]
 fn progress_doorbells_reach_the_host_unclamped() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     // PROGRESS(20000) (a step count, passed through as is), WRITE_PHASE, then a DONE
@@ -376,7 +360,7 @@ fn progress_doorbells_reach_the_host_unclamped() {
 
 #[test]
 fn bad_images_and_sizes_are_refused() {
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     let cfg = Config::default();
@@ -416,7 +400,7 @@ fn nonroot_child_runs_a_guest() {
 fn non_root_users_get_kvm_or_one_clear_line() {
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::process::CommandExt;
-    if !kvm() {
+    if !require_kvm() {
         return;
     }
     // SAFETY: geteuid has no preconditions.

@@ -12,19 +12,20 @@
 //! - `INSTAR_DIFF_SELFTEST=1`: run the qemu-img 10.0.2 build in place of instar (keeping the
 //!   `-F` that instar would probe), which checks the harness itself without instar;
 //!   `INSTAR_DIFF_SELFTEST=/path/to/qemu-img` runs that build instead.
-//! - `INSTAR_KEEP_SCRATCH=1`: keep the scratch directories for inspection.
-#![allow(dead_code)]
+//! - `INSTAR_KEEP_SCRATCH=1`: keep the scratch directories for inspection (a failing
+//!   test keeps its own anyway).
+#![allow(dead_code, unused_imports)]
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use instar_testkit::qemu_ref;
+pub use instar_testkit::skip::{need, required};
+pub use instar_testkit::{copy_tree, require_kvm, LockHolder};
 
 // ---------------------------------------------------------------------------------------
 // Reference binaries
@@ -61,12 +62,9 @@ impl Refs {
     }
 }
 
-fn require(var: &str) -> bool {
-    std::env::var(var).map(|v| v == "1").unwrap_or(false)
-}
-
-fn find_build(label: &'static str, fallbacks: &[PathBuf]) -> Option<Qemu> {
-    qemu_ref::find(label, fallbacks).map(|b| Qemu {
+/// The build of version `label` (see `instar_testkit::qemu_ref`), or `None`.
+pub fn find_build(label: &'static str) -> Option<Qemu> {
+    qemu_ref::find(label).map(|b| Qemu {
         label,
         img: b.img,
         io: b.io,
@@ -74,10 +72,10 @@ fn find_build(label: &'static str, fallbacks: &[PathBuf]) -> Option<Qemu> {
 }
 
 fn locate() -> Option<Refs> {
-    let v10_2 = find_build("10.2", &[]);
-    let v11_1 = find_build("11.1", &[]);
-    let v10_0 = find_build("10.0", &qemu_ref::on_path());
-    let v7_2 = find_build("7.2", &[]);
+    let v10_2 = find_build("10.2");
+    let v11_1 = find_build("11.1");
+    let v10_0 = find_build("10.0");
+    let v7_2 = find_build("7.2");
     let mut missing = Vec::new();
     for (name, b) in [
         ("10.2", &v10_2),
@@ -89,13 +87,11 @@ fn locate() -> Option<Refs> {
             missing.push(name);
         }
     }
-    if !missing.is_empty() {
-        let note = format!("reference qemu-img missing: {}", missing.join(", "));
-        if require("INSTAR_REQUIRE_QEMU") {
-            panic!("{note} (INSTAR_REQUIRE_QEMU=1)");
-        }
-        eprintln!("note: {note}");
-    }
+    need(
+        missing.is_empty(),
+        "INSTAR_REQUIRE_QEMU",
+        &format!("reference qemu-img missing: {}", missing.join(", ")),
+    );
     let v10_2 = v10_2?;
     Some(Refs {
         v10_2,
@@ -138,21 +134,13 @@ impl Subject {
     }
 }
 
-fn kvm_usable() -> bool {
-    fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
 /// The tool under test, or `None` (after a printed note) when it cannot run here.
 pub fn subject(refs: &Refs) -> Option<Subject> {
     if let Some(v) = std::env::var_os("INSTAR_DIFF_SELFTEST").filter(|v| v != "1" && !v.is_empty())
     {
         return Some(Subject::SelfTest(PathBuf::from(v)));
     }
-    if require("INSTAR_DIFF_SELFTEST") {
+    if required("INSTAR_DIFF_SELFTEST") {
         let q = refs
             .others
             .iter()
@@ -160,11 +148,7 @@ pub fn subject(refs: &Refs) -> Option<Subject> {
             .unwrap_or(&refs.v10_2);
         return Some(Subject::SelfTest(q.img.clone()));
     }
-    if !kvm_usable() {
-        if require("INSTAR_REQUIRE_KVM") {
-            panic!("/dev/kvm is not usable (INSTAR_REQUIRE_KVM=1)");
-        }
-        eprintln!("skipping: /dev/kvm is not usable");
+    if !require_kvm() {
         return None;
     }
     Some(Subject::Instar(PathBuf::from(env!("CARGO_BIN_EXE_instar"))))
@@ -180,62 +164,34 @@ pub fn setup() -> Option<(&'static Refs, Subject)> {
 // ---------------------------------------------------------------------------------------
 // Scratch directories
 
-/// A fresh directory under the system temp dir, removed on drop.
+/// A fresh directory under the system temp dir (see `instar_testkit::Scratch`), with
+/// the fixture in `fixture/` and copies of it beside.
 pub struct Scratch {
-    root: PathBuf,
+    dir: instar_testkit::Scratch,
 }
 
 impl Scratch {
     pub fn new(name: &str) -> Scratch {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let root =
-            std::env::temp_dir().join(format!("instar-diff-{}-{}-{}", name, std::process::id(), n));
-        let _ = fs::remove_dir_all(&root);
-        fs::create_dir_all(root.join("fixture")).expect("create scratch dir");
-        Scratch { root }
+        let dir = instar_testkit::Scratch::new(&format!("diff-{name}"));
+        fs::create_dir_all(dir.path("fixture")).expect("create scratch dir");
+        Scratch { dir }
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.dir
     }
 
     /// Where the fixture is built.
     pub fn fixture(&self) -> PathBuf {
-        self.root.join("fixture")
+        self.dir.path("fixture")
     }
 
     /// A fresh copy of the fixture directory, named `label`.
     pub fn copy(&self, label: &str) -> PathBuf {
-        let dst = self.root.join(label);
+        let dst = self.dir.path(label);
         let _ = fs::remove_dir_all(&dst);
-        copy_dir(&self.fixture(), &dst);
+        copy_tree(&self.fixture(), &dst);
         dst
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !require("INSTAR_KEEP_SCRATCH") {
-            let _ = fs::remove_dir_all(&self.root);
-        }
-    }
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    fs::create_dir_all(dst).expect("mkdir");
-    for e in fs::read_dir(src).expect("read_dir") {
-        let e = e.expect("dir entry");
-        let ty = e.file_type().expect("file type");
-        let to = dst.join(e.file_name());
-        if ty.is_dir() {
-            copy_dir(&e.path(), &to);
-        } else if ty.is_symlink() {
-            let target = fs::read_link(e.path()).expect("readlink");
-            std::os::unix::fs::symlink(target, &to).expect("symlink");
-        } else {
-            fs::copy(e.path(), &to).expect("copy");
-        }
     }
 }
 
@@ -261,27 +217,7 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 // ---------------------------------------------------------------------------------------
 // Running programs
 
-#[derive(Debug, Clone)]
-pub struct Output {
-    pub status: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-pub fn run<S: AsRef<std::ffi::OsStr>>(prog: &Path, args: &[S], cwd: &Path) -> Output {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(cwd)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", prog.display()));
-    Output {
-        status: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+pub use instar_testkit::{run_in as run, Outcome as Output};
 
 /// Shell-like rendering of a command, for failure reports.
 pub fn show_cmd<S: AsRef<std::ffi::OsStr>>(prog: &str, args: &[S]) -> String {
@@ -703,58 +639,6 @@ pub fn check_problems(q: &Qemu, cwd: &Path, image: &str) -> Option<String> {
         None
     } else {
         Some(format!("exit {}: {}{}", out.status, out.stdout, out.stderr))
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Holding a lock on an image
-
-/// A qemu-io process holding an image open read-write (and so its QEMU locks).
-pub struct Holder {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl Holder {
-    pub fn open(q: &Qemu, cwd: &Path, fmt: &str, image: &str) -> Holder {
-        let mut child = Command::new(&q.io)
-            .args(["-f", fmt, image])
-            .current_dir(cwd)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-io");
-        let mut stdin = child.stdin.take().expect("stdin");
-        // The image is opened before the first command is read, so an answer to
-        // `length` proves the locks are held.
-        stdin.write_all(b"length\n").expect("write to qemu-io");
-        stdin.flush().expect("flush");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        let mut r = BufReader::new(stdout);
-        r.read_line(&mut line).expect("read from qemu-io");
-        assert!(!line.is_empty(), "qemu-io did not open {image}");
-        // Keep draining stdout in the background so qemu-io never blocks on it.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
-        Holder {
-            child,
-            stdin: Some(stdin),
-        }
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        if let Some(mut s) = self.stdin.take() {
-            let _ = s.write_all(b"quit\n");
-        }
-        let _ = self.child.wait();
     }
 }
 

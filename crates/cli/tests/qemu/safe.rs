@@ -14,26 +14,9 @@ pub type Build<'a> = dyn Fn(&Fx) -> Vec<String> + 'a;
 /// as a hole in a file with unwritten extents depends on the page cache at that moment,
 /// so two copies of one fixture could differ in `actual-size` before any rebase.
 pub fn dense_copy(scratch: &Scratch, label: &str) -> PathBuf {
-    fn walk(src: &Path, dst: &Path) {
-        std::fs::create_dir_all(dst).expect("mkdir");
-        for e in std::fs::read_dir(src).expect("read_dir") {
-            let e = e.expect("dir entry");
-            let ty = e.file_type().expect("file type");
-            let to = dst.join(e.file_name());
-            if ty.is_dir() {
-                walk(&e.path(), &to);
-            } else if ty.is_symlink() {
-                let target = std::fs::read_link(e.path()).expect("readlink");
-                std::os::unix::fs::symlink(target, &to).expect("symlink");
-            } else {
-                let bytes = std::fs::read(e.path()).expect("read");
-                std::fs::write(&to, bytes).expect("write");
-            }
-        }
-    }
     let dst = scratch.root().join(label);
     let _ = std::fs::remove_dir_all(&dst);
-    walk(&scratch.fixture(), &dst);
+    instar_testkit::copy_tree_dense(&scratch.fixture(), &dst);
     dst
 }
 
@@ -404,30 +387,7 @@ fn check_subject_result(
     }
 }
 
-/// The file's data extents as SEEK_DATA/SEEK_HOLE report them.
-pub fn data_extents(path: &Path) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).expect("open");
-    let len = f.metadata().expect("metadata").len() as i64;
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = 0i64;
-    while pos < len {
-        // SAFETY: lseek on a file descriptor owned by `f`, which outlives the calls.
-        let d = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if d < 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
-        if h <= d {
-            break;
-        }
-        out.push((d as u64, h as u64));
-        pos = h;
-    }
-    out
-}
+pub use instar_testkit::sparse::data_extents;
 
 /// The JSON report: its fields, and counters that match the data clusters that appeared.
 #[allow(clippy::too_many_arguments)]

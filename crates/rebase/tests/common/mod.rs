@@ -1,11 +1,10 @@
-//! Shared helpers: find the reference qemu-img binaries, make scratch directories,
-//! run instar's guest logic over an in-memory copy of a file.
+//! Shared helpers: the reference qemu-img binaries and scratch directories (from
+//! `instar-testkit`), and running instar's guest logic over an in-memory copy of a file.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use instar_abi::{Call, ErrorKind, GuestError, Request, Response};
 use instar_blockdev::{BlockDev, MemDev};
@@ -13,38 +12,16 @@ use instar_rebase::{handle, Hooks};
 
 pub use instar_testkit::qemu_ref::{self, Build};
 
+/// Every reference build: 10.2, 11.1, then 10.0 and 7.2 when installed.
+pub use instar_testkit::qemu_ref::all_builds as all_qemu_imgs;
 /// qemu-img 10.2 (see `instar_testkit::qemu_ref`). `None` skips the test, unless
 /// `INSTAR_REQUIRE_QEMU=1`, which turns a missing binary into a failure.
-pub fn qemu_img() -> Option<PathBuf> {
-    qemu_ref::need(qemu_ref::REFERENCE, &[]).map(|b| b.img)
-}
+pub use instar_testkit::qemu_ref::reference_img as qemu_img;
+pub use instar_testkit::{qemu_io, Scratch};
 
-/// qemu-img 10.0, the machine's own (on PATH), when installed.
-pub fn qemu_img_10_0() -> Option<PathBuf> {
-    qemu_ref::find("10.0", &qemu_ref::on_path()).map(|b| b.img)
-}
-
-/// Every reference build: 10.2 first, then 11.1 (the newest release, required like
-/// 10.2), then 10.0 and 7.2 when installed.
-pub fn all_qemu_imgs() -> Option<Vec<Build>> {
-    let (reference, newest) = qemu_ref::reference_and_newest()?;
-    let mut v = vec![reference, newest];
-    v.extend(qemu_ref::find("10.0", &qemu_ref::on_path()));
-    v.extend(qemu_ref::find("7.2", &[]));
-    Some(v)
-}
-
-/// A fresh scratch directory.
-pub fn scratch(name: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "instar-rebase-test-{}-{}-{name}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// qemu-img 10.0, the machine's own, when installed.
+pub fn qemu_img_10_0() -> Option<std::path::PathBuf> {
+    qemu_ref::find("10.0").map(|b| b.img)
 }
 
 /// Run a command in `dir`; returns (success, stderr).
