@@ -87,11 +87,10 @@ fn next(state: &mut u64) -> u64 {
 
 #[test]
 fn sigkill_at_random_moments_of_a_large_safe_rebase() {
-    let test = "SIGKILL during a safe rebase";
-    if !kvm(test) {
+    if !require_kvm() {
         return;
     }
-    let Some(q) = qemu(test) else { return };
+    let Some(q) = qemu() else { return };
     let scratch = Scratch::new("stress-kill");
     let dir = &scratch.0;
     fixture(&q, dir, 256, &["ov.qcow2"]);
@@ -141,11 +140,10 @@ fn sigkill_at_random_moments_of_a_large_safe_rebase() {
 
 #[test]
 fn eight_concurrent_safe_rebases_over_one_backing() {
-    let test = "eight concurrent safe rebases";
-    if !kvm(test) {
+    if !require_kvm() {
         return;
     }
-    let Some(q) = qemu(test) else { return };
+    let Some(q) = qemu() else { return };
     let scratch = Scratch::new("stress-eight");
     let dir = &scratch.0;
     let names: Vec<String> = (0..8).map(|i| format!("ov{i}.qcow2")).collect();
@@ -192,11 +190,10 @@ fn eight_concurrent_safe_rebases_over_one_backing() {
 
 #[test]
 fn two_rebases_racing_on_one_overlay() {
-    let test = "two rebases racing on one overlay";
-    if !kvm(test) {
+    if !require_kvm() {
         return;
     }
-    let Some(q) = qemu(test) else { return };
+    let Some(q) = qemu() else { return };
     let scratch = Scratch::new("stress-race");
     let dir = &scratch.0;
     fixture(&q, dir, 64, &["ov.qcow2"]);

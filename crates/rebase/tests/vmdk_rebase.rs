@@ -403,7 +403,7 @@ fn unsafe_refusals_leave_the_overlay_unchanged() {
 #[test]
 fn grain_in_descriptor_area_is_refused() {
     let Some(q) = qemu_img() else { return };
-    let dir = scratch("vmdk-grain-over-descriptor");
+    let dir = Scratch::new("vmdk-grain-over-descriptor");
     family(&dir, &q, "1M");
     let path = dir.join("vo.vmdk");
     let d = std::fs::read(&path).unwrap();
