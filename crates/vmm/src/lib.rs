@@ -100,6 +100,7 @@ pub mod test_hooks;
 mod virtio_blk;
 mod vm;
 pub mod watchdog;
+mod write_count;
 
 use std::any::Any;
 use std::fs::File;

@@ -32,6 +32,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 use crate::chain::{self, Seg, MAX_CHAIN};
 use crate::io_pool::{Dir, IoPool, Piece};
 use crate::memory::GuestMemory;
+pub use crate::write_count::{BlockOp, WriteCount};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -99,55 +100,6 @@ pub const WRITABLE_CAPACITY: u64 = 1 << 50;
 pub const MAX_NOTIFY_BYTES: u64 = 1 << 30;
 /// GET_ID answer length.
 const ID_LEN: usize = 20;
-
-/// Completed write requests (`VIRTIO_BLK_T_OUT` that reached the file) across the
-/// devices of one VM, and the fault-injection limit.
-#[derive(Debug, Clone, Default)]
-pub struct WriteCount {
-    /// Writes that reached the file so far.
-    pub done: u64,
-    /// Stop the VM once this many writes are done (`Some(0)`: before the first one).
-    pub stop_after: Option<u64>,
-    /// Set when the limit was hit: the device served nothing after that write, and the
-    /// VM must not resume.
-    pub stopped: bool,
-    /// Test-only record of completed writes and flushes, in order
-    /// ([`crate::Config::record_writes`]); `None` records nothing.
-    pub log: Option<Vec<BlockOp>>,
-}
-
-/// One completed request that changes what a power loss can leave on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockOp {
-    /// `len` bytes written at byte `offset` of device `device`.
-    Write {
-        device: usize,
-        offset: u64,
-        len: u64,
-    },
-    /// A flush of device `device` that succeeded.
-    Flush { device: usize },
-}
-
-impl WriteCount {
-    fn limit_reached(&self) -> bool {
-        self.stop_after.is_some_and(|k| self.done >= k)
-    }
-
-    fn record(&mut self, op: BlockOp) {
-        let Some(log) = &mut self.log else {
-            return;
-        };
-        if log.len() == log.capacity() {
-            // Grow by a fresh allocation and a copy: `realloc` of a large block may
-            // use mremap, which the vCPU thread's seccomp filter does not allow.
-            let mut bigger = Vec::with_capacity((log.capacity() * 2).max(64));
-            bigger.extend_from_slice(log);
-            *log = bigger;
-        }
-        log.push(op);
-    }
-}
 
 /// The file behind a device: borrowed from the caller, or a read-only reopen of it.
 pub enum Backing<'a> {
