@@ -24,6 +24,14 @@ pub enum IoError {
     Device,
 }
 
+/// The content below an overlay (its backing chain), which a writer reads to fill the
+/// rest of a unit (a vmdk grain, a qed cluster) it allocates for a partial write.
+pub trait Below {
+    /// Fill `buf` with the guest content at `guest_offset`; zeros past the end of the
+    /// layers below.
+    fn read_below(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError>;
+}
+
 /// A device addressed in bytes.
 pub trait BlockDev {
     /// Exact length in bytes.

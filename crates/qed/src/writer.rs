@@ -17,7 +17,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
-use instar_blockdev::{BlockDev, IoError};
+use instar_blockdev::BlockDev;
 
 use crate::header::F_NEED_CHECK;
 use crate::image::{CachedL2, ClusterState, QedError, QedImage};
@@ -27,11 +27,7 @@ const MAX_BOUNCE: u64 = 32768 * 512;
 /// Table entries per 512-byte sector.
 const SECTOR_ENTRIES: usize = 512 / 8;
 
-/// The content below the image (its backing file at open), for copy-on-write.
-pub trait Below {
-    /// Read `buf.len()` bytes at `guest_offset`; zeros past the backing file's end.
-    fn read_below(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError>;
-}
+pub use instar_blockdev::Below;
 
 pub struct Writer<D: BlockDev> {
     img: QedImage<D>,

@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::cell::RefCell;
 
 use instar_abi::{ChainImage, Format, GuestError, RebaseRequest, RebaseStats};
-use instar_blockdev::{BlockDev, IoError};
+use instar_blockdev::{Below, BlockDev, IoError};
 use instar_chain::layer::Layer;
 use instar_chain::raw::RawImage;
 use instar_chain::view::ChainView;
@@ -19,7 +19,7 @@ use instar_qcow2::OpenMode;
 use instar_qed::QedImage;
 use instar_vmdk::VmdkImage;
 
-use crate::copy::{self, ChainStatus, Content, CopyError, Geometry, Op, OverlayStatus};
+use crate::copy::{self, ChainStatus, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
 use crate::probe::{open_error, qcow2_info};
 use crate::{plain, Hooks};
 
@@ -333,6 +333,54 @@ pub(crate) fn read_zero_padded(
         view.read(guest_offset, head).map_err(|_| IoError::Device)?;
     }
     Ok(())
+}
+
+/// Copy-on-write source of the vmdk and qed writers: the old chain, zeros past its end.
+pub(crate) struct OldBelow<'r, 'a>(pub(crate) Shared<'r, 'a>);
+
+impl Below for OldBelow<'_, '_> {
+    fn read_below(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        read_zero_padded(self.0, guest_offset, buf)
+    }
+}
+
+/// A writer that fills the rest of a unit it allocates from the layers below (vmdk's
+/// sparse writer, qed's writer); errors as text for [`CopyError::Write`].
+pub(crate) trait CowWriter {
+    fn write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        below: Option<&mut dyn Below>,
+    ) -> Result<(), String>;
+    fn write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        below: Option<&mut dyn Below>,
+    ) -> Result<(), String>;
+}
+
+/// The copy loop's [`Sink`] over a [`CowWriter`]; `below` is `None` without an old
+/// chain.
+pub(crate) struct CowSink<'w, 'r, 'a, W: CowWriter> {
+    pub(crate) writer: &'w mut W,
+    pub(crate) below: Option<OldBelow<'r, 'a>>,
+}
+
+impl<W: CowWriter> Sink for CowSink<'_, '_, '_, W> {
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
+        let below = self.below.as_mut().map(|b| b as &mut dyn Below);
+        self.writer
+            .write(offset, data, below)
+            .map_err(CopyError::Write)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), CopyError> {
+        let below = self.below.as_mut().map(|b| b as &mut dyn Below);
+        self.writer
+            .write_zeroes(offset, len, below)
+            .map_err(CopyError::Write)
+    }
 }
 
 #[cfg(test)]

@@ -20,17 +20,17 @@ use alloc::string::{String, ToString};
 use core::cell::RefCell;
 
 use instar_abi::{Format, GuestError, RebaseOutcome, RebaseRequest};
-use instar_blockdev::{BlockDev, IoError};
+use instar_blockdev::BlockDev;
 use instar_chain::probe::check_format;
 use instar_qed::check::Repair;
 use instar_qed::header::F_NEED_CHECK;
 use instar_qed::{Below, ChangeError, Header, QedImage, Writer};
 
 use crate::chains::{
-    self, check_request, copy_error, open_chains, plan_over, slots, stats, take, Chains,
-    OldContent, Opened, Shared,
+    check_request, copy_error, open_chains, plan_over, slots, stats, take, Chains, CowSink,
+    CowWriter, OldBelow, OldContent, Opened,
 };
-use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
+use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus};
 use crate::probe::open_error;
 use crate::unsafe_rebase::change_error;
 use crate::{device, plain, Hooks, IO_ERROR, OVERLAY};
@@ -204,7 +204,7 @@ fn safe(
     writer.with_image(|img| apply_repair(img, &repair))?;
     {
         let mut old_content = (old_len > 0).then_some(OldContent(&old));
-        let mut sink = QedSink {
+        let mut sink = CowSink {
             writer: &mut writer,
             below: (old_len > 0).then_some(OldBelow(&old)),
         };
@@ -262,31 +262,21 @@ impl<D: BlockDev> OverlayStatus for ClusterAlloc<'_, D> {
     }
 }
 
-/// Copy-on-write source: the old chain, zeros past its end.
-struct OldBelow<'r, 'a>(Shared<'r, 'a>);
-
-impl Below for OldBelow<'_, '_> {
-    fn read_below(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        chains::read_zero_padded(self.0, guest_offset, buf)
+impl<D: BlockDev> CowWriter for Writer<D> {
+    fn write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        below: Option<&mut dyn Below>,
+    ) -> Result<(), String> {
+        Writer::write(self, offset, data, below).map_err(|e| e.to_string())
     }
-}
-
-struct QedSink<'w, 'r, 'a, D: BlockDev> {
-    writer: &'w mut Writer<D>,
-    below: Option<OldBelow<'r, 'a>>,
-}
-
-impl<D: BlockDev> Sink for QedSink<'_, '_, '_, D> {
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
-        let below = self.below.as_mut().map(|b| b as &mut dyn Below);
-        self.writer
-            .write(offset, data, below)
-            .map_err(|e| CopyError::Write(e.to_string()))
-    }
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), CopyError> {
-        let below = self.below.as_mut().map(|b| b as &mut dyn Below);
-        self.writer
-            .write_zeroes(offset, len, below)
-            .map_err(|e| CopyError::Write(e.to_string()))
+    fn write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        below: Option<&mut dyn Below>,
+    ) -> Result<(), String> {
+        Writer::write_zeroes(self, offset, len, below).map_err(|e| e.to_string())
     }
 }

@@ -26,16 +26,16 @@ use alloc::string::{String, ToString};
 use core::cell::RefCell;
 
 use instar_abi::{Format, GuestError, RebaseOutcome, RebaseRequest};
-use instar_blockdev::{BlockDev, IoError};
+use instar_blockdev::BlockDev;
 use instar_chain::probe::check_format;
 use instar_vmdk::writer::{check_clear_of_descriptor, check_rewritable, write_descriptor};
 use instar_vmdk::{Below, GrainKind, RewriteError, SparseWriter, VmdkImage, WriteError};
 
 use crate::chains::{
-    self, check_request, copy_error, open_chains, plan_over, slots, stats, take, Chains,
-    OldContent, Opened, Shared,
+    check_request, copy_error, open_chains, plan_over, slots, stats, take, Chains, CowSink,
+    CowWriter, OldBelow, OldContent, Opened,
 };
-use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
+use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus};
 use crate::probe::open_error;
 use crate::unsafe_rebase::change_error;
 use crate::{device, plain, Hooks, IO_ERROR, OVERLAY};
@@ -222,7 +222,7 @@ fn safe(
     );
     {
         let mut old_content = (old_len > 0).then_some(OldContent(&old));
-        let mut sink = GrainSink {
+        let mut sink = CowSink {
             writer: &mut writer,
             below: (old_len > 0).then_some(OldBelow(&old)),
         };
@@ -269,33 +269,22 @@ impl<D: BlockDev> OverlayStatus for GrainAlloc<'_, D> {
     }
 }
 
-/// Copy-on-write source for partly written new grains: the old chain, zeros past
-/// its end.
-struct OldBelow<'r, 'a>(Shared<'r, 'a>);
-
-impl Below for OldBelow<'_, '_> {
-    fn read_below(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        chains::read_zero_padded(self.0, guest_offset, buf)
+impl<D: BlockDev> CowWriter for SparseWriter<D> {
+    fn write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        below: Option<&mut dyn Below>,
+    ) -> Result<(), String> {
+        SparseWriter::write(self, offset, data, below).map_err(|e| e.to_string())
     }
-}
-
-struct GrainSink<'w, 'r, 'a, D: BlockDev> {
-    writer: &'w mut SparseWriter<D>,
-    below: Option<OldBelow<'r, 'a>>,
-}
-
-impl<D: BlockDev> Sink for GrainSink<'_, '_, '_, D> {
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
-        let below = self.below.as_mut().map(|b| b as &mut dyn Below);
-        self.writer
-            .write(offset, data, below)
-            .map_err(|e| CopyError::Write(e.to_string()))
-    }
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), CopyError> {
-        let below = self.below.as_mut().map(|b| b as &mut dyn Below);
-        self.writer
-            .write_zeroes(offset, len, below)
-            .map_err(|e| CopyError::Write(e.to_string()))
+    fn write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        below: Option<&mut dyn Below>,
+    ) -> Result<(), String> {
+        SparseWriter::write_zeroes(self, offset, len, below).map_err(|e| e.to_string())
     }
 }
 

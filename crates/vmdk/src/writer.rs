@@ -84,12 +84,7 @@ impl From<LayoutError> for WriteError {
     }
 }
 
-/// The content under the overlay, for the part of a new grain a write leaves out.
-pub trait Below {
-    /// Fill `buf` with the guest content at `guest_offset` (zeros where the layers
-    /// below end). The range lies inside the overlay's virtual size.
-    fn read_below(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError>;
-}
+pub use instar_blockdev::Below;
 
 /// Checks that a read-write open by QEMU, and a rewrite of the descriptor the way
 /// `vmdk_write_cid` makes it (20 sectors at byte 512), would pass.
