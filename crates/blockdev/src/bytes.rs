@@ -7,7 +7,7 @@
 //! - [`Fixed`] reads fields of a fixed-size structure (a header read whole into an
 //!   array); its offsets are constants checked against the array length when the
 //!   program is compiled.
-//! - [`be64_table`] and [`le32_table`] decode whole tables of entries.
+//! - [`be64_table`], [`le64_table`] and [`le32_table`] decode whole tables of entries.
 //! - [`c_str`] reads a name the way C code holding it as a C string sees it.
 
 use alloc::vec::Vec;
@@ -66,6 +66,15 @@ pub fn be64_table(raw: &[u8]) -> Vec<u64> {
         .0
         .iter()
         .map(|&c| u64::from_be_bytes(c))
+        .collect()
+}
+
+/// Every whole little-endian `u64` of `raw` (a trailing partial entry is ignored).
+pub fn le64_table(raw: &[u8]) -> Vec<u64> {
+    raw.as_chunks::<8>()
+        .0
+        .iter()
+        .map(|&c| u64::from_le_bytes(c))
         .collect()
 }
 

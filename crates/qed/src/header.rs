@@ -3,6 +3,8 @@
 
 use alloc::vec::Vec;
 
+use instar_blockdev::bytes::Fixed;
+
 /// `"QED\0"` read as a little-endian u32.
 pub const MAGIC: u32 = 0x0044_4551;
 /// `sizeof(QEDHeader)`: the name a backing change writes always follows it.
@@ -78,18 +80,6 @@ pub struct Header {
     pub backing_filename_size: u32,
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 fn power_of_two_in(v: u32, min: u32, max: u32) -> bool {
     (min..=max).contains(&v) && v.is_power_of_two()
 }
@@ -104,18 +94,19 @@ pub fn max_image_size(cluster_size: u32, table_size: u32) -> u64 {
 
 impl Header {
     pub fn parse(b: &[u8; HEADER_LEN]) -> Header {
+        let b = Fixed(b);
         Header {
-            magic: le32(b, 0),
-            cluster_size: le32(b, 4),
-            table_size: le32(b, 8),
-            header_size: le32(b, 12),
-            features: le64(b, 16),
-            compat_features: le64(b, 24),
-            autoclear_features: le64(b, 32),
-            l1_table_offset: le64(b, 40),
-            image_size: le64(b, 48),
-            backing_filename_offset: le32(b, 56),
-            backing_filename_size: le32(b, 60),
+            magic: b.le32::<0>(),
+            cluster_size: b.le32::<4>(),
+            table_size: b.le32::<8>(),
+            header_size: b.le32::<12>(),
+            features: b.le64::<16>(),
+            compat_features: b.le64::<24>(),
+            autoclear_features: b.le64::<32>(),
+            l1_table_offset: b.le64::<40>(),
+            image_size: b.le64::<48>(),
+            backing_filename_offset: b.le32::<56>(),
+            backing_filename_size: b.le32::<60>(),
         }
     }
 

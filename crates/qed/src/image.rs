@@ -75,14 +75,7 @@ pub(crate) fn read_table(
 ) -> Result<Vec<u64>, IoError> {
     let mut raw = vec![0u8; bytes as usize];
     dev.read_zero_padded(offset, &mut raw)?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|c| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            u64::from_le_bytes(a)
-        })
-        .collect())
+    Ok(instar_blockdev::bytes::le64_table(&raw))
 }
 
 impl<D: BlockDev> QedImage<D> {
