@@ -25,6 +25,7 @@ pub mod image;
 pub mod map;
 pub mod overlap;
 pub mod refcount;
+pub mod repair;
 pub mod writer;
 
 pub use header::{ChangeBackingError, Header, OpenError, OpenMode};

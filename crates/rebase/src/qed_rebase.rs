@@ -266,6 +266,7 @@ fn safe<'a>(
                 .max(repaired_end)
                 .max(bytes.len() as u64),
         ),
+        repair_lines: Vec::new(),
     })
 }
 

@@ -264,6 +264,7 @@ fn safe<'a>(
     Ok(RebaseOutcome {
         stats: stats(&plan.ops, grain),
         overlay_len: Some(overlay_len.max(written_end)),
+        repair_lines: alloc::vec::Vec::new(),
     })
 }
 

@@ -173,7 +173,8 @@ const MAX_CLUSTER: u64 = 2 << 20;
 
 /// The host's bound on where writes to a writable device of `len` bytes may end, for
 /// `call` (the guest's declared write end is checked against it, never the reverse):
-/// - a `-u` rebase rewrites the header only: the first cluster or the file;
+/// - a `-u` rebase rewrites the header, after the repair of a dirty overlay:
+///   `len + len / 32 + 64 MiB`;
 /// - `SelfTest::Write` writes one sector;
 /// - a safe rebase with a known `virtual_size` writes at most the virtual size of data
 ///   and its metadata: `len + size + (len + size) / 8 + 64 MiB` (qcow2 metadata is at
@@ -181,7 +182,12 @@ const MAX_CLUSTER: u64 = 2 << 20;
 /// - otherwise [`virtio_blk::WRITABLE_CAPACITY`].
 pub fn write_cap(len: u64, call: &Call, virtual_size: Option<u64>) -> u64 {
     match (&call.request, virtual_size) {
-        (Request::Rebase(r), _) if r.unsafe_mode => len.max(MAX_CLUSTER),
+        // A dirty overlay's repair may add a refcount structure at the end: at most
+        // refcount blocks of 1/64 of the file at most, plus a table of 8 MiB at most.
+        (Request::Rebase(r), _) if r.unsafe_mode => len
+            .saturating_add(len / 32)
+            .saturating_add(METADATA_SLACK)
+            .max(MAX_CLUSTER),
         (Request::SelfTest(SelfTest::Write { .. }), _) => len.max(512),
         (Request::Rebase(_), Some(size)) => {
             let both = len.saturating_add(size);
