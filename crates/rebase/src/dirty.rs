@@ -33,19 +33,32 @@ fn refused(why: &str) -> GuestError {
 pub(crate) struct Repaired<'a> {
     inner: &'a mut dyn BlockDev,
     pending: Vec<RepairWrite>,
+    /// Freed clusters that read as zeros once the repair is made.
+    discards: Vec<(u64, u64)>,
     end: u64,
 }
 
 impl Repaired<'_> {
     fn commit(&mut self) -> Result<(), IoError> {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.discards.is_empty() {
             return Ok(());
         }
         for w in &self.pending {
             self.inner.write_at(w.offset, &w.data)?;
         }
+        // QEMU punches holes; zeros read the same.
+        for &(off, len) in &self.discards {
+            let zeros = alloc::vec![0u8; len.min(1 << 20) as usize];
+            let mut pos = off;
+            while pos < off + len {
+                let n = (off + len - pos).min(zeros.len() as u64);
+                self.inner.write_at(pos, &zeros[..n as usize])?;
+                pos += n;
+            }
+        }
         self.inner.flush()?;
         self.pending.clear();
+        self.discards.clear();
         Ok(())
     }
 }
@@ -64,6 +77,13 @@ impl BlockDev for Repaired<'_> {
         }
         // The repair only grows the file: past the device's end it reads as zeros.
         self.inner.read_zero_padded(offset, buf)?;
+        for &(d, n) in &self.discards {
+            let from = offset.max(d);
+            let to = end.min(d + n);
+            if from < to {
+                buf[(from - offset) as usize..(to - offset) as usize].fill(0);
+            }
+        }
         for w in &self.pending {
             let w_end = w.offset + w.data.len() as u64;
             let from = offset.max(w.offset);
@@ -168,6 +188,7 @@ pub(crate) fn prepare<'a>(
         Repaired {
             inner: dev,
             pending: plan.writes,
+            discards: plan.discards,
             end,
         },
         lines,

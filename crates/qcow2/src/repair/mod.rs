@@ -135,6 +135,10 @@ pub struct RepairPlan {
     pub lines: Vec<Line>,
     /// Writes in QEMU's order; each range is written once, with its final content.
     pub writes: Vec<RepairWrite>,
+    /// Clusters whose refcount the repair dropped to 0, as (offset, length) runs: QEMU
+    /// discards them (`QCOW2_DISCARD_ALWAYS`), so they read as zeros afterwards. Made
+    /// after [`RepairPlan::writes`]; they never overlap them.
+    pub discards: Vec<(u64, u64)>,
     /// The header after the repair (DIRTY cleared, refcount table possibly moved).
     pub header: Header,
 }
@@ -162,6 +166,8 @@ pub(crate) struct Disk<'d, D: ?Sized> {
     pub(crate) order_written: Vec<u64>,
     /// File length as the plan leaves it.
     pub(crate) file_len: u64,
+    /// Freed clusters, as runs (see [`RepairPlan::discards`]).
+    pub(crate) discards: Vec<(u64, u64)>,
 }
 
 impl<D: BlockDev + ?Sized> Disk<'_, D> {
@@ -225,6 +231,19 @@ impl<D: BlockDev + ?Sized> Disk<'_, D> {
         self.note_written(off);
     }
 
+    /// Cluster `c` was freed: QEMU discards it.
+    fn discard(&mut self, c: u64) {
+        let cs = self.cs();
+        let off = c << self.cluster_bits;
+        if let Some(last) = self.discards.last_mut() {
+            if last.0 + last.1 == off {
+                last.1 += cs;
+                return;
+            }
+        }
+        self.discards.push((off, cs));
+    }
+
     fn note_written(&mut self, off: u64) {
         if !self.order_written.contains(&off) {
             self.order_written.push(off);
@@ -260,6 +279,7 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
         blocks: BTreeMap::new(),
         order_written: Vec::new(),
         file_len,
+        discards: Vec::new(),
     };
     let mut lines = Vec::new();
     let mut header = h.clone();
@@ -289,10 +309,12 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
     check_copied_flags(&mut disk, &header)?;
 
     header.incompatible_features &= !INCOMPAT_DIRTY;
+    let discards = core::mem::take(&mut disk.discards);
     let writes = collect_writes(disk, &header, new_table)?;
     Ok(RepairPlan {
         lines,
         writes,
+        discards,
         header,
     })
 }
@@ -370,6 +392,9 @@ fn compare<D: BlockDev + ?Sized>(
         });
         if fixed {
             disk.set(i, reference)?;
+            if reference == 0 {
+                disk.discard(i);
+            }
         } else if fix != Fix::None && on_disk != 0 {
             return unsupported("a refcount error QEMU would leave unfixed");
         }
