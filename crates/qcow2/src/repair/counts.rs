@@ -5,6 +5,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
+#[derive(Clone)]
 pub(crate) struct Counts {
     v: Vec<u64>,
     max: u64,

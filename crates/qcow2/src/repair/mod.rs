@@ -287,6 +287,8 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
     let nb = file_len.div_ceil(cs);
     let mut counts = Counts::new(nb, h.refcount_order);
     let mut rebuild_needed = walk::calculate(&mut disk, h, &mut counts, &mut lines)?;
+    let before = counts.clone();
+    let old_blocks = disk.rt.clone();
     let mismatched = compare(&mut disk, &counts, Fix::None, &mut lines, &mut rebuild_needed)?;
     let mut new_table = None;
     if rebuild_needed {
@@ -311,6 +313,9 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
     header.incompatible_features &= !INCOMPAT_DIRTY;
     let discards = core::mem::take(&mut disk.discards);
     let writes = collect_writes(disk, &header, new_table)?;
+    let old_table = h.refcount_table_offset
+        ..h.refcount_table_offset + (u64::from(h.refcount_table_clusters) << h.cluster_bits);
+    prove_writes(&writes, &discards, &before, &old_blocks, old_table, h.cluster_bits)?;
     Ok(RepairPlan {
         lines,
         writes,
@@ -417,6 +422,50 @@ fn check_copied_flags<D: BlockDev + ?Sized>(
             let rc = disk.get(data_off >> h.cluster_bits)?;
             if (rc == 1) != copied {
                 return unsupported("an L2 entry's COPIED flag disagrees with its refcount");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The audit of the plan, against the references counted before it: the header
+/// goes to cluster 0; a refcount block either stays where the image's own table puts
+/// it, or goes to a cluster nothing referenced; the new table likewise; a discarded
+/// cluster was referenced by nothing, or was part of the old refcount structure.
+fn prove_writes(
+    writes: &[RepairWrite],
+    discards: &[(u64, u64)],
+    before: &Counts,
+    old_blocks: &[u64],
+    old_table: core::ops::Range<u64>,
+    cluster_bits: u32,
+) -> Result<(), RepairError> {
+    let is_old_block = |off: u64| old_blocks.iter().any(|&e| e & REFT_OFFSET_MASK == off);
+    let cs = 1u64 << cluster_bits;
+    for w in writes {
+        let ok = match w.kind {
+            RepairWriteKind::Header => w.offset == 0 && w.data.len() as u64 == cs,
+            RepairWriteKind::RefcountBlock | RepairWriteKind::RefcountTable => {
+                let first = w.offset >> cluster_bits;
+                let n = (w.data.len() as u64).div_ceil(cs);
+                (w.kind == RepairWriteKind::RefcountBlock && is_old_block(w.offset))
+                    || (first..first + n).all(|c| before.get(c) == 0)
+            }
+        };
+        if !ok || w.offset % cs != 0 {
+            return unsupported("a repair write would land on other metadata or data");
+        }
+    }
+    for &(off, len) in discards {
+        let first = off >> cluster_bits;
+        for c in first..first + len / cs {
+            let off = c << cluster_bits;
+            let free = is_old_block(off) || old_table.contains(&off) || before.get(c) == 0;
+            let rewritten = writes
+                .iter()
+                .any(|w| off < w.offset + w.data.len() as u64 && w.offset < off + cs);
+            if rewritten || !free {
+                return unsupported("a repair discard would land on referenced data");
             }
         }
     }
