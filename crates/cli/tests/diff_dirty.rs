@@ -53,7 +53,11 @@ fn crash(fx: &Fx, cmds: &[&str]) {
     args.push(OVERLAY);
     run(&fx.qemu.io, &args, &fx.dir);
     let b = fx.read(OVERLAY);
-    assert_eq!(be64(&b, 72) & 1, 1, "the crash must leave the DIRTY bit set");
+    assert_eq!(
+        be64(&b, 72) & 1,
+        1,
+        "the crash must leave the DIRTY bit set"
+    );
 }
 
 /// Offset of the L2 entry of guest cluster `index` (first L2 table).

@@ -132,7 +132,10 @@ fn runs(lines: &[Line]) -> Vec<RepairLines> {
                     reference: f,
                 }) = out.last_mut()
                 {
-                    if *v == verdict && *r == refcount && *f == reference && *first + *count == index
+                    if *v == verdict
+                        && *r == refcount
+                        && *f == reference
+                        && *first + *count == index
                     {
                         *count += 1;
                         continue;

@@ -20,7 +20,9 @@ mod write_end;
 
 use alloc::format;
 use alloc::string::String;
-use instar_abi::{Call, ErrorKind, Format, GuestError, RebaseOutcome, RebaseRequest, Request, Response};
+use instar_abi::{
+    Call, ErrorKind, Format, GuestError, RebaseOutcome, RebaseRequest, Request, Response,
+};
 use instar_blockdev::BlockDev;
 
 /// `strerror(EIO)`, QEMU's text for a failed read or write.

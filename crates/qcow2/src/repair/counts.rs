@@ -108,12 +108,20 @@ mod tests {
     fn entries_round_trip_every_width() {
         for order in 0..=6u32 {
             let mut b = vec![0u8; 512];
-            let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
             for i in 0..20u64 {
                 set_entry(&mut b, i, order, (i * 7 + 1) & max);
             }
             for i in 0..20u64 {
-                assert_eq!(refcount_entry(&b, i, order), (i * 7 + 1) & max, "order {order}");
+                assert_eq!(
+                    refcount_entry(&b, i, order),
+                    (i * 7 + 1) & max,
+                    "order {order}"
+                );
             }
         }
     }

@@ -289,7 +289,13 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
     let mut rebuild_needed = walk::calculate(&mut disk, h, &mut counts, &mut lines)?;
     let before = counts.clone();
     let old_blocks = disk.rt.clone();
-    let mismatched = compare(&mut disk, &counts, Fix::None, &mut lines, &mut rebuild_needed)?;
+    let mismatched = compare(
+        &mut disk,
+        &counts,
+        Fix::None,
+        &mut lines,
+        &mut rebuild_needed,
+    )?;
     let mut new_table = None;
     if rebuild_needed {
         lines.push(Line::Rebuilding);
@@ -315,7 +321,14 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
     let writes = collect_writes(disk, &header, new_table)?;
     let old_table = h.refcount_table_offset
         ..h.refcount_table_offset + (u64::from(h.refcount_table_clusters) << h.cluster_bits);
-    prove_writes(&writes, &discards, &before, &old_blocks, old_table, h.cluster_bits)?;
+    prove_writes(
+        &writes,
+        &discards,
+        &before,
+        &old_blocks,
+        old_table,
+        h.cluster_bits,
+    )?;
     Ok(RepairPlan {
         lines,
         writes,

@@ -194,4 +194,3 @@ pub(crate) fn data_clusters<D: BlockDev + ?Sized>(
         .map(|e| (e & L2E_OFFSET_MASK, e & OFLAG_COPIED != 0))
         .collect())
 }
-
