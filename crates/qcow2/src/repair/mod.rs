@@ -52,7 +52,7 @@ fn unsupported<T>(why: &'static str) -> Result<T, RepairError> {
 }
 
 /// Most clusters the in-memory refcounts may cover (8 bytes each in the guest's heap).
-const MAX_CLUSTERS: u64 = 4 << 20;
+const MAX_CLUSTERS: u64 = 2 << 20;
 /// Most bytes of rewritten refcount structure the plan may hold.
 const MAX_PATCH_BYTES: u64 = 64 << 20;
 
