@@ -236,6 +236,15 @@ pub enum RepairLines {
     BlockRefcount { index: u64, refcount: u64 },
     /// `Rebuilding refcount structure`
     Rebuilding,
+    /// `Repairing OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={l1_entry:x}
+    /// refcount={refcount}`
+    CopiedL2 {
+        l1_index: u64,
+        l1_entry: u64,
+        refcount: u64,
+    },
+    /// `Repairing OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}`
+    CopiedData { l2_entry: u64, refcount: u64 },
 }
 
 /// Counters of a finished rebase.

@@ -6,8 +6,9 @@
 //! does not reproduce must be refused with every file unchanged.
 //!
 //! Fixtures: real crashes (`qemu-io … -c 'sigraise 9'` on a `lazy_refcounts=on` image)
-//! and hand-made inconsistencies (an L2 entry dropped, a refcount raised or zeroed)
-//! with the DIRTY bit set by hand.
+//! and hand-made inconsistencies (an L2 entry dropped or duplicated, a refcount raised
+//! or zeroed, a COPIED flag cleared, a refcount block named twice) with the DIRTY bit
+//! set by hand.
 
 mod qemu;
 
@@ -264,14 +265,42 @@ fn l2_refcount_zero(fx: &Fx) {
     });
 }
 
-/// Guest cluster 2 shares guest cluster 0's host cluster: QEMU also rewrites the
-/// COPIED flags, which instar refuses to do.
+/// Guest cluster 2 shares guest cluster 0's host cluster: the refcount is raised to
+/// 2 in place, the dropped cluster freed, and both L2 entries lose their COPIED flag.
 fn shared_cluster(fx: &Fx) {
     hand_made(fx, |b| {
         let o0 = l2_entry_offset(b, 0);
         let e = be64(b, o0);
         let o2 = l2_entry_offset(b, 2);
         put64(b, o2, e);
+    });
+}
+
+/// The L1 entry lost its COPIED flag: QEMU sets it again.
+fn l1_flag_cleared(fx: &Fx) {
+    hand_made(fx, |b| {
+        let l1 = be64(b, 40) as usize;
+        let e = be64(b, l1) & !(1 << 63);
+        put64(b, l1, e);
+    });
+}
+
+/// Two refcount table entries name the same block: QEMU rebuilds.
+fn block_named_twice(fx: &Fx) {
+    hand_made(fx, |b| {
+        let rt = be64(b, 48) as usize;
+        let e = be64(b, rt);
+        put64(b, rt + 8, e);
+    });
+}
+
+/// Internal snapshots: QEMU's repair also walks the snapshots' tables; refused.
+fn with_snapshot(fx: &Fx) {
+    fx.io("qcow2", OVERLAY, &["write -P 0x33 0 64k"]);
+    fx.img(&["snapshot", "-c", "s1", OVERLAY]);
+    fx.edit(OVERLAY, |b| {
+        let v = be64(b, 72) | 1;
+        put64(b, 72, v);
     });
 }
 
@@ -326,7 +355,29 @@ fn refcount_error_rebuild_safe() {
 }
 
 #[test]
-fn copied_flag_repair_is_refused() {
-    run_refused("dirty-copied-u", false, &shared_cluster);
-    run_refused("dirty-copied-safe", true, &shared_cluster);
+fn copied_flags_unsafe() {
+    run_case("dirty-copied-u", false, &shared_cluster);
+}
+
+#[test]
+fn copied_flags_safe() {
+    run_case("dirty-copied-safe", true, &shared_cluster);
+}
+
+#[test]
+fn l1_copied_flag() {
+    run_case("dirty-l1-u", false, &l1_flag_cleared);
+    run_case("dirty-l1-safe", true, &l1_flag_cleared);
+}
+
+#[test]
+fn refcount_block_named_twice() {
+    run_case("dirty-block-twice-u", false, &block_named_twice);
+    run_case("dirty-block-twice-safe", true, &block_named_twice);
+}
+
+#[test]
+fn snapshots_are_refused() {
+    run_refused("dirty-snapshot-u", false, &with_snapshot);
+    run_refused("dirty-snapshot-safe", true, &with_snapshot);
 }

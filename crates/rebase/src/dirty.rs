@@ -153,6 +153,18 @@ fn runs(lines: &[Line]) -> Vec<RepairLines> {
                 RepairLines::BlockRefcount { index, refcount }
             }
             Line::Rebuilding => RepairLines::Rebuilding,
+            Line::CopiedL2 {
+                l1_index,
+                l1_entry,
+                refcount,
+            } => RepairLines::CopiedL2 {
+                l1_index,
+                l1_entry,
+                refcount,
+            },
+            Line::CopiedData { l2_entry, refcount } => {
+                RepairLines::CopiedData { l2_entry, refcount }
+            }
         };
         out.push(next);
     }

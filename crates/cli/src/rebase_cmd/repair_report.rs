@@ -38,6 +38,17 @@ pub fn lines(runs: &[RepairLines], overlay_len: u64) -> Vec<String> {
                 out.push(format!("ERROR refcount block {index} refcount={refcount}"));
             }
             RepairLines::Rebuilding => out.push(String::from("Rebuilding refcount structure")),
+            RepairLines::CopiedL2 {
+                l1_index,
+                l1_entry,
+                refcount,
+            } => out.push(format!(
+                "Repairing OFLAG_COPIED L2 cluster: l1_index={l1_index} \
+                 l1_entry={l1_entry:x} refcount={refcount}"
+            )),
+            RepairLines::CopiedData { l2_entry, refcount } => out.push(format!(
+                "Repairing OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}"
+            )),
         }
     }
     out
@@ -71,6 +82,10 @@ mod tests {
                 reference: 1,
             },
             RepairLines::Rebuilding,
+            RepairLines::CopiedData {
+                l2_entry: 0x8000_0000_0005_0000,
+                refcount: 2,
+            },
             RepairLines::BlockRefcount {
                 index: 0,
                 refcount: 2,
@@ -87,8 +102,12 @@ mod tests {
         assert_eq!(l[0], "ERROR cluster 5 refcount=0 reference=1");
         assert_eq!(l[1], "ERROR cluster 6 refcount=0 reference=1");
         assert_eq!(l[2], "Rebuilding refcount structure");
-        assert_eq!(l[3], "ERROR refcount block 0 refcount=2");
-        assert_eq!(l[4], "Repairing cluster 3 refcount=1 reference=0");
-        assert_eq!(l.len(), 4 + 4096);
+        assert_eq!(
+            l[3],
+            "Repairing OFLAG_COPIED data cluster: l2_entry=8000000000050000 refcount=2"
+        );
+        assert_eq!(l[4], "ERROR refcount block 0 refcount=2");
+        assert_eq!(l[5], "Repairing cluster 3 refcount=1 reference=0");
+        assert_eq!(l.len(), 5 + 4096);
     }
 }

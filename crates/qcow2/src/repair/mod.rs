@@ -22,6 +22,7 @@
 //! overflow, refcount blocks outside the file, COPIED flags that disagree with the
 //! repaired refcounts).
 
+mod copied;
 mod counts;
 mod rebuild;
 mod walk;
@@ -88,6 +89,15 @@ pub enum Line {
     BlockRefcount { index: u64, refcount: u64 },
     /// `Rebuilding refcount structure`
     Rebuilding,
+    /// `Repairing OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={l1_entry:x}
+    /// refcount={refcount}`
+    CopiedL2 {
+        l1_index: u64,
+        l1_entry: u64,
+        refcount: u64,
+    },
+    /// `Repairing OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}`
+    CopiedData { l2_entry: u64, refcount: u64 },
 }
 
 impl core::fmt::Display for Line {
@@ -107,6 +117,19 @@ impl core::fmt::Display for Line {
                 write!(f, "ERROR refcount block {index} refcount={refcount}")
             }
             Line::Rebuilding => f.write_str("Rebuilding refcount structure"),
+            Line::CopiedL2 {
+                l1_index,
+                l1_entry,
+                refcount,
+            } => write!(
+                f,
+                "Repairing OFLAG_COPIED L2 cluster: l1_index={l1_index} \
+                 l1_entry={l1_entry:x} refcount={refcount}"
+            ),
+            Line::CopiedData { l2_entry, refcount } => write!(
+                f,
+                "Repairing OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}"
+            ),
         }
     }
 }
@@ -116,6 +139,10 @@ impl core::fmt::Display for Line {
 pub enum RepairWriteKind {
     RefcountBlock,
     RefcountTable,
+    /// The active L1 table (COPIED flags fixed).
+    L1Table,
+    /// An active L2 table (COPIED flags fixed).
+    L2Table,
     /// The whole header cluster, rebuilt with the DIRTY bit cleared.
     Header,
 }
@@ -289,6 +316,13 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
     let mut rebuild_needed = walk::calculate(&mut disk, h, &mut counts, &mut lines)?;
     let before = counts.clone();
     let old_blocks = disk.rt.clone();
+    let active = ActiveTables {
+        l1: h.l1_table_offset..h.l1_table_offset + u64::from(h.l1_size) * 8,
+        l2: walk::l2_tables(&mut disk, h)?
+            .into_iter()
+            .map(|(o, _)| o)
+            .collect(),
+    };
     let mismatched = compare(
         &mut disk,
         &counts,
@@ -314,11 +348,11 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
         let mut again = false;
         compare(&mut disk, &counts, Fix::All, &mut lines, &mut again)?;
     }
-    check_copied_flags(&mut disk, &header)?;
+    let table_writes = copied::fix(&mut disk, &header, &mut lines)?;
 
     header.incompatible_features &= !INCOMPAT_DIRTY;
     let discards = core::mem::take(&mut disk.discards);
-    let writes = collect_writes(disk, &header, new_table)?;
+    let writes = collect_writes(disk, &header, new_table, table_writes)?;
     let old_table = h.refcount_table_offset
         ..h.refcount_table_offset + (u64::from(h.refcount_table_clusters) << h.cluster_bits);
     prove_writes(
@@ -327,6 +361,7 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
         &before,
         &old_blocks,
         old_table,
+        &active,
         h.cluster_bits,
     )?;
     Ok(RepairPlan {
@@ -420,25 +455,10 @@ fn compare<D: BlockDev + ?Sized>(
     Ok(any)
 }
 
-/// `check_oflag_copied`: QEMU would rewrite L1/L2 entries whose COPIED flag disagrees
-/// with the repaired refcount; such images are refused.
-fn check_copied_flags<D: BlockDev + ?Sized>(
-    disk: &mut Disk<'_, D>,
-    h: &Header,
-) -> Result<(), RepairError> {
-    for (l2_off, l1_copied) in walk::l2_tables(disk, h)? {
-        let rc = disk.get(l2_off >> h.cluster_bits)?;
-        if (rc == 1) != l1_copied {
-            return unsupported("an L1 entry's COPIED flag disagrees with its refcount");
-        }
-        for (data_off, copied) in walk::data_clusters(disk, h, l2_off)? {
-            let rc = disk.get(data_off >> h.cluster_bits)?;
-            if (rc == 1) != copied {
-                return unsupported("an L2 entry's COPIED flag disagrees with its refcount");
-            }
-        }
-    }
-    Ok(())
+/// Where the active L1 table and L2 tables are.
+struct ActiveTables {
+    l1: core::ops::Range<u64>,
+    l2: Vec<u64>,
 }
 
 /// The audit of the plan, against the references counted before it: the header
@@ -451,6 +471,7 @@ fn prove_writes(
     before: &Counts,
     old_blocks: &[u64],
     old_table: core::ops::Range<u64>,
+    tables: &ActiveTables,
     cluster_bits: u32,
 ) -> Result<(), RepairError> {
     let is_old_block = |off: u64| old_blocks.iter().any(|&e| e & REFT_OFFSET_MASK == off);
@@ -463,6 +484,14 @@ fn prove_writes(
                 let n = (w.data.len() as u64).div_ceil(cs);
                 (w.kind == RepairWriteKind::RefcountBlock && is_old_block(w.offset))
                     || (first..first + n).all(|c| before.get(c) == 0)
+            }
+            RepairWriteKind::L1Table => {
+                w.offset == tables.l1.start && w.data.len() as u64 == tables.l1.end - w.offset
+            }
+            RepairWriteKind::L2Table => {
+                tables.l2.contains(&w.offset)
+                    && w.data.len() as u64 == cs
+                    && before.get(w.offset >> cluster_bits) == 1
             }
         };
         if !ok || w.offset % cs != 0 {
@@ -491,6 +520,7 @@ fn collect_writes<D: BlockDev + ?Sized>(
     mut disk: Disk<'_, D>,
     header: &Header,
     new_table: Option<u64>,
+    table_writes: Vec<RepairWrite>,
 ) -> Result<Vec<RepairWrite>, RepairError> {
     let mut writes = Vec::new();
     let mut total = 0u64;
@@ -516,6 +546,10 @@ fn collect_writes<D: BlockDev + ?Sized>(
             data,
             kind: RepairWriteKind::RefcountTable,
         });
+    }
+    for w in table_writes {
+        total += w.data.len() as u64;
+        writes.push(w);
     }
     if total > MAX_PATCH_BYTES {
         return unsupported("the repair rewrites too much for the sandbox's memory");

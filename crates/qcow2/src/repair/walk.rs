@@ -1,5 +1,4 @@
-//! Counting every reference to every host cluster (`calculate_refcounts`), and the
-//! table walks the COPIED-flag check needs.
+//! Counting every reference to every host cluster (`calculate_refcounts`).
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -180,17 +179,4 @@ fn count_l2<D: BlockDev + ?Sized>(
         inc(disk, counts, off, h.cluster_size())?;
     }
     Ok(())
-}
-
-/// The host clusters of one L2 table's standard entries: (offset, COPIED flag).
-pub(crate) fn data_clusters<D: BlockDev + ?Sized>(
-    disk: &mut Disk<'_, D>,
-    h: &Header,
-    l2_off: u64,
-) -> Result<Vec<(u64, bool)>, RepairError> {
-    Ok(read_l2(disk, h, l2_off)?
-        .into_iter()
-        .filter(|e| e & OFLAG_COMPRESSED == 0 && e & L2E_OFFSET_MASK != 0)
-        .map(|e| (e & L2E_OFFSET_MASK, e & OFLAG_COPIED != 0))
-        .collect())
 }
