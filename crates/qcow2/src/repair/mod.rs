@@ -13,14 +13,13 @@
 //! has a refcount ("Repairing" lines, refcount blocks patched); otherwise the rebuild
 //! of the whole refcount structure (new blocks and table placed first fit by the
 //! in-memory refcounts, exactly as QEMU allocates them), the recount and the freeing
-//! of the old structure.
+//! (discard) of the old structure; then the COPIED flags of L1 and L2 entries.
 //!
 //! Refused (the repair would also rewrite other structures, or QEMU would fail):
 //! internal snapshots, persistent bitmaps, encryption, external data files, extended
-//! L2 entries, and any corruption other than a refcount mismatch (reserved bits,
-//! unaligned tables or clusters, references past the end of the file, refcount
-//! overflow, refcount blocks outside the file, COPIED flags that disagree with the
-//! repaired refcounts).
+//! L2 entries, and any corruption other than a refcount mismatch or a COPIED flag
+//! (reserved bits, unaligned tables or clusters, references past the end of the file,
+//! refcount overflow, refcount blocks outside the file, a shared L2 table to rewrite).
 
 mod copied;
 mod counts;
