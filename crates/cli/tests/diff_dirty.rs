@@ -30,8 +30,9 @@ fn check_clean(q: &Qemu, dir: &Path) -> Option<String> {
     }
 }
 
-/// The backing files and a lazy-refcounts overlay over `base.raw`.
-fn base_fixture(fx: &Fx) {
+/// The backing files and a lazy-refcounts overlay over `base.raw`, with `opts` added
+/// to its creation options.
+fn base_fixture(fx: &Fx, opts: &str) {
     fx.create("raw", "base.raw", "8M", &[]);
     fx.io("raw", "base.raw", &["write -P 0x11 0 8M"]);
     fx.create("raw", "new.raw", "8M", &[]);
@@ -40,7 +41,14 @@ fn base_fixture(fx: &Fx) {
         "qcow2",
         OVERLAY,
         "8M",
-        &["-o", "lazy_refcounts=on", "-b", "base.raw", "-F", "raw"],
+        &[
+            "-o",
+            &format!("lazy_refcounts=on{opts}"),
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+        ],
     );
 }
 
@@ -112,12 +120,16 @@ fn references(refs: &Refs) -> Vec<&Qemu> {
 }
 
 fn run_case(name: &str, safe: bool, build: &Build) {
+    run_case_with(name, safe, "", build);
+}
+
+fn run_case_with(name: &str, safe: bool, opts: &str, build: &Build) {
     let Some((refs, subject)) = setup() else {
         return;
     };
     let scratch = Scratch::new(name);
     let fx = Fx::new(scratch.fixture(), &refs.v10_2);
-    base_fixture(&fx);
+    base_fixture(&fx, opts);
     build(&fx);
     let argv = rebase_argv(safe);
     let orig = scratch.copy("orig");
@@ -198,7 +210,7 @@ fn run_refused(name: &str, safe: bool, build: &Build) {
     };
     let scratch = Scratch::new(name);
     let fx = Fx::new(scratch.fixture(), &refs.v10_2);
-    base_fixture(&fx);
+    base_fixture(&fx, "");
     build(&fx);
     let argv = rebase_argv(safe);
     let ref_dir = scratch.copy("qemu");
@@ -380,4 +392,68 @@ fn refcount_block_named_twice() {
 fn snapshots_are_refused() {
     run_refused("dirty-snapshot-u", false, &with_snapshot);
     run_refused("dirty-snapshot-safe", true, &with_snapshot);
+}
+
+/// Writes over many clusters and several refcount blocks (4 KiB clusters: one block
+/// covers 8 MiB with 16-bit refcounts, 32 MiB with 1-bit ones).
+fn crash_many(fx: &Fx) {
+    crash(
+        fx,
+        &[
+            "write -P 0x33 0 1M",
+            "write -P 0x55 3M 12k",
+            "write -P 0x66 6M 1M",
+            "write -c -P 0x77 7M 64k",
+        ],
+    );
+}
+
+#[test]
+fn small_clusters() {
+    for safe in [false, true] {
+        run_case_with("dirty-4k", safe, ",cluster_size=4096", &crash_many);
+    }
+}
+
+#[test]
+fn refcount_widths() {
+    for (label, bits) in [("1", ",refcount_bits=1"), ("64", ",refcount_bits=64")] {
+        for safe in [false, true] {
+            let name = format!("dirty-rc{label}-{safe}");
+            run_case_with(
+                &name,
+                safe,
+                &format!(",cluster_size=4096{bits}"),
+                &crash_many,
+            );
+        }
+    }
+}
+
+#[test]
+fn large_clusters() {
+    for safe in [false, true] {
+        run_case_with("dirty-2m", safe, ",cluster_size=2M", &crash_many);
+    }
+}
+
+/// After the crash, the refcount table's first entry is lost too: every cluster it
+/// covered reads refcount 0, so QEMU rebuilds.
+fn crash_and_lost_block(fx: &Fx) {
+    crash_many(fx);
+    fx.edit(OVERLAY, |b| {
+        let rt = be64(b, 48) as usize;
+        put64(b, rt, 0);
+    });
+}
+
+/// 512-byte clusters with 64-bit refcounts: a refcount block covers 32 KiB and a table
+/// cluster 2 MiB, so the rebuilt table spans several clusters and moves as it grows.
+#[test]
+fn rebuilt_table_grows() {
+    for safe in [false, true] {
+        let name = format!("dirty-512-{safe}");
+        let opts = ",cluster_size=512,refcount_bits=64";
+        run_case_with(&name, safe, opts, &crash_and_lost_block);
+    }
 }
