@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 
 use instar_abi::{ErrorKind, GuestError, RepairLines, RepairVerdict};
 use instar_blockdev::{BlockDev, IoError};
-use instar_qcow2::repair::{self, Line, RepairError, RepairWrite, Verdict};
+use instar_qcow2::repair::{self, Line, RepairError, RepairWrite, RepairWriteKind, Verdict};
 
 /// Most runs of repair lines the answer carries: each encodes in at most ~45 bytes,
 /// and the response area holds 16 KiB.
@@ -43,9 +43,25 @@ impl Repaired<'_> {
         if self.pending.is_empty() && self.discards.is_empty() {
             return Ok(());
         }
-        for w in &self.pending {
+        // The new refcount structure and fixed tables, then (flushed) the header that
+        // makes them current and clears the DIRTY bit, then (flushed) the discards:
+        // a power loss at any point leaves the old dirty image or the repaired one.
+        for w in self
+            .pending
+            .iter()
+            .filter(|w| w.kind != RepairWriteKind::Header)
+        {
             self.inner.write_at(w.offset, &w.data)?;
         }
+        self.inner.flush()?;
+        for w in self
+            .pending
+            .iter()
+            .filter(|w| w.kind == RepairWriteKind::Header)
+        {
+            self.inner.write_at(w.offset, &w.data)?;
+        }
+        self.inner.flush()?;
         // QEMU punches holes; zeros read the same.
         for &(off, len) in &self.discards {
             let zeros = alloc::vec![0u8; len.min(1 << 20) as usize];
