@@ -5,6 +5,7 @@
 //! ([`Repaired`]); the repair's writes reach the overlay only with the rebase's first
 //! write, after every check of the rebase (and its overlap proof) has passed.
 
+use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -32,9 +33,13 @@ fn refused(why: &str) -> GuestError {
 /// on the device (then flushed) just before the first write through this view.
 pub(crate) struct Repaired<'a> {
     inner: &'a mut dyn BlockDev,
-    pending: Vec<RepairWrite>,
-    /// Freed clusters that read as zeros once the repair is made.
-    discards: Vec<(u64, u64)>,
+    /// The repair's writes by offset (they never overlap), and the longest.
+    pending: BTreeMap<u64, RepairWrite>,
+    longest_write: u64,
+    /// Freed clusters that read as zeros once the repair is made: offset → length,
+    /// and the longest run.
+    discards: BTreeMap<u64, u64>,
+    longest_discard: u64,
     end: u64,
 }
 
@@ -48,7 +53,7 @@ impl Repaired<'_> {
         // a power loss at any point leaves the old dirty image or the repaired one.
         for w in self
             .pending
-            .iter()
+            .values()
             .filter(|w| w.kind != RepairWriteKind::Header)
         {
             self.inner.write_at(w.offset, &w.data)?;
@@ -56,14 +61,14 @@ impl Repaired<'_> {
         self.inner.flush()?;
         for w in self
             .pending
-            .iter()
+            .values()
             .filter(|w| w.kind == RepairWriteKind::Header)
         {
             self.inner.write_at(w.offset, &w.data)?;
         }
         self.inner.flush()?;
         // QEMU punches holes; zeros read the same.
-        for &(off, len) in &self.discards {
+        for (&off, &len) in &self.discards {
             let zeros = alloc::vec![0u8; len.min(1 << 20) as usize];
             let mut pos = off;
             while pos < off + len {
@@ -93,14 +98,16 @@ impl BlockDev for Repaired<'_> {
         }
         // The repair only grows the file: past the device's end it reads as zeros.
         self.inner.read_zero_padded(offset, buf)?;
-        for &(d, n) in &self.discards {
+        let from_d = offset.saturating_sub(self.longest_discard);
+        for (&d, &n) in self.discards.range(from_d..end) {
             let from = offset.max(d);
             let to = end.min(d + n);
             if from < to {
                 buf[(from - offset) as usize..(to - offset) as usize].fill(0);
             }
         }
-        for w in &self.pending {
+        let from_w = offset.saturating_sub(self.longest_write);
+        for w in self.pending.range(from_w..end).map(|(_, w)| w) {
             let w_end = w.offset + w.data.len() as u64;
             let from = offset.max(w.offset);
             let to = end.min(w_end);
@@ -215,11 +222,15 @@ pub(crate) fn prepare<'a>(
         return Err(refused("too many repair messages for the sandbox's answer"));
     }
     let end = plan.end(dev.size());
+    let longest_write = plan.writes.iter().map(|w| w.data.len() as u64).max();
+    let longest_discard = plan.discards.iter().map(|d| d.1).max();
     Ok(Some((
         Repaired {
             inner: dev,
-            pending: plan.writes,
-            discards: plan.discards,
+            pending: plan.writes.into_iter().map(|w| (w.offset, w)).collect(),
+            longest_write: longest_write.unwrap_or(0),
+            discards: plan.discards.into_iter().collect(),
+            longest_discard: longest_discard.unwrap_or(0),
             end,
         },
         lines,

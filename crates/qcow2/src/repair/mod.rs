@@ -186,7 +186,7 @@ pub(crate) struct Disk<'d, D: ?Sized> {
     pub(crate) cluster_bits: u32,
     pub(crate) order: u32,
     pub(crate) rt: Vec<u64>,
-    /// Refcount blocks written or changed by the plan: offset → content.
+    /// Refcount blocks read, written or changed by the plan: offset → content.
     pub(crate) blocks: BTreeMap<u64, Vec<u8>>,
     /// Offsets of `blocks`, in first-write order.
     pub(crate) order_written: Vec<u64>,
@@ -230,12 +230,9 @@ impl<D: BlockDev + ?Sized> Disk<'_, D> {
         };
         let idx = cluster & ((1 << self.rb_bits()) - 1);
         let order = self.order;
-        if let Some(b) = self.blocks.get(&off) {
-            return Ok(refcount_entry(b, idx, order));
-        }
-        let mut buf = vec![0u8; self.cs() as usize];
-        self.dev.read_zero_padded(off, &mut buf)?;
-        Ok(refcount_entry(&buf, idx, order))
+        // Blocks read stay in memory: at most the image's refcount structure, which
+        // the cluster limit bounds (8 bytes of refcount per cluster at the widest).
+        Ok(refcount_entry(self.block(off)?, idx, order))
     }
 
     /// Set an existing block's entry (QEMU's `update_refcount` through its cache).
@@ -496,6 +493,15 @@ fn prove_writes(
         if !ok || w.offset % cs != 0 {
             return unsupported("a repair write would land on other metadata or data");
         }
+    }
+    // No two writes share a byte (the view of the repaired image relies on it).
+    let mut spans: Vec<(u64, u64)> = writes
+        .iter()
+        .map(|w| (w.offset, w.offset + w.data.len() as u64))
+        .collect();
+    spans.sort_unstable();
+    if spans.windows(2).any(|p| p[0].1 > p[1].0) {
+        return unsupported("two repair writes would overlap");
     }
     for &(off, len) in discards {
         let first = off >> cluster_bits;
