@@ -303,3 +303,36 @@ fn validate(response: Response) -> Result<Response, Error> {
         other => Ok(other),
     }
 }
+
+#[cfg(test)]
+mod write_cap_tests {
+    use super::*;
+    use instar_abi::{Format, RebaseRequest};
+
+    fn rebase(unsafe_mode: bool) -> Call {
+        Call {
+            device_sizes: vec![0],
+            request: Request::Rebase(RebaseRequest {
+                overlay_format: Format::Qcow2,
+                unsafe_mode,
+                new_backing: None,
+                old_chain: Vec::new(),
+                new_chain: Vec::new(),
+                in_chain: None,
+                data_file_checked: true,
+                progress: false,
+            }),
+        }
+    }
+
+    #[test]
+    fn unsafe_bound_leaves_room_for_a_dirty_overlays_repair() {
+        let call = rebase(true);
+        assert_eq!(write_cap(4096, &call, None), METADATA_SLACK + 4096 + 128);
+        let len = 32 << 30;
+        assert_eq!(write_cap(len, &call, None), len + len / 32 + METADATA_SLACK);
+        assert_eq!(write_cap(u64::MAX, &call, None), u64::MAX);
+        let safe = write_cap(1 << 20, &rebase(false), Some(1 << 20));
+        assert_eq!(safe, (2 << 20) + (2 << 20) / 8 + METADATA_SLACK);
+    }
+}
