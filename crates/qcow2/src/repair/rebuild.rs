@@ -119,3 +119,33 @@ pub(crate) fn rebuild<D: BlockDev + ?Sized>(
     disk.rt = table;
     Ok((placed.0, placed.1 as u32))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(used: &[u64], len: u64) -> Counts {
+        let mut c = Counts::new(len, 4);
+        for &u in used {
+            c.set(u, 1);
+        }
+        c
+    }
+
+    #[test]
+    fn first_fit_marks_moves_the_cursor_and_grows() {
+        // Used: 0, 1, 3. One cluster from 0 takes 2; the cursor stops at the gap.
+        let mut c = counts(&[0, 1, 3], 5);
+        let mut ff = 0;
+        assert_eq!(alloc(&mut c, 1, &mut ff), 2);
+        assert_eq!((ff, c.get(2)), (2, 1));
+        // Two clusters: 4 is free but 5 is past the end, so the counts grow.
+        let mut ff = 0;
+        assert_eq!(alloc(&mut c, 2, &mut ff), 4);
+        assert_eq!((ff, c.len(), c.get(4), c.get(5)), (4, 6, 1, 1));
+        // Nothing free at all: appended at the end.
+        let mut ff = 0;
+        assert_eq!(alloc(&mut c, 3, &mut ff), 6);
+        assert_eq!(c.len(), 9);
+    }
+}
