@@ -11,6 +11,8 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 
+pub mod bytes;
+
 /// Why an I/O on a [`BlockDev`] failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum IoError {

@@ -8,7 +8,9 @@
 
 use alloc::vec;
 use instar_abi::Format;
+use instar_blockdev::bytes::{c_str, Fixed};
 use instar_blockdev::BlockDev;
+use instar_vmdk::descriptor::{quoted_value, MAX_DESC_FILE};
 
 /// QEMU's `BLOCK_PROBE_BUF_SIZE`.
 pub const PROBE_BUF_SIZE: usize = 512;
@@ -64,18 +66,6 @@ fn read(dev: &mut dyn BlockDev, offset: u64, buf: &mut [u8]) -> Result<(), Probe
         .map_err(|_| ProbeError::ReadFailed)
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
 /// `"QFI\xfb"`, shared by qcow (version 1) and qcow2 (version 2 and up).
 const QCOW_MAGIC: u32 = 0x5146_49fb;
 
@@ -91,22 +81,22 @@ pub fn score(format: Format, buf: &[u8; PROBE_BUF_SIZE]) -> u32 {
     match format {
         Format::Raw => 1,
         Format::Qcow2 => {
-            if be32(buf, 0) == QCOW_MAGIC && be32(buf, 4) >= 2 {
+            if Fixed(buf).be32::<0>() == QCOW_MAGIC && Fixed(buf).be32::<4>() >= 2 {
                 100
             } else {
                 0
             }
         }
         Format::Qcow => {
-            if be32(buf, 0) == QCOW_MAGIC && be32(buf, 4) == 1 {
+            if Fixed(buf).be32::<0>() == QCOW_MAGIC && Fixed(buf).be32::<4>() == 1 {
                 100
             } else {
                 0
             }
         }
         Format::Vmdk => vmdk_score(buf),
-        Format::Qed => u32::from(le32(buf, 0) == 0x0044_4551) * 100,
-        Format::Vdi => u32::from(le32(buf, 0x40) == 0xbeda_107f) * 100,
+        Format::Qed => u32::from(Fixed(buf).le32::<0>() == 0x0044_4551) * 100,
+        Format::Vdi => u32::from(Fixed(buf).le32::<0x40>() == 0xbeda_107f) * 100,
         Format::Vpc => u32::from(&buf[..8] == b"conectix") * 100,
         Format::Vhdx => u32::from(&buf[..8] == b"vhdxfile") * 100,
         Format::Luks => u32::from(&buf[..6] == b"LUKS\xba\xbe" && buf[6..8] == [0, 1]) * 100,
@@ -114,12 +104,12 @@ pub fn score(format: Format, buf: &[u8; PROBE_BUF_SIZE]) -> u32 {
             let magic = &buf[..16];
             u32::from(
                 (magic == b"WithoutFreeSpace" || magic == b"WithouFreSpacExt")
-                    && le32(buf, 16) == 2,
+                    && Fixed(buf).le32::<16>() == 2,
             ) * 100
         }
         Format::Dmg => 0,
         Format::Bochs => {
-            let version = le32(buf, 64);
+            let version = Fixed(buf).le32::<64>();
             u32::from(
                 c_field_is(buf, 0, "Bochs Virtual HD Image")
                     && c_field_is(buf, 32, "Redolog")
@@ -138,7 +128,7 @@ pub fn score(format: Format, buf: &[u8; PROBE_BUF_SIZE]) -> u32 {
 /// `vmdk_probe`: the sparse magics, or a text descriptor whose first non-comment,
 /// non-blank line is `version=1|2|3`.
 fn vmdk_score(buf: &[u8; PROBE_BUF_SIZE]) -> u32 {
-    let magic = be32(buf, 0);
+    let magic = Fixed(buf).be32::<0>();
     if magic == 0x434f_5744 || magic == 0x4b44_4d56 {
         return 100; // "COWD", "KDMV"
     }
@@ -236,7 +226,7 @@ pub fn check_format(
     match format {
         Format::Raw => Ok(()),
         Format::Qcow2 => {
-            if be32(&buf, 0) == QCOW_MAGIC {
+            if Fixed(&buf).be32::<0>() == QCOW_MAGIC {
                 Ok(())
             } else {
                 Err(ProbeError::NotQcow2)
@@ -246,7 +236,7 @@ pub fn check_format(
         Format::Qed => ok_if(score(format, &buf) > 0, ProbeError::NotQed),
         Format::Vdi => ok_if(
             score(format, &buf) > 0,
-            ProbeError::NotVdi(le32(&buf, 0x40)),
+            ProbeError::NotVdi(Fixed(&buf).le32::<0x40>()),
         ),
         Format::Vpc => {
             if score(format, &buf) > 0 {
@@ -259,7 +249,7 @@ pub fn check_format(
             let mut footer = [0u8; 512];
             read(dev, size.next_multiple_of(512) - 512, &mut footer)?;
             ok_if(
-                &footer[..8] == b"conectix" && be32(&footer, 60) == 2,
+                &footer[..8] == b"conectix" && Fixed(&footer).be32::<60>() == 2,
                 ProbeError::NotVpc,
             )
         }
@@ -285,7 +275,7 @@ pub fn check_format(
         }
         Format::Bochs => ok_if(score(format, &buf) > 0, ProbeError::NotBochs),
         Format::Cloop => {
-            let block_size = be32(&buf, 128);
+            let block_size = Fixed(&buf).be32::<128>();
             if !block_size.is_multiple_of(512) {
                 Err(ProbeError::CloopBlockSizeAlign(block_size))
             } else if block_size == 0 {
@@ -313,24 +303,14 @@ fn check_vmdk(dev: &mut dyn BlockDev, head: &[u8; PROBE_BUF_SIZE]) -> Result<(),
     if size == 0 {
         return Err(ProbeError::VmdkTooSmall);
     }
-    let magic = be32(head, 0);
+    let magic = Fixed(head).be32::<0>();
     if magic == 0x434f_5744 || magic == 0x4b44_4d56 {
         return Ok(());
     }
     // QEMU reads the descriptor up to 1 MiB - 1 (the file length rounded up to 512).
-    let len = size.next_multiple_of(512).min((1 << 20) - 1) as usize;
+    let len = size.next_multiple_of(512).min(MAX_DESC_FILE) as usize;
     let mut desc = vec![0u8; len];
     read(dev, 0, &mut desc)?;
-    let text = match desc.iter().position(|&c| c == 0) {
-        Some(n) => &desc[..n],
-        None => &desc[..],
-    };
-    // vmdk_parse_description("createType"): the name, two bytes (`="`), a value, a quote.
-    let found = text
-        .windows(10)
-        .position(|w| w == b"createType")
-        .map(|at| at + 12)
-        .filter(|&v| v < text.len())
-        .is_some_and(|v| text[v..].contains(&b'"'));
+    let found = quoted_value(c_str(&desc), b"createType").is_some();
     ok_if(found, ProbeError::VmdkDescriptor)
 }

@@ -494,3 +494,69 @@ fn vmdk_two_directory_entries_name_one_grain_table() {
         );
     }
 }
+
+/// `-u` rewrites all of cluster 0. A table the header places there (QEMU's open accepts
+/// the aligned offset 0) is refused when the rewrite would change its bytes, and left
+/// alone, as qemu-img leaves it, when the rewrite keeps them.
+#[test]
+fn unsafe_header_rewrite_over_a_table_in_cluster_0() {
+    let test = "metadata overlap: a table in cluster 0 under -u";
+    if !kvm(test) {
+        return;
+    }
+    let Some(q) = qemu(test) else {
+        return;
+    };
+    // (name, header field moved to offset 0, instar refuses)
+    for (name, field, refused) in [
+        // l1_size 1: the only entry is the magic and version, which the rewrite keeps.
+        ("l1", 40u64, false),
+        // The refcount table spans the whole cluster, backing name included.
+        ("reftable", 48, true),
+    ] {
+        let scratch = Scratch::new(&format!("overlap-cluster0-{name}"));
+        let dir = &scratch.0;
+        create(&q, dir, "raw", "base.raw", "1M", &[]);
+        create(
+            &q,
+            dir,
+            "qcow2",
+            "ov.qcow2",
+            "1M",
+            &["-b", "base.raw", "-F", "raw"],
+        );
+        let path = dir.join("ov.qcow2");
+        let mut img = Img(std::fs::read(&path).expect("read ov"));
+        img.put(field, 0);
+        std::fs::write(&path, &img.0).expect("write ov");
+        std::fs::copy(&path, dir.join("q.qcow2")).expect("copy");
+        let before = std::fs::read(&path).expect("read ov");
+
+        let args = ["rebase", "-u", "-b", "other.raw", "-F", "raw"];
+        let r = instar(&[&args[..], &["ov.qcow2"]].concat(), dir);
+        let qr = run(&q.img, &[&args[..], &["q.qcow2"]].concat(), dir);
+        if refused {
+            assert_eq!(r.status, 1, "{name}: {}", r.stderr);
+            assert!(
+                r.stderr.contains(
+                    "Preventing invalid write on metadata (overlaps with qcow2_header): \
+                     the refcount table at 0x0 lies in cluster 0"
+                ),
+                "{name}: {}",
+                r.stderr
+            );
+            assert_eq!(std::fs::read(&path).expect("read ov"), before, "{name}");
+            // qemu-img rewrites the table along with the header.
+            assert_eq!(qr.status, 0, "{name}: qemu-img: {}", qr.stderr);
+            assert_ne!(std::fs::read(dir.join("q.qcow2")).expect("read q"), before);
+        } else {
+            assert_eq!(r.status, 0, "{name}: {}", r.stderr);
+            assert_eq!(qr.status, 0, "{name}: qemu-img: {}", qr.stderr);
+            assert_eq!(
+                std::fs::read(&path).expect("read ov"),
+                std::fs::read(dir.join("q.qcow2")).expect("read q"),
+                "{name}: instar and qemu-img 10.2 differ"
+            );
+        }
+    }
+}

@@ -2,6 +2,9 @@
 
 use alloc::vec::Vec;
 
+use crate::geometry::Geometry;
+use crate::map::EntryFormat;
+
 pub const QCOW2_MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
 
 /// Header extension magics, in the order QEMU writes them.
@@ -45,7 +48,8 @@ pub struct BitmapsExt {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     pub version: u32,
-    pub cluster_bits: u32,
+    /// `cluster_bits`, `refcount_order` and what they imply, validated.
+    geometry: Geometry,
     /// Virtual size exactly as stored (QEMU rounds it down to 512 on rewrite).
     pub size: u64,
     pub crypt_method: u32,
@@ -59,7 +63,6 @@ pub struct Header {
     pub incompatible_features: u64,
     pub compatible_features: u64,
     pub autoclear_features: u64,
-    pub refcount_order: u32,
     pub header_length: u32,
     /// 0 = zlib, 1 = zstd.
     pub compression_type: u8,
@@ -79,16 +82,34 @@ pub struct Header {
 }
 
 impl Header {
+    /// The image's geometry, validated when the header was read.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    pub fn cluster_bits(&self) -> u32 {
+        self.geometry.cluster_bits()
+    }
+
     pub fn cluster_size(&self) -> u64 {
-        1u64 << self.cluster_bits
+        self.geometry.cluster_size()
     }
 
     pub fn extended_l2(&self) -> bool {
-        self.incompatible_features & INCOMPAT_EXTL2 != 0
+        self.geometry.extended_l2()
+    }
+
+    pub fn refcount_order(&self) -> u32 {
+        self.geometry.refcount_order()
     }
 
     pub fn refcount_bits(&self) -> u32 {
-        1u32 << self.refcount_order
+        self.geometry.refcount_bits()
+    }
+
+    /// How this image's L2 entries read.
+    pub fn entry_format(&self) -> EntryFormat {
+        self.geometry.entry_format(self.has_data_file())
     }
 
     /// The guest-visible size QEMU uses: the stored size rounded down to 512.
@@ -123,13 +144,15 @@ impl Header {
     }
 }
 
+mod error;
 mod extensions;
 mod io;
 mod parse;
 mod rebuild;
 mod snapshots;
 
-pub use parse::{OpenError, OpenMode};
+pub use error::OpenError;
+pub use parse::OpenMode;
 pub use rebuild::ChangeBackingError;
 
 /// The feature table QEMU writes (type, bit, name), for v3 images with clusters over 4 KiB.

@@ -7,41 +7,22 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use instar_blockdev::bytes::{be64, be64_table};
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::compress::{decompress_cluster, CompressionType, DecompressError};
-use crate::entry::{l2_entry_size, L1E_OFFSET_MASK, L2E_OFFSET_MASK};
-use crate::header::{INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, INCOMPAT_MASK};
+use crate::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK};
+use crate::geometry::Geometry;
 use crate::map::{
     compressed_extent, subcluster_kind, subcluster_range, ClusterKind, CompressedExtent,
     EntryFormat,
 };
 use crate::Header;
 
-/// QEMU's limit on the active L1 table (`QCOW_MAX_L1_SIZE`).
-pub const MAX_L1_BYTES: u64 = 32 << 20;
-/// QEMU's default L2 cache limit on Linux (`DEFAULT_L2_CACHE_MAX_SIZE`); it decides
-/// the L2 slice size, and with it where block-status runs stop.
-pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ImageError {
-    #[error("Unsupported qcow2 version {0}")]
-    UnsupportedVersion(u32),
-    #[error("Unsupported cluster size: 2^{0}")]
-    BadClusterBits(u32),
-    #[error("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")]
-    ExtL2ClusterTooSmall,
-    #[error("Unsupported qcow2 feature(s): incompatible bits {0:#x}")]
-    UnknownIncompatible(u64),
     #[error("Unknown compression type {0}")]
     UnknownCompression(u8),
-    #[error("Active L1 table too large")]
-    L1TooLarge,
-    #[error("Active L1 table offset invalid")]
-    L1OffsetInvalid,
-    #[error("L1 table is too small")]
-    L1TooSmall,
     #[error("{what} at {offset:#x} (+{len:#x}) lies outside the image file")]
     OutsideImage {
         what: &'static str,
@@ -95,13 +76,9 @@ pub struct Mapping {
 pub struct Qcow2Image<D> {
     dev: D,
     fmt: EntryFormat,
+    geometry: Geometry,
     version: u32,
-    virtual_size: u64,
     l1: Vec<u64>,
-    /// log2 of the entries in one L2 table.
-    l2_bits: u32,
-    slice_entries: u64,
-    subcluster_bits: u32,
     compression: CompressionType,
     encrypted: bool,
     /// The last decompressed cluster: (where its compressed data lies, data).
@@ -113,43 +90,14 @@ pub struct Qcow2Image<D> {
 }
 
 impl<D: BlockDev> Qcow2Image<D> {
-    /// Open with the already parsed `header`; reads and checks the L1 table.
+    /// Open with the already parsed `header`; reads the L1 table.
     pub fn open(mut dev: D, header: &Header) -> Result<Self, ImageError> {
-        if header.version != 2 && header.version != 3 {
-            return Err(ImageError::UnsupportedVersion(header.version));
-        }
-        let cb = header.cluster_bits;
-        if !(9..=21).contains(&cb) {
-            return Err(ImageError::BadClusterBits(cb));
-        }
-        let unknown = header.incompatible_features & !INCOMPAT_MASK;
-        if unknown != 0 {
-            return Err(ImageError::UnknownIncompatible(unknown));
-        }
-        let extended_l2 = header.incompatible_features & INCOMPAT_EXTL2 != 0;
-        if extended_l2 && cb < 14 {
-            return Err(ImageError::ExtL2ClusterTooSmall);
-        }
+        let g = header.geometry();
         let compression = CompressionType::from_header(header.compression_type)
             .ok_or(ImageError::UnknownCompression(header.compression_type))?;
-        let cs = 1u64 << cb;
-        let esize = l2_entry_size(extended_l2);
-        let l2_bits = cb - esize.trailing_zeros();
-
+        // Header::read checked the table's size and alignment against QEMU's limits.
         let l1_len = u64::from(header.l1_size) * 8;
-        if l1_len > MAX_L1_BYTES {
-            return Err(ImageError::L1TooLarge);
-        }
         let l1_off = header.l1_table_offset;
-        if l1_off & (cs - 1) != 0 || l1_off > i64::MAX as u64 - l1_len {
-            return Err(ImageError::L1OffsetInvalid);
-        }
-        // Entries needed to map the whole virtual disk (QEMU's size_to_l1).
-        let shift = cb + l2_bits;
-        let needed = header.size.div_ceil(1u64 << shift);
-        if u64::from(header.l1_size) < needed {
-            return Err(ImageError::L1TooSmall);
-        }
         if l1_off + l1_len > dev.size() {
             return Err(ImageError::OutsideImage {
                 what: "L1 table",
@@ -159,33 +107,12 @@ impl<D: BlockDev> Qcow2Image<D> {
         }
         let mut raw = vec![0u8; l1_len as usize];
         dev.read_at(l1_off, &mut raw)?;
-        let l1 = raw.chunks_exact(8).map(be64).collect();
-
-        // The block layer's length is whole sectors.
-        let virtual_size = header.size & !511;
-        // read_cache_sizes(): 4 KiB slices when the default cache cannot hold every L2
-        // entry of the disk, whole tables otherwise.
-        let max_l2_entries = virtual_size.div_ceil(cs);
-        let max_l2_cache = (max_l2_entries * esize).div_ceil(cs) * cs;
-        let slice_bytes = if max_l2_cache.min(DEFAULT_L2_CACHE_MAX) < max_l2_cache {
-            cs.min(4096)
-        } else {
-            cs
-        };
-        let fmt = EntryFormat {
-            cluster_bits: cb,
-            extended_l2,
-            has_data_file: header.incompatible_features & INCOMPAT_DATA_FILE != 0,
-        };
         Ok(Qcow2Image {
             dev,
-            fmt,
+            fmt: header.entry_format(),
+            geometry: *g,
             version: header.version,
-            virtual_size,
-            l1,
-            l2_bits,
-            slice_entries: slice_bytes / esize,
-            subcluster_bits: cb - fmt.subclusters_per_cluster().trailing_zeros(),
+            l1: be64_table(&raw),
             compression,
             encrypted: header.crypt_method != 0,
             decompressed: None,
@@ -195,17 +122,17 @@ impl<D: BlockDev> Qcow2Image<D> {
 
     /// Virtual size as the block layer sees it (the header's size rounded down to 512).
     pub fn virtual_size(&self) -> u64 {
-        self.virtual_size
+        self.geometry.virtual_size()
     }
     pub fn cluster_size(&self) -> u64 {
-        1u64 << self.fmt.cluster_bits
+        self.geometry.cluster_size()
     }
     /// Subcluster size (the cluster size without extended L2).
     pub fn subcluster_size(&self) -> u64 {
-        1u64 << self.subcluster_bits
+        self.geometry.subcluster_size()
     }
     pub fn extended_l2(&self) -> bool {
-        self.fmt.extended_l2
+        self.geometry.extended_l2()
     }
     pub fn version(&self) -> u32 {
         self.version
@@ -215,7 +142,7 @@ impl<D: BlockDev> Qcow2Image<D> {
     }
     /// Entries per L2 slice: where QEMU's block-status runs stop.
     pub fn l2_slice_entries(&self) -> u64 {
-        self.slice_entries
+        self.geometry.l2_slice_entries()
     }
     /// The active L1 table as loaded at open.
     pub fn l1_table(&self) -> &[u64] {
@@ -240,7 +167,7 @@ impl<D: BlockDev> Qcow2Image<D> {
     /// virtual size, `INT_MAX`, and the end of the L2 slice. Compressed clusters come
     /// one at a time. At or past the virtual size the run is empty.
     pub fn block_status(&mut self, offset: u64, bytes: u64) -> Result<Mapping, ImageError> {
-        if offset >= self.virtual_size || bytes == 0 {
+        if offset >= self.geometry.virtual_size() || bytes == 0 {
             return Ok(Mapping {
                 kind: ClusterKind::UnallocatedPlain,
                 bytes: 0,
@@ -248,7 +175,9 @@ impl<D: BlockDev> Qcow2Image<D> {
                 compressed: None,
             });
         }
-        let bytes = bytes.min(self.virtual_size - offset).min(i32::MAX as u64);
+        let bytes = bytes
+            .min(self.geometry.virtual_size() - offset)
+            .min(i32::MAX as u64);
         self.host_offset(offset, bytes)
     }
 
@@ -263,8 +192,8 @@ impl<D: BlockDev> Qcow2Image<D> {
         let cb = self.fmt.cluster_bits;
         let cs = 1u64 << cb;
         let in_cluster = offset & (cs - 1);
-        let slice_index = (offset >> cb) & (self.slice_entries - 1);
-        let available = (self.slice_entries - slice_index) << cb;
+        let slice_index = (offset >> cb) & (self.geometry.l2_slice_entries() - 1);
+        let available = (self.geometry.l2_slice_entries() - slice_index) << cb;
         let needed = (bytes + in_cluster).min(available);
         let unallocated = Mapping {
             kind: ClusterKind::UnallocatedPlain,
@@ -273,7 +202,7 @@ impl<D: BlockDev> Qcow2Image<D> {
             compressed: None,
         };
 
-        let l1_index = offset >> (self.l2_bits + cb);
+        let l1_index = offset >> (self.geometry.l2_bits() + cb);
         let Some(&l1e) = usize::try_from(l1_index).ok().and_then(|i| self.l1.get(i)) else {
             return Ok(unallocated);
         };
@@ -289,9 +218,9 @@ impl<D: BlockDev> Qcow2Image<D> {
         }
 
         // Read only the entries the run can cover (never past the slice).
-        let l2_index = (offset >> cb) & ((1u64 << self.l2_bits) - 1);
+        let l2_index = (offset >> cb) & ((1u64 << self.geometry.l2_bits()) - 1);
         let nb_clusters = needed.div_ceil(cs);
-        let esize = l2_entry_size(self.fmt.extended_l2);
+        let esize = self.geometry.l2_entry_size();
         let table_off = l2_offset + l2_index * esize;
         let len = nb_clusters * esize;
         if table_off
@@ -307,15 +236,12 @@ impl<D: BlockDev> Qcow2Image<D> {
         let raw = self.slice_bytes(l2_offset, l2_index, esize, table_off, len)?;
         let entries: Vec<(u64, u64)> = raw
             .chunks_exact(esize as usize)
-            .map(|c| {
-                let e = be64(&c[..8]);
-                let b = if esize == 16 { be64(&c[8..16]) } else { 0 };
-                (e, b)
-            })
+            // Without extended L2 there is no bitmap word: it reads as 0.
+            .map(|c| (be64(c, 0).unwrap_or(0), be64(c, 8).unwrap_or(0)))
             .collect();
 
         let spc = self.fmt.subclusters_per_cluster();
-        let sc_index = ((offset >> self.subcluster_bits) & u64::from(spc - 1)) as u32;
+        let sc_index = ((offset >> self.geometry.subcluster_bits()) & u64::from(spc - 1)) as u32;
         let (e0, b0) = entries[0];
         let kind0 = subcluster_kind(&self.fmt, e0, b0, sc_index);
         if self.version < 3
@@ -364,7 +290,8 @@ impl<D: BlockDev> Qcow2Image<D> {
                     l2_offset,
                     l2_index: l2_index + i,
                 })?;
-        let run = ((u64::from(sc) + u64::from(sc_index)) << self.subcluster_bits).min(needed);
+        let run =
+            ((u64::from(sc) + u64::from(sc_index)) << self.geometry.subcluster_bits()).min(needed);
         Ok(Mapping {
             // count_contiguous() succeeded, so the first entry is valid.
             kind: kind0.unwrap_or(ClusterKind::UnallocatedPlain),
@@ -420,7 +347,7 @@ impl<D: BlockDev> Qcow2Image<D> {
         table_off: u64,
         len: u64,
     ) -> Result<&[u8], ImageError> {
-        let slice_start = l2_offset + (l2_index & !(self.slice_entries - 1)) * esize;
+        let slice_start = l2_offset + (l2_index & !(self.geometry.l2_slice_entries() - 1)) * esize;
         if self
             .slice
             .as_ref()
@@ -428,7 +355,7 @@ impl<D: BlockDev> Qcow2Image<D> {
         {
             // Entries past the end of the file read as zeros, as the block layer's do;
             // the caller already refused a run that needs them.
-            let mut buf = vec![0u8; (self.slice_entries * esize) as usize];
+            let mut buf = vec![0u8; (self.geometry.l2_slice_entries() * esize) as usize];
             self.dev.read_zero_padded(slice_start, &mut buf)?;
             self.slice = Some((slice_start, buf));
         }
@@ -450,7 +377,7 @@ impl<D: BlockDev> Qcow2Image<D> {
         let len = buf.len() as u64;
         if offset
             .checked_add(len)
-            .is_none_or(|e| e > self.virtual_size)
+            .is_none_or(|e| e > self.geometry.virtual_size())
         {
             return Err(ImageError::BeyondVirtualSize { offset, len });
         }
@@ -515,10 +442,4 @@ impl<D: BlockDev> Qcow2Image<D> {
         }
         Ok(())
     }
-}
-
-fn be64(c: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&c[..8]);
-    u64::from_be_bytes(a)
 }

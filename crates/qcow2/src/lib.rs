@@ -3,6 +3,7 @@
 //! - [`header`]: the header and its extensions: parse with QEMU's open-time checks,
 //!   and rebuild cluster 0 exactly as QEMU's `qcow2_update_header` does.
 //! - [`entry`]: L1/L2 entry bits.
+//! - [`geometry`]: cluster, L2 and refcount sizes, validated once when the header is read.
 //! - [`map`]: L2 entry classification (QEMU's cluster kinds, compressed entries).
 //! - [`image`]: a read-only image: guest offset → kind and run length, reads.
 //! - [`compress`]: compressed clusters (zlib, zstd).
@@ -20,6 +21,7 @@ extern crate alloc;
 
 pub mod compress;
 pub mod entry;
+pub mod geometry;
 pub mod header;
 pub mod image;
 pub mod map;
@@ -28,4 +30,5 @@ pub mod refcount;
 pub mod repair;
 pub mod writer;
 
+pub use geometry::Geometry;
 pub use header::{ChangeBackingError, Header, OpenError, OpenMode};

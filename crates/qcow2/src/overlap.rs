@@ -23,241 +23,22 @@
 //! their L1 tables and the L2 tables they do not share with the active L1.
 
 use alloc::collections::BTreeMap;
-use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::fmt;
 
-use instar_blockdev::{BlockDev, IoError};
+use instar_blockdev::bytes::be64;
+use instar_blockdev::BlockDev;
 
-use crate::entry::{l2_entry_size, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
-use crate::image::MAX_L1_BYTES;
+use crate::entry::{l2_entry_size, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
 use crate::map::{compressed_extent, EntryFormat};
-use crate::refcount::{MAX_REFTABLE_BYTES, REFT_OFFSET_MASK};
 use crate::writer::{WriteKind, WriteRecord};
 use crate::Header;
 
-/// A metadata structure, in QEMU's overlap-check terms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Structure {
-    MainHeader,
-    ActiveL1,
-    ActiveL2,
-    RefcountTable,
-    RefcountBlock,
-    SnapshotTable,
-    InactiveL1,
-    InactiveL2,
-    /// Not scanned yet: images with persistent bitmaps are refused before any write
-    /// (see [`Layout::scan`]). Bitmap tables belong here once they are supported.
-    BitmapDirectory,
-}
+mod error;
+mod scan;
 
-impl Structure {
-    /// QEMU's name (`metadata_ol_names`).
-    pub fn qemu_name(self) -> &'static str {
-        match self {
-            Structure::MainHeader => "qcow2_header",
-            Structure::ActiveL1 => "active L1 table",
-            Structure::ActiveL2 => "active L2 table",
-            Structure::RefcountTable => "refcount table",
-            Structure::RefcountBlock => "refcount block",
-            Structure::SnapshotTable => "snapshot table",
-            Structure::InactiveL1 => "inactive L1 table",
-            Structure::InactiveL2 => "inactive L2 table",
-            Structure::BitmapDirectory => "bitmap directory",
-        }
-    }
-
-    /// How directly the image names the structure: the header names the L1 table, the
-    /// refcount table and the snapshot table; they name the rest. Of two overlapping
-    /// structures the more directly named one is reported as the one overlapped.
-    fn rank(self) -> u8 {
-        match self {
-            Structure::MainHeader => 0,
-            Structure::ActiveL1
-            | Structure::RefcountTable
-            | Structure::SnapshotTable
-            | Structure::BitmapDirectory => 1,
-            Structure::RefcountBlock => 2,
-            Structure::ActiveL2 => 3,
-            Structure::InactiveL1 => 4,
-            Structure::InactiveL2 => 5,
-        }
-    }
-
-    fn is_l2(self) -> bool {
-        matches!(self, Structure::ActiveL2 | Structure::InactiveL2)
-    }
-}
-
-/// What a reference points at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    Structure(Structure),
-    Data,
-    Compressed,
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Structure(s) => f.write_str(s.qemu_name()),
-            Target::Data => f.write_str("data cluster"),
-            Target::Compressed => f.write_str("compressed cluster"),
-        }
-    }
-}
-
-/// Who names a structure or a cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Referrer {
-    Header,
-    /// Entry `index` of the active L1 table (`snapshot: None`) or of a snapshot's.
-    L1 {
-        snapshot: Option<u32>,
-        index: u64,
-    },
-    Reftable {
-        index: u64,
-    },
-    /// Snapshot table entry `index` (its L1 table).
-    Snapshot {
-        index: u32,
-    },
-    /// Entry `index` of the L2 table at `table`.
-    L2 {
-        table: u64,
-        index: u64,
-    },
-}
-
-impl fmt::Display for Referrer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Referrer::Header => f.write_str("named by the header"),
-            Referrer::L1 {
-                snapshot: None,
-                index,
-            } => write!(f, "named by active L1 entry {index:#x}"),
-            Referrer::L1 {
-                snapshot: Some(s),
-                index,
-            } => write!(f, "named by L1 entry {index:#x} of snapshot {s}"),
-            Referrer::Reftable { index } => write!(f, "named by refcount table entry {index:#x}"),
-            Referrer::Snapshot { index } => write!(f, "named by snapshot {index}"),
-            Referrer::L2 { table, index } => {
-                write!(f, "named by L2 entry {index:#x} of the table at {table:#x}")
-            }
-        }
-    }
-}
-
-/// One thing at one place: `target` at `offset` (+`len`), named by `by`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Found {
-    pub target: Target,
-    pub offset: u64,
-    pub by: Referrer,
-}
-
-impl fmt::Display for Found {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "the {} at {:#x} ({})", self.target, self.offset, self.by)
-    }
-}
-
-fn write_what(kind: WriteKind) -> &'static str {
-    match kind {
-        WriteKind::Header => "a header",
-        WriteKind::ActiveL1 => "an L1 entry",
-        WriteKind::L2Table => "an L2 table",
-        WriteKind::RefcountTable => "a refcount table",
-        WriteKind::RefcountBlock => "a refcount block",
-        WriteKind::Data => "a data",
-    }
-}
-
-/// Why the writes are refused. Every message ends the same way: nothing was written.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum OverlapError {
-    /// A write of `kind` at cluster `at` would land on `on`.
-    #[error("{}: {} write at {at:#x} would land on {on}; nothing was written", prevent(on.target), write_what(*kind))]
-    Write { kind: WriteKind, at: u64, on: Found },
-    /// The allocator would take cluster `at` (refcount 0) although `on` uses it.
-    #[error("{}: cluster {at:#x} has refcount 0, so it would be allocated, but it holds {on}; nothing was written", prevent(on.target))]
-    TakenInUse { at: u64, on: Found },
-    /// The session would write through a table or cluster that two entries name.
-    #[error("{}: {first} and {second} are one {}, which the rebase would write through; nothing was written", prevent(first.target), first.target)]
-    Shared { first: Found, second: Found },
-    /// Two structures (or a structure and data) overlap.
-    #[error("{}: {a} overlaps with {b}; nothing was written", prevent(b.target))]
-    Overlap { a: Found, b: Found },
-    /// A structure named at cluster 0 or past the end of the file.
-    #[error("{} at {offset:#x} ({by}) {}; nothing was written", target_cap(*target), if *offset == 0 { "is at offset 0" } else { "lies outside the image file" })]
-    Misplaced {
-        target: Target,
-        offset: u64,
-        by: Referrer,
-    },
-    /// A structure's offset or size is invalid.
-    #[error("{what} ({by}) is invalid: offset {offset:#x}, {len:#x} bytes; nothing was written")]
-    Invalid {
-        what: &'static str,
-        offset: u64,
-        len: u64,
-        by: Referrer,
-    },
-    /// A metadata write in place on a cluster that nothing names.
-    #[error("Preventing invalid write: {} write at {at:#x} would land on a cluster that nothing in the image names; nothing was written", write_what(*kind))]
-    Unnamed { kind: WriteKind, at: u64 },
-    #[error("images with persistent bitmaps are not supported")]
-    Bitmaps,
-    #[error(transparent)]
-    Io(#[from] IoError),
-}
-
-/// QEMU's words for a write refused because of what lies under it.
-fn prevent(target: Target) -> String {
-    match target {
-        Target::Structure(s) => alloc::format!(
-            "Preventing invalid write on metadata (overlaps with {})",
-            s.qemu_name()
-        ),
-        Target::Data | Target::Compressed => String::from("Preventing invalid write on data"),
-    }
-}
-
-fn target_cap(t: Target) -> String {
-    let s = alloc::format!("{t}");
-    let mut c = s.chars();
-    match c.next() {
-        Some(first) => first.to_uppercase().chain(c).collect(),
-        None => s,
-    }
-}
-
-/// A structure's extent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Extent {
-    offset: u64,
-    len: u64,
-    what: Structure,
-    by: Referrer,
-}
-
-impl Extent {
-    fn end(&self) -> u64 {
-        self.offset + self.len
-    }
-    fn found(&self) -> Found {
-        Found {
-            target: Target::Structure(self.what),
-            offset: self.offset,
-            by: self.by,
-        }
-    }
-}
+pub use error::{Found, OverlapError, Referrer, Structure, Target};
+use scan::Extent;
 
 /// Where every structure of an image lies. See the module documentation.
 #[derive(Debug, Clone)]
@@ -266,18 +47,6 @@ pub struct Layout {
     fmt: EntryFormat,
     /// Sorted by offset; identical L2 extents (shared tables) appear once per name.
     extents: Vec<Extent>,
-}
-
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
-fn read_u64s<D: BlockDev + ?Sized>(dev: &mut D, offset: u64, n: u64) -> Result<Vec<u64>, IoError> {
-    let mut raw = vec![0u8; (n * 8) as usize];
-    dev.read_at(offset, &mut raw)?;
-    Ok(raw.chunks_exact(8).map(be64).collect())
 }
 
 impl Layout {
@@ -289,58 +58,10 @@ impl Layout {
             // images with bitmaps; until then such images are refused before this point.
             return Err(OverlapError::Bitmaps);
         }
-        let cb = header.cluster_bits;
-        let cs = 1u64 << cb;
-        let mut s = Scan {
-            cs,
-            file_size: dev.size(),
-            extents: vec![Extent {
-                offset: 0,
-                len: cs,
-                what: Structure::MainHeader,
-                by: Referrer::Header,
-            }],
-        };
-        // Refcount table and blocks.
-        let rt_len = u64::from(header.refcount_table_clusters) * cs;
-        s.table(
-            "refcount table",
-            header.refcount_table_offset,
-            rt_len,
-            MAX_REFTABLE_BYTES,
-            Structure::RefcountTable,
-            Referrer::Header,
-        )?;
-        let rt = read_u64s(dev, header.refcount_table_offset, rt_len / 8)?;
-        for (i, e) in rt.iter().enumerate() {
-            let by = Referrer::Reftable { index: i as u64 };
-            s.cluster(e & REFT_OFFSET_MASK, Structure::RefcountBlock, by)?;
-        }
-        // Active L1 and its L2 tables.
-        s.l1(dev, header.l1_table_offset, header.l1_size, None)?;
-        // Snapshots: the table, each L1 and its L2 tables.
-        if header.nb_snapshots > 0 {
-            let snaps = snapshot_l1s(dev, header.snapshots_offset, header.nb_snapshots)?;
-            s.place(
-                header.snapshots_offset,
-                snaps.table_len,
-                Structure::SnapshotTable,
-                Referrer::Header,
-            )?;
-            for (k, &(off, size)) in snaps.l1s.iter().enumerate() {
-                s.l1(dev, off, size, Some(k as u32))?;
-            }
-        }
-        let mut extents = s.extents;
-        extents.sort_by_key(|e| (e.offset, e.len, e.what));
-        check_disjoint(&extents)?;
+        let extents = scan::structures(dev, header)?;
         Ok(Layout {
-            cluster_bits: cb,
-            fmt: EntryFormat {
-                cluster_bits: cb,
-                extended_l2: header.extended_l2(),
-                has_data_file: header.has_data_file(),
-            },
+            cluster_bits: header.cluster_bits(),
+            fmt: header.entry_format(),
             extents,
         })
     }
@@ -448,7 +169,7 @@ impl Layout {
             last = Some(e.offset);
             dev.read_at(e.offset, &mut buf)?;
             for (j, raw) in buf.chunks_exact(esize as usize).enumerate() {
-                let entry = be64(raw);
+                let entry = be64(raw, 0).unwrap_or(0);
                 let by = Referrer::L2 {
                     table: e.offset,
                     index: j as u64,
@@ -596,172 +317,6 @@ impl<'r> Touched<'r> {
         }
         k
     }
-}
-
-/// Refuse overlapping structures; identical L2 extents (shared tables) are allowed.
-fn check_disjoint(extents: &[Extent]) -> Result<(), OverlapError> {
-    let mut reach: Option<&Extent> = None;
-    for e in extents {
-        if let Some(r) = reach {
-            if e.offset < r.end() {
-                let same_table =
-                    r.what.is_l2() && e.what.is_l2() && r.offset == e.offset && r.len == e.len;
-                if !same_table {
-                    let (a, b) = if e.what.rank() < r.what.rank() {
-                        (r, e)
-                    } else {
-                        (e, r)
-                    };
-                    return Err(OverlapError::Overlap {
-                        a: a.found(),
-                        b: b.found(),
-                    });
-                }
-            }
-            if e.end() <= r.end() {
-                continue;
-            }
-        }
-        reach = Some(e);
-    }
-    Ok(())
-}
-
-struct Scan {
-    cs: u64,
-    file_size: u64,
-    extents: Vec<Extent>,
-}
-
-impl Scan {
-    /// A table named by offset and byte length: aligned, bounded, inside the file.
-    fn table(
-        &mut self,
-        what: &'static str,
-        offset: u64,
-        len: u64,
-        max: u64,
-        kind: Structure,
-        by: Referrer,
-    ) -> Result<(), OverlapError> {
-        if len == 0 {
-            return Ok(());
-        }
-        if offset & (self.cs - 1) != 0 || len > max {
-            return Err(OverlapError::Invalid {
-                what,
-                offset,
-                len,
-                by,
-            });
-        }
-        self.place(offset, len, kind, by)
-    }
-
-    /// A one-cluster structure named by an entry (0 = none).
-    fn cluster(&mut self, offset: u64, kind: Structure, by: Referrer) -> Result<(), OverlapError> {
-        if offset == 0 {
-            return Ok(());
-        }
-        if offset & (self.cs - 1) != 0 {
-            return Err(OverlapError::Invalid {
-                what: kind.qemu_name(),
-                offset,
-                len: self.cs,
-                by,
-            });
-        }
-        self.place(offset, self.cs, kind, by)
-    }
-
-    fn place(
-        &mut self,
-        offset: u64,
-        len: u64,
-        what: Structure,
-        by: Referrer,
-    ) -> Result<(), OverlapError> {
-        let outside = offset.checked_add(len).is_none_or(|e| e > self.file_size);
-        if offset == 0 || outside {
-            return Err(OverlapError::Misplaced {
-                target: Target::Structure(what),
-                offset,
-                by,
-            });
-        }
-        self.extents.push(Extent {
-            offset,
-            len,
-            what,
-            by,
-        });
-        Ok(())
-    }
-
-    /// An L1 table and the L2 tables it names.
-    fn l1<D: BlockDev + ?Sized>(
-        &mut self,
-        dev: &mut D,
-        offset: u64,
-        size: u32,
-        snapshot: Option<u32>,
-    ) -> Result<(), OverlapError> {
-        let (kind, l2_kind, by) = match snapshot {
-            None => (Structure::ActiveL1, Structure::ActiveL2, Referrer::Header),
-            Some(k) => (
-                Structure::InactiveL1,
-                Structure::InactiveL2,
-                Referrer::Snapshot { index: k },
-            ),
-        };
-        let len = u64::from(size) * 8;
-        self.table(kind.qemu_name(), offset, len, MAX_L1_BYTES, kind, by)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let l1 = read_u64s(dev, offset, u64::from(size))?;
-        for (i, e) in l1.iter().enumerate() {
-            let by = Referrer::L1 {
-                snapshot,
-                index: i as u64,
-            };
-            self.cluster(e & L1E_OFFSET_MASK, l2_kind, by)?;
-        }
-        Ok(())
-    }
-}
-
-/// Each snapshot's L1 table (offset, entries) and the snapshot table's length as QEMU
-/// computes it (`snapshots_size`: the end of the last entry).
-struct Snapshots {
-    l1s: Vec<(u64, u32)>,
-    table_len: u64,
-}
-
-fn snapshot_l1s<D: BlockDev + ?Sized>(
-    dev: &mut D,
-    table: u64,
-    nb: u32,
-) -> Result<Snapshots, OverlapError> {
-    // The header parse already checked every entry's sizes (QEMU's read_snapshots).
-    let mut offset = table;
-    let mut l1s = Vec::with_capacity(nb.min(1024) as usize);
-    for _ in 0..nb {
-        offset = offset.next_multiple_of(8);
-        let mut h = [0u8; 40];
-        dev.read_at(offset, &mut h)?;
-        let l1_offset = be64(&h[0..8]);
-        let l1_size = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
-        let id = u64::from(u16::from_be_bytes([h[12], h[13]]));
-        let name = u64::from(u16::from_be_bytes([h[14], h[15]]));
-        let extra = u64::from(u32::from_be_bytes([h[36], h[37], h[38], h[39]]));
-        offset += 40 + extra + id + name;
-        l1s.push((l1_offset, l1_size));
-    }
-    Ok(Snapshots {
-        l1s,
-        table_len: offset - table,
-    })
 }
 
 #[cfg(test)]

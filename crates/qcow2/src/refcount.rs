@@ -4,27 +4,18 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use instar_blockdev::bytes::be64_table;
 use instar_blockdev::{BlockDev, IoError};
 
-use crate::Header;
+use crate::{Geometry, Header};
 
 /// Refcount table entry: offset of the refcount block.
 pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 /// Refcount table entry bits that must be zero.
 pub const REFT_RESERVED_MASK: u64 = 0x1ff;
-/// QEMU's limit on the refcount table (`QCOW_MAX_REFTABLE_SIZE`).
-pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RefcountError {
-    #[error("refcount_order {0} is not supported (0..=6)")]
-    BadOrder(u32),
-    #[error("cluster_bits {0} is not supported (9..=21)")]
-    BadClusterBits(u32),
-    #[error("Reference count table too large")]
-    TableTooLarge,
-    #[error("Reference count table offset invalid")]
-    TableOffsetInvalid,
     #[error("refcount table at {offset:#x} (+{len:#x}) lies outside the image")]
     TableOutsideImage { offset: u64, len: u64 },
     #[error("Refblock offset {offset:#x} unaligned (reftable index: {index:#x})")]
@@ -66,42 +57,26 @@ pub fn refcount_entry(block: &[u8], index: u64, order: u32) -> u64 {
 #[derive(Debug, Clone)]
 pub struct RefcountReader {
     table: Vec<u64>,
-    cluster_bits: u32,
-    refcount_order: u32,
+    geometry: Geometry,
     cached: Option<(u64, Vec<u8>)>,
 }
 
 impl RefcountReader {
-    /// Load and check the refcount table named by `header`.
+    /// Load the refcount table named by `header` (whose size and alignment
+    /// [`Header::read`] checked).
     pub fn load<D: BlockDev + ?Sized>(dev: &mut D, header: &Header) -> Result<Self, RefcountError> {
-        if header.refcount_order > 6 {
-            return Err(RefcountError::BadOrder(header.refcount_order));
-        }
-        if !(9..=21).contains(&header.cluster_bits) {
-            return Err(RefcountError::BadClusterBits(header.cluster_bits));
-        }
-        let cs = 1u64 << header.cluster_bits;
-        let len = u64::from(header.refcount_table_clusters) * cs;
-        if len > MAX_REFTABLE_BYTES {
-            return Err(RefcountError::TableTooLarge);
-        }
+        let geometry = *header.geometry();
+        let len = u64::from(header.refcount_table_clusters) * geometry.cluster_size();
         let off = header.refcount_table_offset;
-        if off & (cs - 1) != 0 || off > i64::MAX as u64 - len {
-            return Err(RefcountError::TableOffsetInvalid);
-        }
         if off + len > dev.size() {
             return Err(RefcountError::TableOutsideImage { offset: off, len });
         }
         let mut raw = vec![0u8; len as usize];
         dev.read_at(off, &mut raw)?;
-        let table = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect();
+        let table = be64_table(&raw);
         Ok(RefcountReader {
             table,
-            cluster_bits: header.cluster_bits,
-            refcount_order: header.refcount_order,
+            geometry,
             cached: None,
         })
     }
@@ -113,11 +88,11 @@ impl RefcountReader {
 
     /// Refcounts held by one refcount block.
     pub fn block_entries(&self) -> u64 {
-        1u64 << (self.cluster_bits + 3 - self.refcount_order)
+        1u64 << self.geometry.refblock_bits()
     }
 
     pub fn refcount_bits(&self) -> u32 {
-        1 << self.refcount_order
+        self.geometry.refcount_bits()
     }
 
     /// Refcount of host cluster `cluster_index` (`qcow2_get_refcount`): 0 when the
@@ -136,7 +111,7 @@ impl RefcountReader {
         if block_off == 0 {
             return Ok(0);
         }
-        let cs = 1u64 << self.cluster_bits;
+        let cs = self.geometry.cluster_size();
         if block_off & (cs - 1) != 0 {
             return Err(RefcountError::BlockUnaligned {
                 offset: block_off,
@@ -160,7 +135,7 @@ impl RefcountReader {
         Ok(refcount_entry(
             block,
             cluster_index % per_block,
-            self.refcount_order,
+            self.geometry.refcount_order(),
         ))
     }
 

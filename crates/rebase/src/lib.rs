@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+mod chains;
 pub mod copy;
 mod dirty;
 mod other_formats;
@@ -27,6 +28,8 @@ use instar_blockdev::BlockDev;
 
 /// `strerror(EIO)`, QEMU's text for a failed read or write.
 pub(crate) const IO_ERROR: &str = "Input/output error";
+/// The overlay is always device 0.
+pub(crate) const OVERLAY: u8 = 0;
 
 /// Callbacks into the guest runtime (doorbells).
 pub trait Hooks {
@@ -92,10 +95,11 @@ fn qcow2_rebase(
     }
 }
 
-fn plain(message: &str) -> GuestError {
+/// A refusal in the guest's own words (not an image's open error).
+pub(crate) fn plain(message: impl Into<String>) -> GuestError {
     GuestError {
         kind: ErrorKind::Plain,
-        message: String::from(message),
+        message: message.into(),
     }
 }
 

@@ -6,34 +6,11 @@
 use alloc::vec;
 use alloc::vec::Vec;
 use instar_abi::{Format, MAX_REPORTED_NAME};
+use instar_blockdev::bytes::{c_str, Fixed};
 use instar_blockdev::{BlockDev, IoError};
 
 /// qed's `QED_F_BACKING_FILE` feature bit.
 const QED_F_BACKING_FILE: u64 = 0x01;
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
 
 /// `len` bytes at `offset` as QEMU reads a C string of that length: cut at the first
 /// NUL; `None` when empty (QEMU then has no backing file). Longer names are cut to
@@ -43,9 +20,8 @@ fn name_at(dev: &mut dyn BlockDev, offset: u64, len: u64) -> Result<Option<Vec<u
     let len = len.min(MAX_REPORTED_NAME as u64) as usize;
     let mut name = vec![0u8; len];
     dev.read_zero_padded(offset, &mut name)?;
-    if let Some(end) = name.iter().position(|&c| c == 0) {
-        name.truncate(end);
-    }
+    let len = c_str(&name).len();
+    name.truncate(len);
     Ok((!name.is_empty()).then_some(name))
 }
 
@@ -58,19 +34,23 @@ pub fn backing_name(dev: &mut dyn BlockDev, format: Format) -> Result<Option<Vec
         // QCowHeader: backing_file_offset (be64) at 8, backing_file_size (be32) at 16;
         // an offset of 0 means none.
         Format::Qcow => {
-            let offset = be64(&head, 8);
+            let offset = Fixed(&head).be64::<8>();
             if offset == 0 {
                 return Ok(None);
             }
-            name_at(dev, offset, u64::from(be32(&head, 16)))
+            name_at(dev, offset, u64::from(Fixed(&head).be32::<16>()))
         }
         // QEDHeader: features (le64) at 16, backing_filename_offset and _size (le32) at
         // 56 and 60, used when QED_F_BACKING_FILE is set.
         Format::Qed => {
-            if le64(&head, 16) & QED_F_BACKING_FILE == 0 {
+            if Fixed(&head).le64::<16>() & QED_F_BACKING_FILE == 0 {
                 return Ok(None);
             }
-            name_at(dev, u64::from(le32(&head, 56)), u64::from(le32(&head, 60)))
+            name_at(
+                dev,
+                u64::from(Fixed(&head).le32::<56>()),
+                u64::from(Fixed(&head).le32::<60>()),
+            )
         }
         _ => Ok(None),
     }

@@ -17,34 +17,23 @@
 use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::string::{String, ToString};
-use alloc::vec::Vec;
 use core::cell::RefCell;
 
-use instar_abi::{ErrorKind, Format, GuestError, RebaseOutcome, RebaseRequest};
+use instar_abi::{Format, GuestError, RebaseOutcome, RebaseRequest};
 use instar_blockdev::{BlockDev, IoError};
 use instar_chain::probe::check_format;
-use instar_chain::view::ChainView;
 use instar_qed::check::Repair;
 use instar_qed::header::F_NEED_CHECK;
 use instar_qed::{Below, ChangeError, Header, QedImage, Writer};
 
+use crate::chains::{
+    self, check_request, copy_error, open_chains, plan_over, slots, stats, take, Chains,
+    OldContent, Opened, Shared,
+};
 use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
 use crate::probe::open_error;
-use crate::safe::{
-    self, copy_error, open_chain, plan_over, stats, take, Chains, OldContent, Shared,
-};
 use crate::unsafe_rebase::change_error;
-use crate::{device, Hooks, IO_ERROR};
-
-/// The overlay is always device 0.
-const OVERLAY: u8 = 0;
-
-fn plain(message: String) -> GuestError {
-    GuestError {
-        kind: ErrorKind::Plain,
-        message,
-    }
-}
+use crate::{device, plain, Hooks, IO_ERROR, OVERLAY};
 
 fn map_change(e: ChangeError) -> GuestError {
     change_error(&e.to_string())
@@ -102,14 +91,7 @@ pub(crate) fn rebase(
     let backing = req.new_backing.as_ref().filter(|b| !b.name.is_empty());
     let name = backing.map(|b| b.name.as_slice());
     let format = backing.and_then(|b| b.format.as_deref());
-    if backing.is_none() && !req.new_chain.is_empty() {
-        return Err(plain(String::from("a detach request names a new chain")));
-    }
-    if req.in_chain.is_some() && !req.new_chain.is_empty() {
-        return Err(plain(String::from(
-            "an in-chain request also names a new chain",
-        )));
-    }
+    check_request(req, backing.is_some(), req.in_chain)?;
     if !req.unsafe_mode {
         return safe(req, devs, hooks, name, format);
     }
@@ -145,17 +127,14 @@ fn names_backing<D: BlockDev>(img: &QedImage<D>) -> bool {
     img.header().has_backing() && img.backing_name().is_some_and(|n| n.first() != Some(&0))
 }
 
-fn safe<'a>(
+fn safe(
     req: &RebaseRequest,
-    devs: &'a mut [&mut dyn BlockDev],
+    devs: &mut [&mut dyn BlockDev],
     hooks: &mut dyn Hooks,
     name: Option<&[u8]>,
     format: Option<&[u8]>,
 ) -> Result<RebaseOutcome, GuestError> {
-    let mut slots: Vec<Option<&'a mut dyn BlockDev>> = devs
-        .iter_mut()
-        .map(|d| Some(&mut **d as &'a mut dyn BlockDev))
-        .collect();
+    let mut slots = slots(devs);
     let overlay = take(&mut slots, OVERLAY)?;
     let overlay_len = overlay.size();
     let (mut image, repair) = open_overlay(overlay)?;
@@ -174,16 +153,12 @@ fn safe<'a>(
         .change_backing(name, format)
         .map_err(map_change)?;
 
-    let old_layers = open_chain(&req.old_chain, &mut slots, "old")?;
-    let new_layers = open_chain(&req.new_chain, &mut slots, "new")?;
-    let old_len = old_layers.len();
-    let mut old_view = ChainView::new(old_layers);
-    let mut new_view = ChainView::new(new_layers);
-    let new_from = match req.in_chain {
-        Some(i) if usize::from(i) < old_len => Some(usize::from(i)),
-        Some(i) => return Err(plain(format!("in-chain index {i} outside the old chain"))),
-        None => None,
-    };
+    let Opened {
+        mut old_view,
+        mut new_view,
+        old_len,
+        new_from,
+    } = open_chains(req, req.in_chain, &mut slots)?;
     let old = RefCell::new(&mut old_view);
 
     let geom = Geometry {
@@ -266,7 +241,7 @@ fn safe<'a>(
                 .max(repaired_end)
                 .max(bytes.len() as u64),
         ),
-        repair_lines: Vec::new(),
+        repair_lines: alloc::vec::Vec::new(),
     })
 }
 
@@ -293,7 +268,7 @@ struct OldBelow<'r, 'a>(Shared<'r, 'a>);
 
 impl Below for OldBelow<'_, '_> {
     fn read_below(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        safe::read_zero_padded(self.0, guest_offset, buf)
+        chains::read_zero_padded(self.0, guest_offset, buf)
     }
 }
 

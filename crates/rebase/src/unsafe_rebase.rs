@@ -5,13 +5,11 @@ use alloc::string::{String, ToString};
 use instar_abi::{ErrorKind, Format, GuestError, RebaseOutcome, RebaseRequest};
 use instar_blockdev::BlockDev;
 use instar_chain::probe::check_format;
+use instar_qcow2::overlap::Structure;
 use instar_qcow2::{ChangeBackingError, Header, OpenMode};
 
 use crate::probe::{open_error, qcow2_info};
-use crate::{device, Hooks, IO_ERROR};
-
-/// The overlay is always device 0.
-const OVERLAY: u8 = 0;
+use crate::{device, Hooks, IO_ERROR, OVERLAY};
 
 pub(crate) fn change_error(message: &str) -> GuestError {
     GuestError {
@@ -86,6 +84,67 @@ pub(crate) fn open_for_change(
     Ok((header, cluster))
 }
 
+/// The header rewrite replaces all of cluster 0. QEMU's open accepts a table at the
+/// aligned offset 0, and its rewrite then changes the table (the image may no longer
+/// open, or read otherwise). A table the header names inside cluster 0 whose bytes the
+/// rewrite would change is refused instead, before any write; one the rewrite leaves
+/// as it was is harmless, as in QEMU.
+fn cluster0_rewrite_keeps_tables(
+    dev: &mut dyn BlockDev,
+    h: &Header,
+    new: &[u8],
+) -> Result<(), GuestError> {
+    let cs = h.cluster_size();
+    let l1_len = u64::from(h.l1_size).saturating_mul(8);
+    let rt_len = u64::from(h.refcount_table_clusters).saturating_mul(cs);
+    // A snapshot table's length depends on its entries: all of cluster 0 counts.
+    let tables = [
+        (
+            h.l1_size > 0,
+            h.l1_table_offset,
+            l1_len,
+            Structure::ActiveL1.qemu_name(),
+        ),
+        (
+            true,
+            h.refcount_table_offset,
+            rt_len,
+            Structure::RefcountTable.qemu_name(),
+        ),
+        (
+            h.nb_snapshots > 0,
+            h.snapshots_offset,
+            cs,
+            Structure::SnapshotTable.qemu_name(),
+        ),
+    ];
+    let crypto = h.crypto_header.map(|(o, l)| (true, o, l, "crypto header"));
+    let in_cluster0: alloc::vec::Vec<_> = tables
+        .into_iter()
+        .chain(crypto)
+        .filter(|&(present, offset, _, _)| present && offset < cs)
+        .collect();
+    if in_cluster0.is_empty() {
+        return Ok(());
+    }
+    let mut old = alloc::vec![0u8; new.len()];
+    let n = dev.size().min(new.len() as u64) as usize;
+    dev.read_at(0, &mut old[..n])
+        .map_err(|_| change_error(IO_ERROR))?;
+    for (_, offset, len, what) in in_cluster0 {
+        let end = offset.saturating_add(len).min(new.len() as u64) as usize;
+        let range = offset as usize..end.max(offset as usize);
+        if old.get(range.clone()) != new.get(range) {
+            return Err(crate::plain(alloc::format!(
+                "Preventing invalid write on metadata (overlaps with qcow2_header): the {what} \
+                 at {offset:#x} lies in cluster 0, and the header rewrite would change it; \
+                 nothing was written"
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn rebase(
     req: &RebaseRequest,
     devs: &mut [&mut dyn BlockDev],
@@ -113,7 +172,8 @@ pub(crate) fn rebase(
         });
     }
 
-    let (_, cluster) = open_for_change(dev, req, name, format)?;
+    let (header, cluster) = open_for_change(dev, req, name, format)?;
+    cluster0_rewrite_keeps_tables(dev, &header, &cluster)?;
 
     hooks.write_phase(crate::write_end::header_end(
         dev.size(),

@@ -25,30 +25,20 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use core::cell::RefCell;
 
-use instar_abi::{ErrorKind, Format, GuestError, RebaseOutcome, RebaseRequest};
+use instar_abi::{Format, GuestError, RebaseOutcome, RebaseRequest};
 use instar_blockdev::{BlockDev, IoError};
 use instar_chain::probe::check_format;
-use instar_chain::view::ChainView;
-use instar_vmdk::writer::{check_rewritable, write_descriptor};
+use instar_vmdk::writer::{check_clear_of_descriptor, check_rewritable, write_descriptor};
 use instar_vmdk::{Below, GrainKind, RewriteError, SparseWriter, VmdkImage, WriteError};
 
+use crate::chains::{
+    self, check_request, copy_error, open_chains, plan_over, slots, stats, take, Chains,
+    OldContent, Opened, Shared,
+};
 use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
 use crate::probe::open_error;
-use crate::safe::{
-    self, copy_error, open_chain, plan_over, stats, take, Chains, OldContent, Shared,
-};
 use crate::unsafe_rebase::change_error;
-use crate::{device, Hooks, IO_ERROR};
-
-/// The overlay is always device 0.
-const OVERLAY: u8 = 0;
-
-fn plain(message: String) -> GuestError {
-    GuestError {
-        kind: ErrorKind::Plain,
-        message,
-    }
-}
+use crate::{device, plain, Hooks, IO_ERROR, OVERLAY};
 
 /// The `CID` of the vmdk on `dev` (opened and validated like any chain image).
 fn read_cid(devs: &mut [&mut dyn BlockDev], dev: u8) -> Result<u32, GuestError> {
@@ -82,6 +72,7 @@ fn vmdk_write_error(e: WriteError) -> GuestError {
         WriteError::StreamOptimized
         | WriteError::Version3
         | WriteError::DescriptorArea { .. }
+        | WriteError::OverDescriptor { .. }
         | WriteError::GrainTooLarge(_) => open_error(OVERLAY, e.to_string()),
         WriteError::Overlap(o) => plain(o.to_string()),
         other => plain(format!("Error while writing to COW image: {other}")),
@@ -97,8 +88,9 @@ pub(crate) fn rebase(
     let descriptor = {
         let dev = device(devs, OVERLAY)?;
         check_format(dev, Format::Vmdk, true).map_err(|e| open_error(OVERLAY, e.to_string()))?;
-        let img = VmdkImage::open(dev).map_err(|e| open_error(OVERLAY, e.to_string()))?;
+        let mut img = VmdkImage::open(dev).map_err(|e| open_error(OVERLAY, e.to_string()))?;
         check_rewritable(img.header(), img.is_compressed()).map_err(vmdk_write_error)?;
+        check_clear_of_descriptor(&mut img).map_err(vmdk_write_error)?;
         img.descriptor().clone()
     };
     let parent_cid = descriptor.parent_cid;
@@ -117,15 +109,8 @@ pub(crate) fn rebase(
             return Err(change_error("backing_file must be a vmdk image"));
         }
     }
-    if backing.is_none() && !req.new_chain.is_empty() {
-        return Err(plain(String::from("a detach request names a new chain")));
-    }
     let in_chain = if req.unsafe_mode { None } else { req.in_chain };
-    if in_chain.is_some() && !req.new_chain.is_empty() {
-        return Err(plain(String::from(
-            "an in-chain request also names a new chain",
-        )));
-    }
+    check_request(req, backing.is_some(), in_chain)?;
 
     // The new parent: its CID goes into parentCID.
     let parent = match backing {
@@ -160,9 +145,9 @@ pub(crate) fn rebase(
     safe(req, devs, hooks, &block, parent_cid, in_chain)
 }
 
-fn safe<'a>(
+fn safe(
     req: &RebaseRequest,
-    devs: &'a mut [&mut dyn BlockDev],
+    devs: &mut [&mut dyn BlockDev],
     hooks: &mut dyn Hooks,
     block: &[u8],
     overlay_parent_cid: u32,
@@ -186,21 +171,14 @@ fn safe<'a>(
         }
     }
 
-    let mut slots: alloc::vec::Vec<Option<&'a mut dyn BlockDev>> = devs
-        .iter_mut()
-        .map(|d| Some(&mut **d as &'a mut dyn BlockDev))
-        .collect();
+    let mut slots = slots(devs);
     let overlay = take(&mut slots, OVERLAY)?;
-    let old_layers = open_chain(&req.old_chain, &mut slots, "old")?;
-    let new_layers = open_chain(&req.new_chain, &mut slots, "new")?;
-    let old_len = old_layers.len();
-    let mut old_view = ChainView::new(old_layers);
-    let mut new_view = ChainView::new(new_layers);
-    let new_from = match in_chain {
-        Some(i) if usize::from(i) < old_len => Some(usize::from(i)),
-        Some(i) => return Err(plain(format!("in-chain index {i} outside the old chain"))),
-        None => None,
-    };
+    let Opened {
+        mut old_view,
+        mut new_view,
+        old_len,
+        new_from,
+    } = open_chains(req, in_chain, &mut slots)?;
     let overlay_len = overlay.size();
     let old = RefCell::new(&mut old_view);
 
@@ -298,7 +276,7 @@ struct OldBelow<'r, 'a>(Shared<'r, 'a>);
 
 impl Below for OldBelow<'_, '_> {
     fn read_below(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        safe::read_zero_padded(self.0, guest_offset, buf)
+        chains::read_zero_padded(self.0, guest_offset, buf)
     }
 }
 

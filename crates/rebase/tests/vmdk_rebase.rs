@@ -412,6 +412,45 @@ fn unsafe_refusals_leave_the_overlay_unchanged() {
     expect_err(&r, ErrorKind::Plain, "CID");
 }
 
+/// Fuzzing found it: a grain table entry naming a sector of the descriptor area made
+/// the descriptor rewrite change that grain's data (exit 0, content changed).
+#[test]
+fn grain_in_descriptor_area_is_refused() {
+    let Some(q) = qemu_img() else { return };
+    let dir = scratch("vmdk-grain-over-descriptor");
+    family(&dir, &q, "1M");
+    let path = dir.join("vo.vmdk");
+    let d = std::fs::read(&path).unwrap();
+    let le = |d: &[u8], at: usize, n: usize| {
+        d[at..at + n]
+            .iter()
+            .rev()
+            .fold(0u64, |a, &b| (a << 8) | u64::from(b)) as usize
+    };
+    let gd = le(&d, 56, 8) * 512;
+    let gt = le(&d, gd, 4) * 512;
+    for (what, at, sector) in [("a grain", gt + 3 * 4, 1u32), ("a grain table", gd, 20)] {
+        let mut bad = d.clone();
+        bad[at..at + 4].copy_from_slice(&sector.to_le_bytes());
+        std::fs::write(&path, &bad).unwrap();
+        let r = run_vmdk(&dir, &["vo.vmdk", "vb2.vmdk"], {
+            let mut r = request(true, "vb2.vmdk", None);
+            r.new_chain = vec![vmdk(1)];
+            r
+        });
+        expect_err(
+            &r,
+            ErrorKind::Open { dev: 0 },
+            &format!("{what} at sector {sector} lies in the header or descriptor area"),
+        );
+        let mut r = request(false, "", None);
+        r.new_backing = None;
+        r.old_chain = vec![vmdk(1)];
+        let r = run_vmdk(&dir, &["vo.vmdk", "vb.vmdk"], r);
+        expect_err(&r, ErrorKind::Open { dev: 0 }, "descriptor area");
+    }
+}
+
 #[test]
 fn descriptor_full_is_refused() {
     let Some(q) = qemu_img() else { return };

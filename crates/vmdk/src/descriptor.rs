@@ -1,14 +1,25 @@
-//! The text descriptor of a monolithicSparse vmdk, read the way QEMU reads it
-//! (`vmdk_read_cid`, `vmdk_parent_open`, `vmdk_parse_description`): substring
-//! searches in a NUL-terminated buffer, not a full parser.
+//! The text descriptor of a vmdk, read the way QEMU reads it (`vmdk_read_cid`,
+//! `vmdk_parent_open`, `vmdk_parse_description`, `vmdk_parse_extents`): substring
+//! searches and `sscanf` directives in a NUL-terminated buffer (one scanner, `scan`),
+//! not a full parser. [`Descriptor`] is what a monolithicSparse image holds, and its
+//! rewrite with a new parent; [`parent_hint`], [`first_extent_file`], [`extent_sectors`] and
+//! [`line_number`] are what a probe reports of any descriptor.
 
 use alloc::vec::Vec;
+use instar_blockdev::bytes::c_str;
+
+mod scan;
+
+pub use scan::find;
+use scan::{hex, quoted_after, Scanned};
 
 /// Where QEMU reads the descriptor of a sparse file, and how much of it.
 pub const DESC_OFFSET: u64 = 0x200;
 pub const DESC_SIZE: usize = 20 * 512;
 /// QEMU's limit on the parent name (`sizeof(bs->auto_backing_file) - 1`).
 pub const MAX_PARENT_NAME: usize = 4095;
+/// A text descriptor file is read up to 1 MiB - 1 bytes.
+pub const MAX_DESC_FILE: u64 = (1 << 20) - 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DescriptorError {
@@ -47,122 +58,78 @@ pub struct Descriptor {
     pub extents: Vec<ExtentLine>,
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-fn until_nul(b: &[u8]) -> &[u8] {
-    &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]
-}
-
-/// `sscanf("%x")` after skipping `skip` bytes past the key: leading white space, an
-/// optional 0x, then hex digits (saturating like glibc's strtoul, then truncated).
-fn scan_hex(s: &[u8]) -> Option<u32> {
-    let mut i = 0;
-    while i < s.len() && matches!(s[i], b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
-        i += 1;
-    }
-    let mut neg = false;
-    if i < s.len() && (s[i] == b'+' || s[i] == b'-') {
-        neg = s[i] == b'-';
-        i += 1;
-    }
-    let prefixed = s.get(i) == Some(&b'0') && matches!(s.get(i + 1), Some(b'x' | b'X'));
-    if prefixed && s.get(i + 2).is_some_and(u8::is_ascii_hexdigit) {
-        i += 2;
-    }
-    let start = i;
-    let mut v: u64 = 0;
-    while let Some(d) = s.get(i).and_then(|&c| (c as char).to_digit(16)) {
-        v = v.saturating_mul(16).saturating_add(u64::from(d));
-        i += 1;
-    }
-    if i == start {
-        return None;
-    }
-    let v = if neg { v.wrapping_neg() } else { v };
-    Some(v as u32)
-}
-
 /// `vmdk_read_cid`: first occurrence of `key`, skip `key.len() + 1` bytes, scan hex.
 fn read_cid(text: &[u8], key: &[u8]) -> Option<u32> {
     let p = find(text, key)?;
-    scan_hex(text.get(p + key.len() + 1..).unwrap_or(&[]))
+    hex(text.get(p + key.len() + 1..).unwrap_or(&[])).0
 }
 
 /// `vmdk_parse_description`: `name`, skip `="`, up to the next `"`.
-fn quoted_value(text: &[u8], name: &[u8]) -> Option<Vec<u8>> {
-    let p = find(text, name)? + name.len() + 2;
-    let rest = text.get(p..)?;
-    let end = rest.iter().position(|&c| c == b'"')?;
-    Some(rest[..end].to_vec())
+pub fn quoted_value(text: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    quoted_after(text, name)?.ok().map(<[u8]>::to_vec)
 }
 
-/// Parse the extent lines (QEMU's `sscanf` pattern in `vmdk_parse_extents`).
-fn extent_lines(text: &[u8]) -> Vec<ExtentLine> {
-    let mut out = Vec::new();
-    for line in text.split(|&c| c == b'\n' || c == b'\r') {
-        let mut words = line
-            .split(|c| c.is_ascii_whitespace())
-            .filter(|w| !w.is_empty());
-        let (Some(access), Some(sectors), Some(kind)) = (words.next(), words.next(), words.next())
-        else {
-            continue;
-        };
-        let Some(sectors) = core::str::from_utf8(sectors)
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let Some(q1) = line.iter().position(|&c| c == b'"') else {
-            continue;
-        };
-        let Some(q2) = line[q1 + 1..].iter().position(|&c| c == b'"') else {
-            continue;
-        };
-        let file_name = line[q1 + 1..q1 + 1 + q2].to_vec();
-        let tail = &line[q1 + 2 + q2..];
-        let offset = core::str::from_utf8(tail)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok());
-        if access != b"RW" && access != b"RDONLY" && access != b"NOACCESS" {
-            continue;
-        }
-        out.push(ExtentLine {
-            access: access.to_vec(),
-            sectors,
-            kind: kind.to_vec(),
-            file_name,
-            offset,
-        });
+/// `parentFileNameHint="<name>"` (`vmdk_parent_open`): QEMU skips the key and two
+/// bytes, then takes everything up to the next quote.
+pub fn parent_hint(text: &[u8]) -> Result<Option<&[u8]>, DescriptorError> {
+    match quoted_after(text, HINT_KEY) {
+        None => Ok(None),
+        Some(Err(())) => Err(DescriptorError::BadParentHint),
+        Some(Ok(name)) if name.len() > MAX_PARENT_NAME => Err(DescriptorError::ParentHintTooLong),
+        Some(Ok(name)) => Ok(Some(name)),
     }
-    out
+}
+
+/// The extent lines that name a file (QEMU's `sscanf` pattern in `vmdk_parse_extents`).
+fn extent_lines(text: &[u8]) -> Vec<ExtentLine> {
+    Scanned::each(text)
+        .filter_map(|l| {
+            Some(ExtentLine {
+                access: l.access.to_vec(),
+                sectors: l.sectors??,
+                kind: l.kind?.to_vec(),
+                file_name: l.file_name?.to_vec(),
+                offset: l.offset,
+            })
+        })
+        .collect()
+}
+
+/// The first extent file a descriptor names, read at every line start the way QEMU's
+/// `vmdk_parse_extents` reads it. Every access mode counts, not only QEMU's `RW`, and
+/// every extent type: the answer errs towards "names a file".
+pub fn first_extent_file(text: &[u8]) -> Option<Vec<u8>> {
+    Scanned::each(text)
+        .find_map(|l| l.file_name)
+        .map(<[u8]>::to_vec)
+}
+
+/// Total sectors of the extent lines (`RW 131072 SPARSE "x.vmdk"`): the virtual size
+/// of a text descriptor, in sectors.
+pub fn extent_sectors(text: &[u8]) -> u64 {
+    Scanned::each(text)
+        .filter_map(|l| l.sectors.flatten())
+        .fold(0u64, u64::saturating_add)
+}
+
+/// The number after `key` at the start of a line (`version=1`).
+pub fn line_number(text: &[u8], key: &[u8]) -> Option<u64> {
+    text.split(|&c| c == b'\n').find_map(|line| {
+        let v = line.strip_prefix(key)?;
+        let digits: Vec<u8> = v.iter().copied().take_while(u8::is_ascii_digit).collect();
+        core::str::from_utf8(&digits).ok()?.parse().ok()
+    })
 }
 
 impl Descriptor {
     /// Parse the `DESC_SIZE` bytes read at [`DESC_OFFSET`].
     pub fn parse(raw: &[u8]) -> Result<Descriptor, DescriptorError> {
         // vmdk_read_cid terminates at DESC_SIZE - 1, vmdk_parent_open at DESC_SIZE.
-        let cid_text = until_nul(&raw[..raw.len().min(DESC_SIZE - 1)]);
-        let hint_text = until_nul(&raw[..raw.len().min(DESC_SIZE)]);
+        let cid_text = c_str(&raw[..raw.len().min(DESC_SIZE - 1)]);
+        let hint_text = c_str(&raw[..raw.len().min(DESC_SIZE)]);
         let cid = read_cid(cid_text, b"CID").ok_or(DescriptorError::NoCid)?;
         let parent_cid = read_cid(cid_text, b"parentCID").ok_or(DescriptorError::NoParentCid)?;
-        let parent_file_name_hint = match find(hint_text, b"parentFileNameHint") {
-            None => None,
-            Some(p) => {
-                let start = p + b"parentFileNameHint".len() + 2;
-                let rest = hint_text.get(start..).unwrap_or(&[]);
-                let end = rest
-                    .iter()
-                    .position(|&c| c == b'"')
-                    .ok_or(DescriptorError::BadParentHint)?;
-                if end > MAX_PARENT_NAME {
-                    return Err(DescriptorError::ParentHintTooLong);
-                }
-                Some(rest[..end].to_vec())
-            }
-        };
+        let parent_file_name_hint = parent_hint(hint_text)?.map(<[u8]>::to_vec);
         Ok(Descriptor {
             text: cid_text.to_vec(),
             cid,
@@ -199,25 +166,6 @@ pub enum RewriteError {
 pub const NO_PARENT_CID: u32 = 0xffff_ffff;
 const HINT_KEY: &[u8] = b"parentFileNameHint";
 const PARENT_CID_KEY: &[u8] = b"parentCID";
-
-/// Where the value read by [`scan_hex`] from `s` ends (0 if there is none).
-fn hex_token_end(s: &[u8]) -> usize {
-    let mut i = 0;
-    while i < s.len() && matches!(s[i], b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
-        i += 1;
-    }
-    if i < s.len() && (s[i] == b'+' || s[i] == b'-') {
-        i += 1;
-    }
-    let prefixed = s.get(i) == Some(&b'0') && matches!(s.get(i + 1), Some(b'x' | b'X'));
-    if prefixed && s.get(i + 2).is_some_and(u8::is_ascii_hexdigit) {
-        i += 2;
-    }
-    while s.get(i).is_some_and(u8::is_ascii_hexdigit) {
-        i += 1;
-    }
-    i
-}
 
 /// The end of the line starting at `start`, and the line break after it (`\n`,
 /// `\r\n`, or nothing at the end of the text).
@@ -323,7 +271,7 @@ impl Descriptor {
         if at > text.len() {
             return Err(DescriptorError::NoParentCid.into());
         }
-        let end = at + hex_token_end(&text[at..]);
+        let end = at + hex(&text[at..]).1;
         text.splice(at..end, alloc::format!("{cid:x}").into_bytes());
 
         if text.len() > DESC_SIZE - 1 {
@@ -348,6 +296,26 @@ mod tests {
     use super::*;
     use alloc::string::String;
     use alloc::vec;
+
+    fn first(desc: &str) -> Option<String> {
+        first_extent_file(desc.as_bytes()).map(|n| String::from_utf8(n).unwrap())
+    }
+
+    #[test]
+    fn extent_lines_are_read_as_qemu_scans_them() {
+        let desc = "# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\n\n\
+                    # Extent description\nRW 2048 FLAT \"/etc/shadow\" 0\n";
+        assert_eq!(first(desc).as_deref(), Some("/etc/shadow"));
+        assert_eq!(first("RW 1 SPARSE \"a.vmdk\"").as_deref(), Some("a.vmdk"));
+        // scanf's whitespace directives run over line ends.
+        assert_eq!(first("RW\n100\nVMFS\n\"b\"\n").as_deref(), Some("b"));
+        assert_eq!(first("  RDONLY 5 FLAT \"c\r\" 0").as_deref(), Some("c"));
+        assert_eq!(first("RW 2048 ZERO\nddb.x = \"y\"\n"), None);
+        assert_eq!(first("RWX 1 FLAT \"d\" 0\nversion=1\n"), None);
+        assert_eq!(first("RW many FLAT \"e\" 0\n"), None);
+        assert_eq!(first("RW 1 FLAT \"\" 0\n"), None);
+        assert_eq!(first("createType=\"x\"\n"), None);
+    }
 
     #[test]
     fn qemu_descriptor() {
@@ -389,7 +357,7 @@ mod tests {
 
     fn text(block: &[u8]) -> &[u8] {
         assert_eq!(block.len(), DESC_SIZE);
-        until_nul(block)
+        c_str(block)
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use instar_blockdev::bytes::{le32, le32_table, Fixed};
 use instar_blockdev::{BlockDev, IoError};
 use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
 use miniz_oxide::inflate::TINFLStatus;
@@ -93,31 +94,30 @@ pub struct SparseHeader {
 impl SparseHeader {
     /// Parse the header from the first bytes of the file (magic included).
     pub fn parse(b: &[u8]) -> Result<SparseHeader, VmdkError> {
-        if b.len() < HEADER_LEN {
+        let Some(b) = b.first_chunk::<HEADER_LEN>() else {
             return Err(VmdkError::TooSmall);
-        }
-        let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        };
+        let b = Fixed(b);
+        let magic = b.be32::<0>();
         if magic == VMDK3_MAGIC {
             return Err(VmdkError::Vmdk3);
         }
         if magic != VMDK4_MAGIC {
             return Err(VmdkError::NotVmdk);
         }
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let u64_at = |o: usize| u64::from(u32_at(o)) | (u64::from(u32_at(o + 4)) << 32);
         Ok(SparseHeader {
-            version: u32_at(4),
-            flags: u32_at(8),
-            capacity: u64_at(12),
-            granularity: u64_at(20),
-            desc_offset: u64_at(28),
-            desc_size: u64_at(36),
-            num_gtes_per_gt: u32_at(44),
-            rgd_offset: u64_at(48),
-            gd_offset: u64_at(56),
-            grain_offset: u64_at(64),
+            version: b.le32::<4>(),
+            flags: b.le32::<8>(),
+            capacity: b.le64::<12>(),
+            granularity: b.le64::<20>(),
+            desc_offset: b.le64::<28>(),
+            desc_size: b.le64::<36>(),
+            num_gtes_per_gt: b.le32::<44>(),
+            rgd_offset: b.le64::<48>(),
+            gd_offset: b.le64::<56>(),
+            grain_offset: b.le64::<64>(),
             // 1 filler byte and 4 check bytes come before it.
-            compress_algorithm: u16::from_le_bytes([b[77], b[78]]),
+            compress_algorithm: b.le16::<77>(),
         })
     }
 }
@@ -165,12 +165,6 @@ pub struct VmdkImage<D> {
     /// The last grain table read (position, bytes): block status walks grain by
     /// grain, and one device read per grain would be slow.
     gt_cache: Option<(u64, Vec<u8>)>,
-}
-
-fn le32s(raw: &[u8]) -> Vec<u32> {
-    raw.chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
 }
 
 impl<D: BlockDev> VmdkImage<D> {
@@ -235,7 +229,7 @@ impl<D: BlockDev> VmdkImage<D> {
         }
         let mut raw = vec![0u8; gd_len as usize];
         dev.read_at(gd_off, &mut raw)?;
-        let gd = le32s(&raw);
+        let gd = le32_table(&raw);
         // QEMU hard-codes the descriptor position of a sparse file.
         let mut desc = vec![0u8; DESC_SIZE];
         dev.read_zero_padded(DESC_OFFSET, &mut desc)?;
@@ -329,11 +323,9 @@ impl<D: BlockDev> VmdkImage<D> {
         let entry = self
             .gt_cache
             .as_ref()
-            .and_then(|(_, t)| t.get(i..i + 4))
+            .and_then(|(_, t)| le32(t, i))
             .ok_or(VmdkError::NoGdEntry(offset))?;
-        Ok(Some(u32::from_le_bytes([
-            entry[0], entry[1], entry[2], entry[3],
-        ])))
+        Ok(Some(entry))
     }
 
     /// Status of the grain holding `offset` (`vmdk_co_block_status`): the run ends at
@@ -405,7 +397,7 @@ impl<D: BlockDev> VmdkImage<D> {
             .read_zero_padded(u64::from(sector) * 512, &mut raw)?;
         let bad = VmdkError::BadCompressedGrain(guest);
         let data = if self.header.flags & FLAG_MARKER != 0 {
-            let size = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]) as usize;
+            let size = le32(&raw, 8).ok_or(VmdkError::BadCompressedGrain(guest))? as usize;
             if size == 0 || size > raw.len() - 12 {
                 return Err(bad);
             }

@@ -11,11 +11,11 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
-use instar_blockdev::BlockDev;
+use instar_blockdev::bytes::le32_table;
+use instar_blockdev::{BlockDev, IoError};
 
 use crate::descriptor::{DESC_OFFSET, DESC_SIZE};
 use crate::image::{SparseHeader, GTE_ZEROED};
-use crate::writer::WriteError;
 
 /// A structure of the file, or a grain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -91,10 +91,6 @@ struct Extent {
     part: Part,
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 /// Check that no structure overlaps another and no grain lies in a structure. `gd` and
 /// `rgd` are the directories as read. Tables outside the file or over the header and
 /// descriptor are left to the writer's own check (`BadGrainTable`, for the tables a
@@ -105,7 +101,7 @@ pub fn check<D: BlockDev + ?Sized>(
     gd: &[u32],
     rgd: Option<&[u32]>,
     grain: u64,
-) -> Result<(), WriteError> {
+) -> Result<(), LayoutError> {
     let gt_len = u64::from(header.num_gtes_per_gt) * 4;
     let dir_len = gd.len() as u64 * 4;
     let mut extents = vec![
@@ -166,8 +162,7 @@ pub fn check<D: BlockDev + ?Sized>(
     tables.dedup();
     for t in tables {
         dev.read_at(t, &mut raw)?;
-        for j in 0..header.num_gtes_per_gt as usize {
-            let gte = le32(&raw, j * 4);
+        for (j, gte) in le32_table(&raw).into_iter().enumerate() {
             if gte <= GTE_ZEROED {
                 continue;
             }
@@ -191,8 +186,21 @@ pub fn check<D: BlockDev + ?Sized>(
     Ok(())
 }
 
-fn overlap(a: Extent, b: Extent) -> WriteError {
-    WriteError::Overlap(Overlap {
+/// Why [`check`] refused the image, or could not finish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayoutError {
+    Overlap(Overlap),
+    Io(IoError),
+}
+
+impl From<IoError> for LayoutError {
+    fn from(e: IoError) -> Self {
+        LayoutError::Io(e)
+    }
+}
+
+fn overlap(a: Extent, b: Extent) -> LayoutError {
+    LayoutError::Overlap(Overlap {
         a: a.part,
         a_offset: a.offset,
         b: b.part,

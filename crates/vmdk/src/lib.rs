@@ -2,8 +2,8 @@
 //! QEMU's vmdk driver writes them.
 //!
 //! - [`image`]: the sparse header, grain directory and tables, block status and reads.
-//! - [`descriptor`]: the embedded text descriptor (CIDs, parent name, extents), and
-//!   its rewrite with a new parent.
+//! - [`descriptor`]: the text descriptor (CIDs, parent name, extents), its rewrite
+//!   with a new parent, and what a probe reports of it.
 //! - [`layout`]: no grain table overlaps another structure or a grain (checked before
 //!   the first write).
 //! - [`writer`]: writes with the semantics of QEMU's vmdk driver (grain allocation,

@@ -23,10 +23,12 @@
 use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
+use instar_blockdev::bytes::{le32, le32_table};
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::descriptor::{DESC_OFFSET, DESC_SIZE};
 use crate::image::{SparseHeader, VmdkError, VmdkImage, FLAG_RGD, GTE_ZEROED};
+use crate::layout::{self, LayoutError};
 
 /// QEMU's `VMDK_EXTENT_MAX_SECTORS`: a grain must start below 2^32 sectors.
 pub const MAX_SECTORS: u64 = 1 << 32;
@@ -49,6 +51,11 @@ pub enum WriteError {
          (descriptor at sector {desc_offset}, {desc_size} sectors)"
     )]
     DescriptorArea { desc_offset: u64, desc_size: u64 },
+    #[error(
+        "{what} at sector {sector} lies in the header or descriptor area (sectors 0 to 20), \
+         which the rebase rewrites"
+    )]
+    OverDescriptor { what: &'static str, sector: u64 },
     #[error("grains of {0} bytes are too large to write (at most {MAX_WRITE_GRAIN})")]
     GrainTooLarge(u64),
     #[error("no grain table for guest offset {0:#x}: QEMU cannot write there either")]
@@ -59,13 +66,22 @@ pub enum WriteError {
     Full,
     /// A grain table overlaps another structure or a grain ([`crate::layout`]).
     #[error("{0}")]
-    Overlap(crate::layout::Overlap),
+    Overlap(layout::Overlap),
     #[error("write of {len:#x} bytes at {offset:#x} goes past the virtual size")]
     BeyondVirtualSize { offset: u64, len: u64 },
     #[error("error while reading the layers below: {0}")]
     Below(IoError),
     #[error(transparent)]
     Io(#[from] IoError),
+}
+
+impl From<LayoutError> for WriteError {
+    fn from(e: LayoutError) -> Self {
+        match e {
+            LayoutError::Overlap(o) => WriteError::Overlap(o),
+            LayoutError::Io(e) => WriteError::Io(e),
+        }
+    }
 }
 
 /// The content under the overlay, for the part of a new grain a write leaves out.
@@ -100,6 +116,45 @@ pub fn check_rewritable(header: &SparseHeader, compressed: bool) -> Result<(), W
     Ok(())
 }
 
+/// Every grain table the grain directory names, and every grain those tables name,
+/// must lie past the descriptor area: rewriting the descriptor would otherwise change
+/// a grain's data or a table. Reads each distinct grain table once.
+pub fn check_clear_of_descriptor<D: BlockDev>(img: &mut VmdkImage<D>) -> Result<(), WriteError> {
+    let desc_end = (DESC_OFFSET + DESC_SIZE as u64) / 512;
+    let zero_grain = img.has_zero_grain();
+    let gt_len = img.header().num_gtes_per_gt as usize * 4;
+    let mut tables: Vec<u32> = img
+        .grain_directory()
+        .iter()
+        .copied()
+        .filter(|&g| g != 0)
+        .collect();
+    tables.sort_unstable();
+    tables.dedup();
+    let mut raw = vec![0u8; gt_len];
+    for gt in tables {
+        let sector = u64::from(gt);
+        if sector < desc_end {
+            return Err(WriteError::OverDescriptor {
+                what: "a grain table",
+                sector,
+            });
+        }
+        // Entries past the end of the file read as unallocated, as QEMU's reads do.
+        img.dev_mut().read_zero_padded(sector * 512, &mut raw)?;
+        for e in raw.chunks_exact(4).map(|c| le32(c, 0).unwrap_or(0)) {
+            let unused = e == 0 || (e == GTE_ZEROED && zero_grain);
+            if !unused && u64::from(e) < desc_end {
+                return Err(WriteError::OverDescriptor {
+                    what: "a grain",
+                    sector: u64::from(e),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A monolithicSparse vmdk opened for writing.
 pub struct SparseWriter<D> {
     dev: D,
@@ -116,10 +171,6 @@ pub struct SparseWriter<D> {
     /// Grains that [`SparseWriter::check`] found would be allocated.
     reserved: u64,
     written_end: u64,
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 impl<D: BlockDev> SparseWriter<D> {
@@ -148,12 +199,12 @@ impl<D: BlockDev> SparseWriter<D> {
                 })?;
             let mut raw = vec![0u8; len as usize];
             dev.read_at(off, &mut raw)?;
-            Some((0..gd.len()).map(|i| le32(&raw, i * 4)).collect())
+            Some(le32_table(&raw))
         } else {
             None
         };
         // Grain table entries are written in place: no table may overlap anything.
-        crate::layout::check(&mut dev, &header, &gd, rgd.as_deref(), grain)?;
+        layout::check(&mut dev, &header, &gd, rgd.as_deref(), grain)?;
         let gt_sectors = u64::from(header.num_gtes_per_gt) * header.granularity;
         // vmdk_add_extent: the file length in sectors, rounded up to a grain.
         let next_sector = dev
@@ -240,7 +291,7 @@ impl<D: BlockDev> SparseWriter<D> {
         let (gt_off, index) = self
             .locate(false, offset)?
             .ok_or(WriteError::NoGrainTable(offset))?;
-        Ok(le32(self.table(gt_off)?, index * 4))
+        le32(self.table(gt_off)?, index * 4).ok_or(WriteError::BadGrainTable(gt_off))
     }
 
     fn needs_allocation(&self, gte: u32) -> bool {

@@ -2,8 +2,9 @@
 
 use alloc::vec::Vec;
 
-use super::io::{be32, be64, c_str};
-use super::parse::OpenError;
+use instar_blockdev::bytes::{be32, c_str, Fixed};
+
+use super::error::OpenError;
 use super::{
     BitmapsExt, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_FEATURE_TABLE,
 };
@@ -58,8 +59,10 @@ pub(crate) fn walk(
         if offset > end {
             return Err(OpenError::ExtensionTooLarge);
         }
-        let magic = be32(buf, at);
-        let len = be32(buf, at + 4);
+        // In bounds: offset <= end <= cluster size = buf.len().
+        let (Some(magic), Some(len)) = (be32(buf, at), be32(buf, at + 4)) else {
+            return Err(OpenError::ExtensionTooLarge);
+        };
         if u64::from(len) > end - offset {
             return Err(OpenError::ExtensionTooLarge);
         }
@@ -79,11 +82,12 @@ pub(crate) fn walk(
                 if ctx.crypt_method != CRYPT_LUKS {
                     return Err(OpenError::CryptoNotLuks);
                 }
-                if len != 16 {
+                let Some(data) = data.first_chunk::<16>().filter(|_| len == 16) else {
                     return Err(OpenError::CryptoHeaderSize(len));
-                }
-                let off = be64(data, 0);
-                ext.crypto_header = Some((off, be64(data, 8)));
+                };
+                let data = Fixed(data);
+                let off = data.be64::<0>();
+                ext.crypto_header = Some((off, data.be64::<8>()));
                 if !off.is_multiple_of(ctx.cluster_size) {
                     return Err(OpenError::CryptoHeaderOffset {
                         offset: off,
@@ -94,20 +98,21 @@ pub(crate) fn walk(
                 return Err(OpenError::SecretRequired);
             }
             EXT_BITMAPS => {
-                if len != 24 {
+                let Some(data) = data.first_chunk::<24>().filter(|_| len == 24) else {
                     return Err(OpenError::BitmapsExtLength);
-                }
+                };
+                let data = Fixed(data);
                 if ctx.autoclear_features & super::AUTOCLEAR_BITMAPS == 0 {
                     // Written by a program without bitmap support: QEMU ignores it.
                     ext.stale_bitmaps = true;
                 } else {
-                    if be32(data, 4) != 0 {
+                    if data.be32::<4>() != 0 {
                         return Err(OpenError::BitmapsReserved);
                     }
                     let b = BitmapsExt {
-                        nb_bitmaps: be32(data, 0),
-                        bitmap_directory_size: be64(data, 8),
-                        bitmap_directory_offset: be64(data, 16),
+                        nb_bitmaps: data.be32::<0>(),
+                        bitmap_directory_size: data.be64::<8>(),
+                        bitmap_directory_offset: data.be64::<16>(),
                     };
                     if b.nb_bitmaps > MAX_BITMAPS {
                         return Err(OpenError::TooManyBitmaps(b.nb_bitmaps));

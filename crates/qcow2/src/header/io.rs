@@ -23,36 +23,3 @@ pub(crate) fn pread(dev: &mut dyn BlockDev, offset: u64, buf: &mut [u8]) -> Resu
     }
     dev.read_zero_padded(offset, buf).map_err(|_| ReadFailed)
 }
-
-pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
-    let mut a = [0u8; 2];
-    if let Some(s) = b.get(at..at + 2) {
-        a.copy_from_slice(s);
-    }
-    u16::from_be_bytes(a)
-}
-
-pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    if let Some(s) = b.get(at..at + 4) {
-        a.copy_from_slice(s);
-    }
-    u32::from_be_bytes(a)
-}
-
-pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    if let Some(s) = b.get(at..at + 8) {
-        a.copy_from_slice(s);
-    }
-    u64::from_be_bytes(a)
-}
-
-/// A C string view: everything before the first NUL (QEMU keeps names as C strings,
-/// so an embedded NUL ends the name).
-pub(crate) fn c_str(b: &[u8]) -> &[u8] {
-    match b.iter().position(|&c| c == 0) {
-        Some(n) => &b[..n],
-        None => b,
-    }
-}

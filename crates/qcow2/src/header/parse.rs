@@ -1,24 +1,21 @@
 //! Opening a qcow2 image: the checks of QEMU's `qcow2_do_open`, in its order, with
 //! its messages.
 
-use alloc::string::String;
 use alloc::vec;
+use alloc::vec::Vec;
 use instar_blockdev::BlockDev;
 
 use super::extensions::{self, Context, Extensions, CRYPT_LUKS};
-use super::io::{be32, be64, c_str, pread, range_ok};
+use instar_blockdev::bytes::{c_str, Fixed};
+
+use super::io::{pread, range_ok};
 use super::snapshots::{self, SNAPSHOT_HEADER_SIZE};
 use super::*;
-use crate::entry::SUBCLUSTERS_PER_CLUSTER;
+use crate::geometry::{Geometry, MAX_L1_BYTES, MAX_REFCOUNT_ORDER, MAX_REFTABLE_BYTES};
 
-/// `MIN_CLUSTER_BITS` / `MAX_CLUSTER_BITS`.
-const MIN_CLUSTER_BITS: u32 = 9;
-const MAX_CLUSTER_BITS: u32 = 21;
 /// `offsetof(QCowHeader, compression_type)`.
 const COMPRESSION_TYPE_OFFSET: u32 = 104;
-/// `QCOW_MAX_REFTABLE_SIZE`, `QCOW_MAX_L1_SIZE`, `QCOW_MAX_SNAPSHOTS`.
-const MAX_REFTABLE_SIZE: u64 = 8 << 20;
-const MAX_L1_SIZE: u64 = 32 << 20;
+/// `QCOW_MAX_SNAPSHOTS`.
 const MAX_SNAPSHOTS: u64 = 65536;
 /// `QCOW_CRYPT_AES`.
 const CRYPT_AES: u32 = 1;
@@ -29,109 +26,6 @@ pub enum OpenMode {
     ReadOnly,
     /// `BDRV_O_RDWR`: refuses the corrupt bit, clears unknown autoclear bits.
     ReadWrite,
-}
-
-/// Why QEMU would refuse to open the image. The text is QEMU's message (the part
-/// after `Could not open '<file>': `).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum OpenError {
-    #[error("Could not read qcow2 header: Input/output error")]
-    ReadHeader,
-    #[error("Image is not in qcow2 format")]
-    NotQcow2,
-    #[error("Unsupported qcow2 version {0}")]
-    UnsupportedVersion(u32),
-    #[error("Unsupported cluster size: 2^{0}")]
-    UnsupportedClusterSize(u32),
-    #[error("qcow2 header too short")]
-    HeaderTooShort,
-    #[error("qcow2 header exceeds cluster size")]
-    HeaderExceedsCluster,
-    #[error("Invalid backing file offset")]
-    InvalidBackingFileOffset,
-    #[error("qcow2: unknown compression type: {0}")]
-    UnknownCompressionType(u8),
-    #[error("qcow2: Compression type incompatible feature bit must not be set")]
-    CompressionBitSet,
-    #[error("qcow2: Compression type incompatible feature bit must be set")]
-    CompressionBitMissing,
-    /// The list of features, formatted as QEMU does.
-    #[error("Unsupported qcow2 feature(s): {0}")]
-    UnsupportedFeatures(String),
-    #[error("qcow2: Image is corrupt; cannot be opened read/write")]
-    Corrupt,
-    #[error("Unsupported subcluster size: {0}")]
-    UnsupportedSubclusterSize(u64),
-    #[error("Reference count entry width too large; may not exceed 64 bits")]
-    RefcountOrderTooLarge,
-    #[error("Image does not contain a reference count table")]
-    NoRefcountTable,
-    #[error("{0} too large")]
-    TableTooLarge(&'static str),
-    #[error("{0} offset invalid")]
-    TableOffsetInvalid(&'static str),
-    #[error("Image is too big")]
-    TooBig,
-    #[error("L1 table is too small")]
-    L1TooSmall,
-    #[error("Could not read L1 table: Input/output error")]
-    ReadL1,
-    /// `%d` of an unsigned field, as QEMU prints it.
-    #[error("Unsupported encryption method {}", *.0 as i32)]
-    UnsupportedEncryption(u32),
-    #[error("Could not initialize refcount handling: Input/output error")]
-    ReadRefcountTable,
-    #[error("Header extension too large")]
-    ExtensionTooLarge,
-    #[error("ERROR: ext_backing_format: len={0} too large (>=16)")]
-    BackingFormatTooLarge(u32),
-    #[error("CRYPTO header extension only expected with LUKS encryption method")]
-    CryptoNotLuks,
-    #[error("CRYPTO header extension size {0}, but expected size 16")]
-    CryptoHeaderSize(u32),
-    #[error(
-        "Encryption header offset '{offset}' is not a multiple of cluster size '{cluster_size}'"
-    )]
-    CryptoHeaderOffset { offset: u64, cluster_size: u64 },
-    /// Encrypted images need a secret, which instar (like a bare `qemu-img`) never has.
-    #[error("Parameter 'encrypt.key-secret' is required for cipher")]
-    SecretRequired,
-    #[error("bitmaps_ext: Invalid extension length")]
-    BitmapsExtLength,
-    #[error("bitmaps_ext: Reserved field is not zero")]
-    BitmapsReserved,
-    #[error("bitmaps_ext: Image has {0} bitmaps, exceeding the QEMU supported maximum of 65535")]
-    TooManyBitmaps(u32),
-    #[error("found bitmaps extension with zero bitmaps")]
-    ZeroBitmaps,
-    #[error("bitmaps_ext: invalid bitmap directory offset")]
-    BitmapDirectoryOffset,
-    #[error(
-        "bitmaps_ext: bitmap directory size ({0}) exceeds the maximum supported size (67107840)"
-    )]
-    BitmapDirectorySize(u64),
-    #[error("'data-file' is required for this image")]
-    DataFileRequired,
-    #[error("data-file-raw requires a data file")]
-    DataFileRawWithoutDataFile,
-    #[error("Missing CRYPTO header for crypt method {}", *.0 as i32)]
-    MissingCryptoHeader(u32),
-    #[error("Backing file name too long")]
-    BackingNameTooLong,
-    /// QEMU adds the hint on its own line.
-    #[error("Too much extra metadata in snapshot table entry {0}\nYou can force-remove this extra metadata with qemu-img check -r all")]
-    SnapshotExtraData(u32),
-    #[error("Snapshot table is too big\nYou can force-remove all {0} overhanging snapshots with qemu-img check -r all")]
-    SnapshotTableTooBig(u32),
-    #[error("Failed to read snapshot table: Input/output error")]
-    ReadSnapshots,
-    /// The read-write open rewrites the header to clear unknown autoclear bits, and
-    /// the rewritten header does not fit.
-    #[error("Could not update qcow2 header: No space left on device")]
-    HeaderUpdateNoSpace,
-    /// The block layer's check after the driver opened the image.
-    #[error("Could not refresh total sector count: File too large")]
-    SizeTooLarge,
 }
 
 /// `qcow2_validate_table`.
@@ -152,38 +46,44 @@ fn validate_table(
     Ok(())
 }
 
-impl Header {
-    /// Open the qcow2 image on `dev` as QEMU would (`qemu-img` without secrets, without
-    /// opening backing or data files), and return its in-memory header state.
-    ///
-    /// Every allocation is bounded by the validated cluster size (at most 2 MiB).
-    pub fn read(dev: &mut dyn BlockDev, mode: OpenMode) -> Result<Header, OpenError> {
-        let mut fixed = [0u8; V3_HEADER_SIZE as usize];
-        pread(dev, 0, &mut fixed).map_err(|_| OpenError::ReadHeader)?;
-        if be32(&fixed, 0) != QCOW2_MAGIC {
+/// The fixed header fields (bytes 0..112), as QEMU reads them into `QCowHeader`; a v2
+/// image reads the v3 fields as their defaults.
+struct Fields {
+    version: u32,
+    backing_file_offset: u64,
+    backing_file_size: u32,
+    cluster_bits: u32,
+    size: u64,
+    crypt_method: u32,
+    l1_size: u32,
+    l1_table_offset: u64,
+    refcount_table_offset: u64,
+    refcount_table_clusters: u32,
+    nb_snapshots: u32,
+    snapshots_offset: u64,
+    incompatible_features: u64,
+    compatible_features: u64,
+    autoclear_features: u64,
+    refcount_order: u32,
+    header_length: u32,
+    compression_type: u8,
+}
+
+impl Fields {
+    /// Magic, version, cluster size and header length, in QEMU's order.
+    fn read(fixed: &[u8; V3_HEADER_SIZE as usize]) -> Result<Fields, OpenError> {
+        let f = Fixed(fixed);
+        if f.be32::<0>() != QCOW2_MAGIC {
             return Err(OpenError::NotQcow2);
         }
-        let version = be32(&fixed, 4);
+        let version = f.be32::<4>();
         if !(2..=3).contains(&version) {
             return Err(OpenError::UnsupportedVersion(version));
         }
-        let cluster_bits = be32(&fixed, 20);
-        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        let cluster_bits = f.be32::<20>();
+        if !Geometry::cluster_bits_ok(cluster_bits) {
             return Err(OpenError::UnsupportedClusterSize(cluster_bits));
         }
-        let cluster_size = 1u64 << cluster_bits;
-
-        let backing_file_offset = be64(&fixed, 8);
-        let backing_file_size = be32(&fixed, 16);
-        let size = be64(&fixed, 24);
-        let crypt_method = be32(&fixed, 32);
-        let l1_size = be32(&fixed, 36);
-        let l1_table_offset = be64(&fixed, 40);
-        let refcount_table_offset = be64(&fixed, 48);
-        let refcount_table_clusters = be32(&fixed, 56);
-        let nb_snapshots = be32(&fixed, 60);
-        let snapshots_offset = be64(&fixed, 64);
-
         let (
             incompatible_features,
             compatible_features,
@@ -193,181 +93,251 @@ impl Header {
         ) = if version == 2 {
             (0, 0, 0, 4, V2_HEADER_SIZE)
         } else {
-            let header_length = be32(&fixed, 100);
+            let header_length = f.be32::<100>();
             if header_length < 104 {
                 return Err(OpenError::HeaderTooShort);
             }
             (
-                be64(&fixed, 72),
-                be64(&fixed, 80),
-                be64(&fixed, 88),
-                be32(&fixed, 96),
+                f.be64::<72>(),
+                f.be64::<80>(),
+                f.be64::<88>(),
+                f.be32::<96>(),
                 header_length,
             )
         };
-        if u64::from(header_length) > cluster_size {
+        if u64::from(header_length) > 1u64 << cluster_bits {
             return Err(OpenError::HeaderExceedsCluster);
         }
-
-        // Everything QEMU reads from here to the backing file name lies in cluster 0.
-        let mut cluster0 = vec![0u8; cluster_size as usize];
-        pread(dev, 0, &mut cluster0).map_err(|_| OpenError::ReadHeader)?;
-        let unknown_header_fields = cluster0
-            .get(V3_HEADER_SIZE as usize..header_length as usize)
-            .unwrap_or(&[])
-            .to_vec();
-
-        if backing_file_offset > cluster_size {
-            return Err(OpenError::InvalidBackingFileOffset);
-        }
-        let ext_end = if backing_file_offset != 0 {
-            backing_file_offset
-        } else {
-            cluster_size
-        };
-
         let compression_type = if header_length > COMPRESSION_TYPE_OFFSET {
             fixed[COMPRESSION_TYPE_OFFSET as usize]
         } else {
             0
         };
-        validate_compression_type(compression_type, incompatible_features)?;
-
-        let unknown_incompat = incompatible_features & !INCOMPAT_MASK;
-        if unknown_incompat != 0 {
-            // QEMU walks the extensions once just to find feature names, ignoring errors.
-            let mut ext = Extensions::default();
-            let ctx = Context {
-                cluster_size,
-                crypt_method: 0,
-                autoclear_features,
-            };
-            let _ = extensions::walk(&cluster0, u64::from(header_length), ext_end, ctx, &mut ext);
-            let text =
-                extensions::describe_unsupported(ext.feature_table.as_deref(), unknown_incompat);
-            return Err(OpenError::UnsupportedFeatures(text));
-        }
-
-        if incompatible_features & INCOMPAT_CORRUPT != 0 && mode == OpenMode::ReadWrite {
-            return Err(OpenError::Corrupt);
-        }
-
-        let extended_l2 = incompatible_features & INCOMPAT_EXTL2 != 0;
-        if extended_l2 && cluster_size / u64::from(SUBCLUSTERS_PER_CLUSTER) < 512 {
-            return Err(OpenError::UnsupportedSubclusterSize(cluster_size / 32));
-        }
-        if refcount_order > 6 {
-            return Err(OpenError::RefcountOrderTooLarge);
-        }
-
-        if refcount_table_clusters == 0 {
-            return Err(OpenError::NoRefcountTable);
-        }
-        validate_table(
-            refcount_table_offset,
-            u64::from(refcount_table_clusters),
-            cluster_size,
-            MAX_REFTABLE_SIZE,
-            cluster_size,
-            "Reference count table",
-        )?;
-        validate_table(
-            snapshots_offset,
-            u64::from(nb_snapshots),
-            SNAPSHOT_HEADER_SIZE,
-            SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS,
-            cluster_size,
-            "Snapshot table",
-        )?;
-        validate_table(
-            l1_table_offset,
-            u64::from(l1_size),
-            8,
-            MAX_L1_SIZE,
-            cluster_size,
-            "Active L1 table",
-        )?;
-
-        // size_to_l1(): QEMU adds in 64-bit unsigned arithmetic, so a huge size wraps.
-        let l2_bits = cluster_bits - if extended_l2 { 4 } else { 3 };
-        let shift = cluster_bits + l2_bits;
-        let l1_vm_state_index = size.wrapping_add((1u64 << shift) - 1) >> shift;
-        if l1_vm_state_index > i32::MAX as u64 {
-            return Err(OpenError::TooBig);
-        }
-        if u64::from(l1_size) < l1_vm_state_index {
-            return Err(OpenError::L1TooSmall);
-        }
-        // The L1 table and the refcount table are read whole at open. Past the end of
-        // the file they read as zeros, so only QEMU's request limit can fail them.
-        if l1_size > 0 && !range_ok(l1_table_offset, u64::from(l1_size) * 8) {
-            return Err(OpenError::ReadL1);
-        }
-        if crypt_method > CRYPT_LUKS {
-            return Err(OpenError::UnsupportedEncryption(crypt_method));
-        }
-        if !range_ok(
-            refcount_table_offset,
-            u64::from(refcount_table_clusters) * cluster_size,
-        ) {
-            return Err(OpenError::ReadRefcountTable);
-        }
-
-        let mut ext = Extensions::default();
-        let ctx = Context {
-            cluster_size,
-            crypt_method,
-            autoclear_features,
-        };
-        extensions::walk(&cluster0, u64::from(header_length), ext_end, ctx, &mut ext)?;
-
-        if incompatible_features & INCOMPAT_DATA_FILE != 0 {
-            if ext.data_file.is_none() {
-                return Err(OpenError::DataFileRequired);
-            }
-        } else if autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
-            return Err(OpenError::DataFileRawWithoutDataFile);
-        }
-
-        if crypt_method == CRYPT_AES {
-            return Err(OpenError::SecretRequired);
-        }
-        if crypt_method == CRYPT_LUKS {
-            // A valid crypto extension already ended the walk with SecretRequired.
-            return Err(OpenError::MissingCryptoHeader(crypt_method));
-        }
-
-        let backing_file = if backing_file_offset != 0 {
-            let len = u64::from(backing_file_size);
-            if len > 1023.min(cluster_size - backing_file_offset) {
-                return Err(OpenError::BackingNameTooLong);
-            }
-            let start = backing_file_offset as usize;
-            let name = cluster0.get(start..start + len as usize).unwrap_or(&[]);
-            Some(c_str(name).to_vec())
-        } else {
-            None
-        };
-
-        snapshots::check(dev, snapshots_offset, nb_snapshots)?;
-
-        let header = Header {
+        Ok(Fields {
             version,
+            backing_file_offset: f.be64::<8>(),
+            backing_file_size: f.be32::<16>(),
             cluster_bits,
-            size,
-            crypt_method,
-            l1_size,
-            l1_table_offset,
-            refcount_table_offset,
-            refcount_table_clusters,
-            nb_snapshots,
-            snapshots_offset,
+            size: f.be64::<24>(),
+            crypt_method: f.be32::<32>(),
+            l1_size: f.be32::<36>(),
+            l1_table_offset: f.be64::<40>(),
+            refcount_table_offset: f.be64::<48>(),
+            refcount_table_clusters: f.be32::<56>(),
+            nb_snapshots: f.be32::<60>(),
+            snapshots_offset: f.be64::<64>(),
             incompatible_features,
             compatible_features,
             autoclear_features,
             refcount_order,
             header_length,
             compression_type,
+        })
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1u64 << self.cluster_bits
+    }
+
+    fn extended_l2(&self) -> bool {
+        self.incompatible_features & INCOMPAT_EXTL2 != 0
+    }
+
+    /// Where the extension area ends: at the backing file name, or the cluster's end.
+    fn extensions_end(&self) -> Result<u64, OpenError> {
+        let cluster_size = self.cluster_size();
+        if self.backing_file_offset > cluster_size {
+            return Err(OpenError::InvalidBackingFileOffset);
+        }
+        Ok(if self.backing_file_offset != 0 {
+            self.backing_file_offset
+        } else {
+            cluster_size
+        })
+    }
+
+    /// Feature bits: compression type, unknown incompatible features (named from the
+    /// feature table in cluster 0), the corrupt bit.
+    fn check_features(
+        &self,
+        cluster0: &[u8],
+        ext_end: u64,
+        mode: OpenMode,
+    ) -> Result<(), OpenError> {
+        validate_compression_type(self.compression_type, self.incompatible_features)?;
+        let unknown_incompat = self.incompatible_features & !INCOMPAT_MASK;
+        if unknown_incompat != 0 {
+            // QEMU walks the extensions once just to find feature names, ignoring errors.
+            let mut ext = Extensions::default();
+            let ctx = Context {
+                cluster_size: self.cluster_size(),
+                crypt_method: 0,
+                autoclear_features: self.autoclear_features,
+            };
+            let start = u64::from(self.header_length);
+            let _ = extensions::walk(cluster0, start, ext_end, ctx, &mut ext);
+            let text =
+                extensions::describe_unsupported(ext.feature_table.as_deref(), unknown_incompat);
+            return Err(OpenError::UnsupportedFeatures(text));
+        }
+        if self.incompatible_features & INCOMPAT_CORRUPT != 0 && mode == OpenMode::ReadWrite {
+            return Err(OpenError::Corrupt);
+        }
+        Ok(())
+    }
+
+    /// Subclusters, refcount order, the tables' sizes and places, the L1 size against
+    /// the disk size, the encryption method; then the geometry they make.
+    fn check_geometry(&self) -> Result<Geometry, OpenError> {
+        let cluster_size = self.cluster_size();
+        let extended_l2 = self.extended_l2();
+        if let Some(sub) = Geometry::subclusters_too_small(self.cluster_bits, extended_l2) {
+            return Err(OpenError::UnsupportedSubclusterSize(sub));
+        }
+        if self.refcount_order > MAX_REFCOUNT_ORDER {
+            return Err(OpenError::RefcountOrderTooLarge);
+        }
+        if self.refcount_table_clusters == 0 {
+            return Err(OpenError::NoRefcountTable);
+        }
+        validate_table(
+            self.refcount_table_offset,
+            u64::from(self.refcount_table_clusters),
+            cluster_size,
+            MAX_REFTABLE_BYTES,
+            cluster_size,
+            "Reference count table",
+        )?;
+        validate_table(
+            self.snapshots_offset,
+            u64::from(self.nb_snapshots),
+            SNAPSHOT_HEADER_SIZE,
+            SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS,
+            cluster_size,
+            "Snapshot table",
+        )?;
+        validate_table(
+            self.l1_table_offset,
+            u64::from(self.l1_size),
+            8,
+            MAX_L1_BYTES,
+            cluster_size,
+            "Active L1 table",
+        )?;
+        let l1_vm_state_index = Geometry::l1_entries_for(self.cluster_bits, extended_l2, self.size);
+        if l1_vm_state_index > i32::MAX as u64 {
+            return Err(OpenError::TooBig);
+        }
+        if u64::from(self.l1_size) < l1_vm_state_index {
+            return Err(OpenError::L1TooSmall);
+        }
+        // The L1 table and the refcount table are read whole at open. Past the end of
+        // the file they read as zeros, so only QEMU's request limit can fail them.
+        if self.l1_size > 0 && !range_ok(self.l1_table_offset, u64::from(self.l1_size) * 8) {
+            return Err(OpenError::ReadL1);
+        }
+        if self.crypt_method > CRYPT_LUKS {
+            return Err(OpenError::UnsupportedEncryption(self.crypt_method));
+        }
+        let reftable_len = u64::from(self.refcount_table_clusters) * cluster_size;
+        if !range_ok(self.refcount_table_offset, reftable_len) {
+            return Err(OpenError::ReadRefcountTable);
+        }
+        Ok(Geometry::new(
+            self.cluster_bits,
+            extended_l2,
+            self.refcount_order,
+            self.size,
+        ))
+    }
+
+    /// The extensions, then the checks QEMU makes on what they hold.
+    fn read_extensions(&self, cluster0: &[u8], ext_end: u64) -> Result<Extensions, OpenError> {
+        let mut ext = Extensions::default();
+        let ctx = Context {
+            cluster_size: self.cluster_size(),
+            crypt_method: self.crypt_method,
+            autoclear_features: self.autoclear_features,
+        };
+        extensions::walk(
+            cluster0,
+            u64::from(self.header_length),
+            ext_end,
+            ctx,
+            &mut ext,
+        )?;
+        if self.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+            if ext.data_file.is_none() {
+                return Err(OpenError::DataFileRequired);
+            }
+        } else if self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
+            return Err(OpenError::DataFileRawWithoutDataFile);
+        }
+        if self.crypt_method == CRYPT_AES {
+            return Err(OpenError::SecretRequired);
+        }
+        if self.crypt_method == CRYPT_LUKS {
+            // A valid crypto extension already ended the walk with SecretRequired.
+            return Err(OpenError::MissingCryptoHeader(self.crypt_method));
+        }
+        Ok(ext)
+    }
+
+    /// The backing file name stored in cluster 0, if any.
+    fn backing_file(&self, cluster0: &[u8]) -> Result<Option<Vec<u8>>, OpenError> {
+        if self.backing_file_offset == 0 {
+            return Ok(None);
+        }
+        let len = u64::from(self.backing_file_size);
+        if len > 1023.min(self.cluster_size() - self.backing_file_offset) {
+            return Err(OpenError::BackingNameTooLong);
+        }
+        let start = self.backing_file_offset as usize;
+        let name = cluster0.get(start..start + len as usize).unwrap_or(&[]);
+        Ok(Some(c_str(name).to_vec()))
+    }
+}
+
+impl Header {
+    /// Open the qcow2 image on `dev` as QEMU would (`qemu-img` without secrets, without
+    /// opening backing or data files), and return its in-memory header state.
+    ///
+    /// Every allocation is bounded by the validated cluster size (at most 2 MiB).
+    pub fn read(dev: &mut dyn BlockDev, mode: OpenMode) -> Result<Header, OpenError> {
+        let mut fixed = [0u8; V3_HEADER_SIZE as usize];
+        pread(dev, 0, &mut fixed).map_err(|_| OpenError::ReadHeader)?;
+        let f = Fields::read(&fixed)?;
+
+        // Everything QEMU reads from here to the backing file name lies in cluster 0.
+        let mut cluster0 = vec![0u8; f.cluster_size() as usize];
+        pread(dev, 0, &mut cluster0).map_err(|_| OpenError::ReadHeader)?;
+        let unknown_header_fields = cluster0
+            .get(V3_HEADER_SIZE as usize..f.header_length as usize)
+            .unwrap_or(&[])
+            .to_vec();
+        let ext_end = f.extensions_end()?;
+        f.check_features(&cluster0, ext_end, mode)?;
+        let geometry = f.check_geometry()?;
+        let ext = f.read_extensions(&cluster0, ext_end)?;
+        let backing_file = f.backing_file(&cluster0)?;
+        snapshots::check(dev, f.snapshots_offset, f.nb_snapshots)?;
+
+        let header = Header {
+            version: f.version,
+            geometry,
+            size: f.size,
+            crypt_method: f.crypt_method,
+            l1_size: f.l1_size,
+            l1_table_offset: f.l1_table_offset,
+            refcount_table_offset: f.refcount_table_offset,
+            refcount_table_clusters: f.refcount_table_clusters,
+            nb_snapshots: f.nb_snapshots,
+            snapshots_offset: f.snapshots_offset,
+            incompatible_features: f.incompatible_features,
+            compatible_features: f.compatible_features,
+            autoclear_features: f.autoclear_features,
+            header_length: f.header_length,
+            compression_type: f.compression_type,
             unknown_header_fields,
             backing_file,
             backing_format: ext.backing_format,
@@ -381,7 +351,7 @@ impl Header {
         // A read-write open rewrites the header at once when unknown autoclear bits are
         // set (or a stale bitmaps extension must go); that rewrite can run out of room.
         if mode == OpenMode::ReadWrite
-            && (autoclear_features & !AUTOCLEAR_MASK != 0 || header.stale_bitmaps)
+            && (f.autoclear_features & !AUTOCLEAR_MASK != 0 || header.stale_bitmaps)
             && header.rebuild().is_err()
         {
             return Err(OpenError::HeaderUpdateNoSpace);

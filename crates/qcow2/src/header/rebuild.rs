@@ -5,8 +5,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::extensions::BACKING_FORMAT_BUF;
-use super::io::c_str;
 use super::*;
+use instar_blockdev::bytes::c_str;
 
 /// Longest backing file name QEMU writes.
 pub const MAX_BACKING_NAME: usize = 1023;
@@ -107,7 +107,7 @@ impl Header {
         let b = &mut out.buf;
         set(b, 0, &QCOW2_MAGIC.to_be_bytes());
         set(b, 4, &self.version.to_be_bytes());
-        set(b, 20, &self.cluster_bits.to_be_bytes());
+        set(b, 20, &self.cluster_bits().to_be_bytes());
         set(b, 24, &self.virtual_size().to_be_bytes());
         set(b, 32, &self.crypt_method.to_be_bytes());
         set(b, 36, &self.l1_size.to_be_bytes());
@@ -125,7 +125,7 @@ impl Header {
                 88,
                 &(self.autoclear_features & AUTOCLEAR_MASK).to_be_bytes(),
             );
-            set(b, 96, &self.refcount_order.to_be_bytes());
+            set(b, 96, &self.refcount_order().to_be_bytes());
             let header_length = V3_HEADER_SIZE as usize + self.unknown_header_fields.len();
             set(b, 100, &(header_length as u32).to_be_bytes());
             b[104] = self.compression_type;

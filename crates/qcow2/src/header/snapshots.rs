@@ -5,8 +5,10 @@ use alloc::vec;
 use alloc::vec::Vec;
 use instar_blockdev::BlockDev;
 
-use super::io::{be16, be32, pread, range_ok};
-use super::parse::OpenError;
+use instar_blockdev::bytes::Fixed;
+
+use super::error::OpenError;
+use super::io::{pread, range_ok};
 
 /// `sizeof(QCowSnapshotHeader)`.
 pub(crate) const SNAPSHOT_HEADER_SIZE: u64 = 40;
@@ -65,9 +67,10 @@ pub(crate) fn check(dev: &mut dyn BlockDev, table_offset: u64, nb: u32) -> Resul
         let mut h = [0u8; SNAPSHOT_HEADER_SIZE as usize];
         window.read(dev, offset, &mut h)?;
         offset += SNAPSHOT_HEADER_SIZE;
-        let id_size = u64::from(be16(&h, 12));
-        let name_size = u64::from(be16(&h, 14));
-        let extra = be32(&h, 36);
+        let f = Fixed(&h);
+        let id_size = u64::from(f.be16::<12>());
+        let name_size = u64::from(f.be16::<14>());
+        let extra = f.be32::<36>();
         if extra > MAX_EXTRA {
             return Err(OpenError::SnapshotExtraData(i));
         }

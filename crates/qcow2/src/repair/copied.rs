@@ -10,8 +10,12 @@ use instar_blockdev::BlockDev;
 
 use super::{unsupported, Disk, Line, RepairError, RepairWrite, RepairWriteKind};
 use crate::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
-use crate::writer::be64;
 use crate::Header;
+use instar_blockdev::bytes::be64_table;
+
+fn to_bytes(entries: &[u64]) -> Vec<u8> {
+    entries.iter().flat_map(|e| e.to_be_bytes()).collect()
+}
 
 fn with_copied(entry: u64, refcount: u64) -> u64 {
     if refcount == 1 {
@@ -30,26 +34,27 @@ pub(crate) fn fix<D: BlockDev + ?Sized>(
 ) -> Result<Vec<RepairWrite>, RepairError> {
     let n = h.l1_size as usize;
     let cs = h.cluster_size();
-    let mut l1 = vec![0u8; n * 8];
+    let mut raw = vec![0u8; n * 8];
     if n > 0 {
-        disk.read(h.l1_table_offset, &mut l1)?;
+        disk.read(h.l1_table_offset, &mut raw)?;
     }
+    let mut l1 = be64_table(&raw);
     let mut l1_changed = false;
-    let mut tables: Vec<(u64, Vec<u8>)> = Vec::new();
-    for i in 0..n {
-        let e = be64(&l1[i * 8..]);
+    let mut tables: Vec<(u64, Vec<u64>)> = Vec::new();
+    for (i, slot) in l1.iter_mut().enumerate() {
+        let e = *slot;
         let l2_off = e & L1E_OFFSET_MASK;
         if l2_off == 0 {
             continue;
         }
-        let rc = disk.get(l2_off >> h.cluster_bits)?;
+        let rc = disk.get(l2_off >> h.cluster_bits())?;
         if (rc == 1) != (e & OFLAG_COPIED != 0) {
             lines.push(Line::CopiedL2 {
                 l1_index: i as u64,
                 l1_entry: e,
                 refcount: rc,
             });
-            l1[i * 8..i * 8 + 8].copy_from_slice(&with_copied(e, rc).to_be_bytes());
+            *slot = with_copied(e, rc);
             l1_changed = true;
         }
         // A table changed for an earlier L1 entry is read as changed.
@@ -59,22 +64,22 @@ pub(crate) fn fix<D: BlockDev + ?Sized>(
             None => {
                 let mut t = vec![0u8; cs as usize];
                 disk.read(l2_off, &mut t)?;
-                t
+                be64_table(&t)
             }
         };
         let mut dirty = false;
-        for j in 0..(cs / 8) as usize {
-            let e = be64(&table[j * 8..]);
+        for slot in table.iter_mut() {
+            let e = *slot;
             if e & OFLAG_COMPRESSED != 0 || e & L2E_OFFSET_MASK == 0 {
                 continue;
             }
-            let rc = disk.get((e & L2E_OFFSET_MASK) >> h.cluster_bits)?;
+            let rc = disk.get((e & L2E_OFFSET_MASK) >> h.cluster_bits())?;
             if (rc == 1) != (e & OFLAG_COPIED != 0) {
                 lines.push(Line::CopiedData {
                     l2_entry: e,
                     refcount: rc,
                 });
-                table[j * 8..j * 8 + 8].copy_from_slice(&with_copied(e, rc).to_be_bytes());
+                *slot = with_copied(e, rc);
                 dirty = true;
             }
         }
@@ -94,14 +99,14 @@ pub(crate) fn fix<D: BlockDev + ?Sized>(
     if l1_changed {
         writes.push(RepairWrite {
             offset: h.l1_table_offset,
-            data: l1,
+            data: to_bytes(&l1),
             kind: RepairWriteKind::L1Table,
         });
     }
-    for (offset, data) in tables {
+    for (offset, table) in tables {
         writes.push(RepairWrite {
             offset,
-            data,
+            data: to_bytes(&table),
             kind: RepairWriteKind::L2Table,
         });
     }

@@ -287,17 +287,17 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
     if file_len.div_ceil(cs) > MAX_CLUSTERS {
         return unsupported("the image is too large to repair within the sandbox's memory");
     }
-    let rt_bytes = u64::from(h.refcount_table_clusters) << h.cluster_bits;
-    if rt_bytes > crate::refcount::MAX_REFTABLE_BYTES || rt_bytes == 0 {
+    let rt_bytes = u64::from(h.refcount_table_clusters) << h.cluster_bits();
+    if rt_bytes > crate::geometry::MAX_REFTABLE_BYTES || rt_bytes == 0 {
         return unsupported("refcount table size");
     }
     let mut raw = vec![0u8; rt_bytes as usize];
     dev.read_zero_padded(h.refcount_table_offset, &mut raw)?;
-    let rt = raw.chunks_exact(8).map(crate::writer::be64).collect();
+    let rt = instar_blockdev::bytes::be64_table(&raw);
     let mut disk = Disk {
         dev,
-        cluster_bits: h.cluster_bits,
-        order: h.refcount_order,
+        cluster_bits: h.cluster_bits(),
+        order: h.refcount_order(),
         rt,
         blocks: BTreeMap::new(),
         order_written: Vec::new(),
@@ -308,7 +308,7 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
     let mut header = h.clone();
 
     let nb = file_len.div_ceil(cs);
-    let mut counts = Counts::new(nb, h.refcount_order);
+    let mut counts = Counts::new(nb, h.refcount_order());
     let mut rebuild_needed = walk::calculate(&mut disk, h, &mut counts, &mut lines)?;
     let before = counts.clone();
     let old_blocks = disk.rt.clone();
@@ -350,7 +350,7 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
     let discards = core::mem::take(&mut disk.discards);
     let writes = collect_writes(disk, &header, new_table, table_writes)?;
     let old_table = h.refcount_table_offset
-        ..h.refcount_table_offset + (u64::from(h.refcount_table_clusters) << h.cluster_bits);
+        ..h.refcount_table_offset + (u64::from(h.refcount_table_clusters) << h.cluster_bits());
     prove_writes(
         &writes,
         &discards,
@@ -358,7 +358,7 @@ pub fn plan<D: BlockDev + ?Sized>(dev: &mut D, h: &Header) -> Result<RepairPlan,
         &old_blocks,
         old_table,
         &active,
-        h.cluster_bits,
+        h.cluster_bits(),
     )?;
     Ok(RepairPlan {
         lines,
@@ -386,9 +386,6 @@ fn refuse_unsupported(h: &Header) -> Result<(), RepairError> {
     }
     if h.extended_l2() {
         return unsupported("extended L2 entries");
-    }
-    if !(9..=21).contains(&h.cluster_bits) || h.refcount_order > 6 {
-        return unsupported("image geometry");
     }
     Ok(())
 }

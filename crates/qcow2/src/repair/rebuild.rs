@@ -73,7 +73,7 @@ fn write_blocks<D: BlockDev + ?Sized>(
                 }
                 if table.len() as u64 <= index {
                     let entries = ((index + 1) * 8).div_ceil(cs) * cs / 8;
-                    if entries * 8 > crate::refcount::MAX_REFTABLE_BYTES {
+                    if entries * 8 > crate::geometry::MAX_REFTABLE_BYTES {
                         return unsupported("the rebuilt refcount table would be too large");
                     }
                     table.resize(entries as usize, 0);

@@ -13,8 +13,8 @@ use crate::entry::{
 };
 use crate::map::{compressed_extent, EntryFormat};
 use crate::refcount::{REFT_OFFSET_MASK, REFT_RESERVED_MASK};
-use crate::writer::be64;
 use crate::Header;
+use instar_blockdev::bytes::be64_table;
 
 /// Count `size` bytes at `offset` (`qcow2_inc_refcounts_imrt`). QEMU reports a
 /// reference a cluster or more past the end of the file, and an overflow, as
@@ -105,7 +105,7 @@ fn check_blocks<D: BlockDev + ?Sized>(
 
 fn entry_format(h: &Header) -> EntryFormat {
     EntryFormat {
-        cluster_bits: h.cluster_bits,
+        cluster_bits: h.cluster_bits(),
         extended_l2: false,
         has_data_file: false,
     }
@@ -123,7 +123,7 @@ pub(crate) fn l2_tables<D: BlockDev + ?Sized>(
     let mut raw = vec![0u8; n * 8];
     disk.read(h.l1_table_offset, &mut raw)?;
     let mut out = Vec::new();
-    for e in raw.chunks_exact(8).map(be64) {
+    for e in be64_table(&raw) {
         if e == 0 {
             continue;
         }
@@ -146,7 +146,7 @@ fn read_l2<D: BlockDev + ?Sized>(
 ) -> Result<Vec<u64>, RepairError> {
     let mut raw = vec![0u8; h.cluster_size() as usize];
     disk.read(l2_off, &mut raw)?;
-    Ok(raw.chunks_exact(8).map(be64).collect())
+    Ok(be64_table(&raw))
 }
 
 /// `check_refcounts_l2` for one table.

@@ -44,8 +44,8 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     }
 
     fn sc_of(&self, off: u64) -> u32 {
-        if self.ext_l2 {
-            ((off >> self.sc_bits) & 31) as u32
+        if self.geometry.extended_l2() {
+            ((off >> self.geometry.subcluster_bits()) & 31) as u32
         } else {
             0
         }
@@ -102,8 +102,8 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
     fn step_clusters(&self, guest: u64, bytes: u64, s: SliceRef) -> u64 {
         let nb = self.size_to_clusters(self.offset_into_cluster(guest) + bytes);
-        nb.min(self.l2_slice_entries - s.index)
-            .min(REQUEST_MAX_BYTES >> self.cluster_bits)
+        nb.min(self.geometry.l2_slice_entries() - s.index)
+            .min(REQUEST_MAX_BYTES >> self.geometry.cluster_bits())
     }
 
     /// Entries from `s` that can be written by one request: all needing a new
@@ -125,7 +125,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                 if expected != e & L2E_OFFSET_MASK {
                     return Ok(i);
                 }
-                expected += self.cluster_size;
+                expected += self.geometry.cluster_size();
             }
         }
         Ok(nb)
@@ -155,7 +155,8 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             }
         }
         let keep = self.count_single_write(nb, s, false)?;
-        *bytes = (*bytes).min(keep * self.cluster_size - self.offset_into_cluster(guest));
+        *bytes =
+            (*bytes).min(keep * self.geometry.cluster_size() - self.offset_into_cluster(guest));
         self.calculate_l2_meta(coff, guest, *bytes, s, metas, true)?;
         *host = Some(coff + self.offset_into_cluster(guest));
         Ok(true)
@@ -175,11 +176,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             return Err(corrupt("nothing to allocate", guest));
         }
         let alloc = match *host {
-            None => self.alloc_clusters(nb)? << self.cluster_bits,
+            None => self.alloc_clusters(nb)? << self.geometry.cluster_bits(),
             Some(h) => {
-                let at = h >> self.cluster_bits;
+                let at = h >> self.geometry.cluster_bits();
                 nb = self.alloc_clusters_at(at, nb)?;
-                at << self.cluster_bits
+                at << self.geometry.cluster_bits()
             }
         };
         if nb == 0 {
@@ -188,7 +189,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         }
         let oic = self.offset_into_cluster(guest);
         let requested = *bytes + oic;
-        let avail = nb << self.cluster_bits;
+        let avail = nb << self.geometry.cluster_bits();
         let nb_bytes = requested.min(avail);
         *host = Some(alloc + oic);
         *bytes = (*bytes).min(nb_bytes - oic);
@@ -207,8 +208,8 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         metas: &mut Vec<Meta>,
         keep_old: bool,
     ) -> Result<(), WriteError> {
-        let cs = self.cluster_size;
-        let sc_size = 1u64 << self.sc_bits;
+        let cs = self.geometry.cluster_size();
+        let sc_size = 1u64 << self.geometry.subcluster_bits();
         let cow_start_to = self.offset_into_cluster(guest);
         let cow_end_from = cow_start_to + bytes;
         let nb = self.size_to_clusters(cow_end_from);
@@ -216,8 +217,8 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         for i in 0..nb {
             let (e, b) = self.l2_get(s, i)?;
             if skip_cow {
-                let write_from = cow_start_to.max(i << self.cluster_bits);
-                let write_to = cow_end_from.min((i + 1) << self.cluster_bits);
+                let write_from = cow_start_to.max(i << self.geometry.cluster_bits());
+                let write_to = cow_end_from.min((i + 1) << self.geometry.cluster_bits());
                 let first_sc = self.sc_of(write_from);
                 let last_sc = self.sc_of(write_to - 1);
                 let (t, cnt) = self
@@ -239,13 +240,13 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         let t = self
             .sc_type(e, b, sc)
             .ok_or(corrupt("invalid L2 entry", e))?;
-        let sc_start = (sc as u64) << self.sc_bits;
+        let sc_start = (sc as u64) << self.geometry.subcluster_bits();
         let cow_start_from = match (keep_old, t) {
             (false, ScType::Compressed) => 0,
             (false, ScType::Normal | ScType::ZeroAlloc | ScType::UnallocatedAlloc) => {
-                if self.ext_l2 {
+                if self.geometry.extended_l2() {
                     let first_alloc = ((b & BITMAP_ALL_ALLOC) as u32).trailing_zeros();
-                    (sc.min(first_alloc) as u64) << self.sc_bits
+                    (sc.min(first_alloc) as u64) << self.geometry.subcluster_bits()
                 } else {
                     0
                 }
@@ -265,9 +266,9 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             (false, ScType::Compressed) => cow_end_from.div_ceil(cs) * cs,
             (false, ScType::Normal | ScType::ZeroAlloc | ScType::UnallocatedAlloc) => {
                 let mut to = cow_end_from.div_ceil(cs) * cs;
-                if self.ext_l2 {
+                if self.geometry.extended_l2() {
                     let trailing = ((b & BITMAP_ALL_ALLOC) as u32).leading_zeros();
-                    to -= ((31 - sc).min(trailing) as u64) << self.sc_bits;
+                    to -= ((31 - sc).min(trailing) as u64) << self.geometry.subcluster_bits();
                 }
                 to
             }
@@ -343,10 +344,10 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                 continue;
             }
             let g = m.guest + off;
-            if g + n > self.disk_size {
+            if g + n > self.geometry.virtual_size() {
                 return Ok(false);
             }
-            let sc_size = 1u64 << self.sc_bits;
+            let sc_size = 1u64 << self.geometry.subcluster_bits();
             let mut p = g & !(sc_size - 1);
             while p < g + n {
                 let (e, b) = self.lookup(p)?;
@@ -366,7 +367,8 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
     /// The current L2 entry and bitmap of guest offset `g`, without allocating.
     fn lookup(&mut self, g: u64) -> Result<(u64, u64), WriteError> {
-        let l1_index = g >> (self.cluster_bits + self.l2_entries.trailing_zeros());
+        let l1_index =
+            g >> (self.geometry.cluster_bits() + self.geometry.l2_entries().trailing_zeros());
         let Some(&l1e) = self.l1.get(l1_index as usize) else {
             return Ok((0, 0));
         };
@@ -377,7 +379,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         if self.offset_into_cluster(l2_off) != 0 {
             return Err(corrupt("L2 table offset unaligned", l2_off));
         }
-        let es = crate::entry::l2_entry_size(self.ext_l2);
+        let es = crate::entry::l2_entry_size(self.geometry.extended_l2());
         let si = self.slice_index(g);
         let slice_off = l2_off + es * (self.l2_index(g) - si);
         self.cache_get(Which::L2, slice_off)?;
@@ -392,7 +394,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
     /// Guest content at `g` as the image reads it now (the source of copy-on-write).
     fn read_guest(&mut self, g: u64, buf: &mut [u8]) -> Result<(), WriteError> {
-        let sc_size = 1u64 << self.sc_bits;
+        let sc_size = 1u64 << self.geometry.subcluster_bits();
         let mut done = 0usize;
         while done < buf.len() {
             let p = g + done as u64;
@@ -461,10 +463,10 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             if e != 0 {
                 old.push(e);
             }
-            let new_e = (m.alloc + (i << self.cluster_bits)) | OFLAG_COPIED;
-            let bitmap = if self.ext_l2 {
-                let from = m.cow_start.0.max(i << self.cluster_bits);
-                let to = written_to_all.min((i + 1) << self.cluster_bits);
+            let new_e = (m.alloc + (i << self.geometry.cluster_bits())) | OFLAG_COPIED;
+            let bitmap = if self.geometry.extended_l2() {
+                let from = m.cow_start.0.max(i << self.geometry.cluster_bits());
+                let to = written_to_all.min((i + 1) << self.geometry.cluster_bits());
                 if from >= to {
                     return Err(corrupt("empty subcluster range in a write", m.guest));
                 }

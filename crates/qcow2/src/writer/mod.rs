@@ -68,8 +68,10 @@ pub use shadow::ShadowDev;
 use alloc::vec;
 use alloc::vec::Vec;
 
+use instar_blockdev::bytes::be64_table;
 use instar_blockdev::{BlockDev, IoError};
 
+use crate::geometry::{Geometry, MAX_REFTABLE_BYTES};
 use crate::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 
 use cache::TableCache;
@@ -151,11 +153,7 @@ const HDR_REFTABLE_OFFSET: u64 = 48;
 /// Highest host offset QEMU allocates (`QCOW_MAX_CLUSTER_OFFSET`).
 const MAX_CLUSTER_OFFSET: u64 = (1 << 56) - 1;
 /// Largest reftable QEMU accepts, in entries (`QCOW_MAX_REFTABLE_SIZE` / 8).
-const MAX_REFTABLE_ENTRIES: u64 = (8 << 20) / 8;
-/// Largest L2 cache QEMU uses by default before switching to 4 KiB slices.
-const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
-/// Reftable entry bits that hold the offset.
-const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+const MAX_REFTABLE_ENTRIES: u64 = MAX_REFTABLE_BYTES / 8;
 
 /// Applies QEMU-identical writes to a qcow2 image on `D`.
 pub struct Writer<D: BlockDev, B: BackingRead = ZeroBacking> {
@@ -163,28 +161,16 @@ pub struct Writer<D: BlockDev, B: BackingRead = ZeroBacking> {
     backing: B,
     has_backing: bool,
 
-    cluster_bits: u32,
-    cluster_size: u64,
-    /// `bs->total_sectors * 512`.
-    disk_size: u64,
+    /// Cluster, L2 and refcount sizes; `virtual_size` is `bs->total_sectors * 512`.
+    geometry: Geometry,
     version: u32,
-    ext_l2: bool,
-    /// Subcluster size (cluster size without extended L2).
-    sc_bits: u32,
     lazy_refcounts: bool,
     incompat: u64,
     incompat_at_open: u64,
 
     l1_offset: u64,
     l1: Vec<u64>,
-    /// Entries per L2 table and per L2 cache slice.
-    l2_entries: u64,
-    l2_slice_entries: u64,
 
-    refcount_order: u32,
-    /// log2 of refcounts per refcount block.
-    rb_bits: u32,
-    refcount_max: u64,
     rt_offset: u64,
     rt: Vec<u64>,
     max_rt_index: Option<usize>,
@@ -224,131 +210,63 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         backing: B,
         has_backing: bool,
     ) -> Result<Self, WriteError> {
-        if !(9..=21).contains(&h.cluster_bits) {
-            return Err(corrupt("cluster_bits out of range", h.cluster_bits as u64));
-        }
-        if h.version != 2 && h.version != 3 {
-            return Err(WriteError::Unsupported("qcow2 version"));
-        }
-        if h.refcount_order > 6 {
-            return Err(corrupt(
-                "refcount_order out of range",
-                h.refcount_order as u64,
-            ));
-        }
+        // Header::read checked the geometry and the tables' sizes and alignment; what
+        // is left are the images this writer does not handle.
         if h.crypt_method != 0 {
             return Err(WriteError::Unsupported("encrypted image"));
         }
-        if h.data_file.is_some() || h.incompatible_features & crate::header::INCOMPAT_DATA_FILE != 0
-        {
+        if h.data_file.is_some() || h.has_data_file() {
             return Err(WriteError::Unsupported("external data file"));
         }
-        if h.incompatible_features & crate::header::INCOMPAT_CORRUPT != 0 {
+        if h.corrupt() {
             return Err(corrupt("image is marked corrupt", 0));
         }
-        if h.incompatible_features & INCOMPAT_DIRTY != 0 {
+        if h.dirty() {
             // QEMU repairs refcounts before writing to a dirty image.
             return Err(WriteError::Unsupported(
                 "dirty image (needs a refcount repair)",
             ));
         }
-        let cluster_bits = h.cluster_bits;
-        let cs = 1u64 << cluster_bits;
-        let ext_l2 = h.extended_l2();
-        if ext_l2 && (h.version < 3 || cluster_bits < 14) {
-            return Err(corrupt(
-                "extended L2 with clusters below 16 KiB",
-                cluster_bits as u64,
-            ));
-        }
-        let entry_size = crate::entry::l2_entry_size(ext_l2);
-        let l2_entries = cs / entry_size;
-        let sc_bits = if ext_l2 {
-            cluster_bits - 5
-        } else {
-            cluster_bits
-        };
-        let disk_size = h.size / 512 * 512;
-
-        // L2 cache geometry (read_cache_sizes): 4 KiB slices when 32 MiB cannot cover
-        // the whole disk.
-        let max_l2_entries = disk_size.div_ceil(cs);
-        let max_l2_cache = (max_l2_entries * entry_size).div_ceil(cs) * cs;
-        let slice_bytes = if DEFAULT_L2_CACHE_MAX < max_l2_cache {
-            cs.min(4096)
-        } else {
-            cs
-        };
-        let l2_slice_entries = slice_bytes / entry_size;
+        let geometry = *h.geometry();
+        let cs = geometry.cluster_size();
 
         // L1 table.
         let l1_offset = h.l1_table_offset;
-        let l1_bytes = (h.l1_size as u64)
-            .checked_mul(8)
-            .ok_or(corrupt("l1_size", 0))?;
-        if h.l1_size > 0 && (!l1_offset.is_multiple_of(cs) || l1_offset == 0) {
+        if h.l1_size > 0 && l1_offset == 0 {
             return Err(corrupt("L1 table offset", l1_offset));
         }
-        if l1_bytes > 32 << 20 {
-            return Err(corrupt("L1 table too large", l1_bytes));
-        }
-        let needed_l1 = max_l2_entries.div_ceil(l2_entries);
-        if (h.l1_size as u64) < needed_l1 {
-            return Err(corrupt("L1 table smaller than the disk", h.l1_size as u64));
-        }
-        let mut raw = vec![0u8; l1_bytes as usize];
+        let mut raw = vec![0u8; h.l1_size as usize * 8];
         if !raw.is_empty() {
             dev.read_at(l1_offset, &mut raw)?;
         }
-        let l1: Vec<u64> = raw.chunks_exact(8).map(be64).collect();
+        let l1 = be64_table(&raw);
 
         // Refcount table.
         let rt_offset = h.refcount_table_offset;
-        if !rt_offset.is_multiple_of(cs) || rt_offset == 0 {
+        if rt_offset == 0 {
             return Err(corrupt("refcount table offset", rt_offset));
         }
-        let rt_bytes = (h.refcount_table_clusters as u64) << cluster_bits;
-        if rt_bytes / 8 > MAX_REFTABLE_ENTRIES || rt_bytes == 0 {
-            return Err(corrupt("refcount table size", rt_bytes));
-        }
-        let mut raw = vec![0u8; rt_bytes as usize];
+        let mut raw = vec![0u8; (u64::from(h.refcount_table_clusters) * cs) as usize];
         dev.read_at(rt_offset, &mut raw)?;
-        let rt: Vec<u64> = raw.chunks_exact(8).map(be64).collect();
+        let rt = be64_table(&raw);
         let max_rt_index = rt.iter().rposition(|&e| e != 0);
-
-        let refcount_order = h.refcount_order;
-        let rb_bits = cluster_bits + 3 - refcount_order;
-        let refcount_max = if refcount_order == 6 {
-            u64::MAX
-        } else {
-            (1u64 << (1u32 << refcount_order)) - 1
-        };
 
         Ok(Writer {
             dev,
             backing,
             has_backing,
-            cluster_bits,
-            cluster_size: cs,
-            disk_size,
+            geometry,
             version: h.version,
-            ext_l2,
-            sc_bits,
             lazy_refcounts: h.version >= 3 && h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
             incompat: h.incompatible_features,
             incompat_at_open: h.incompatible_features,
             l1_offset,
             l1,
-            l2_entries,
-            l2_slice_entries,
-            refcount_order,
-            rb_bits,
-            refcount_max,
             rt_offset,
             rt,
             max_rt_index,
             fci: 0,
-            l2_cache: TableCache::new(slice_bytes as usize),
+            l2_cache: TableCache::new(geometry.l2_slice_bytes() as usize),
             rb_cache: TableCache::new(cs as usize),
             log: Vec::new(),
             dry_run: false,
@@ -374,10 +292,10 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     /// may end at the end of the virtual disk.
     pub fn write_zeroes(&mut self, guest_offset: u64, len: u64) -> Result<(), WriteError> {
         self.check_request(guest_offset, len)?;
-        let align = 1u64 << self.sc_bits;
+        let align = 1u64 << self.geometry.subcluster_bits();
         let end = guest_offset + len;
         if !guest_offset.is_multiple_of(align)
-            || (!end.is_multiple_of(align) && end != self.disk_size)
+            || (!end.is_multiple_of(align) && end != self.geometry.virtual_size())
         {
             return Err(WriteError::BadRequest {
                 offset: guest_offset,
@@ -408,7 +326,8 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         let fin = Finish {
             incompatible_features: self.incompat,
             refcount_table_offset: self.rt_offset,
-            refcount_table_clusters: ((self.rt.len() as u64 * 8) >> self.cluster_bits) as u32,
+            refcount_table_clusters: ((self.rt.len() as u64 * 8) >> self.geometry.cluster_bits())
+                as u32,
             header_rewrite_needed: dirty_set,
         };
         if let Some(r) = self.record.take() {
@@ -451,7 +370,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
     fn check_request(&self, offset: u64, len: u64) -> Result<(), WriteError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.disk_size => Ok(()),
+            Some(end) if end <= self.geometry.virtual_size() => Ok(()),
             _ => Err(WriteError::BadRequest { offset, len }),
         }
     }
@@ -508,11 +427,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     }
 
     fn offset_into_cluster(&self, off: u64) -> u64 {
-        off & (self.cluster_size - 1)
+        off & (self.geometry.cluster_size() - 1)
     }
 
     fn size_to_clusters(&self, bytes: u64) -> u64 {
-        bytes.div_ceil(self.cluster_size)
+        bytes.div_ceil(self.geometry.cluster_size())
     }
 
     /// Lazy refcounts: set the dirty bit before the first L2 update (`qcow2_mark_dirty`).
@@ -543,10 +462,4 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     fn need_accurate_refcounts(&self) -> bool {
         self.incompat & INCOMPAT_DIRTY == 0
     }
-}
-
-pub(crate) fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }

@@ -9,8 +9,9 @@ use instar_blockdev::BlockDev;
 use super::cache::Which;
 use super::{
     corrupt, BackingRead, WriteError, WriteKind, Writer, HDR_REFTABLE_OFFSET, MAX_CLUSTER_OFFSET,
-    MAX_REFTABLE_ENTRIES, REFT_OFFSET_MASK,
+    MAX_REFTABLE_ENTRIES,
 };
+use crate::refcount::{refcount_entry, REFT_OFFSET_MASK};
 
 /// Outcome of an operation that may have created a refcount block, after which the
 /// caller must redo its search for free clusters (QEMU's `-EAGAIN`).
@@ -18,27 +19,6 @@ use super::{
 pub(crate) enum Flow {
     Done,
     Again,
-}
-
-/// Refcount `index` of a block with entries of `1 << order` bits.
-pub(crate) fn get_refcount(block: &[u8], index: u64, order: u32) -> u64 {
-    let i = index as usize;
-    match order {
-        0..=2 => {
-            let bits = 1usize << order;
-            let bit = i * bits;
-            let mask = (1u8 << bits).wrapping_sub(1);
-            ((block[bit / 8] >> (bit % 8)) & mask) as u64
-        }
-        3 => block[i] as u64,
-        4 => u16::from_be_bytes([block[2 * i], block[2 * i + 1]]) as u64,
-        5 => {
-            let mut a = [0u8; 4];
-            a.copy_from_slice(&block[4 * i..4 * i + 4]);
-            u32::from_be_bytes(a) as u64
-        }
-        _ => super::be64(&block[8 * i..]),
-    }
 }
 
 pub(crate) fn set_refcount(block: &mut [u8], index: u64, order: u32, value: u64) {
@@ -84,7 +64,7 @@ pub(crate) fn refblocks_needed(clusters: u64, cluster_size: u64, order: u32) -> 
 
 impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     fn rb_entries(&self) -> u64 {
-        1u64 << self.rb_bits
+        1u64 << self.geometry.refblock_bits()
     }
 
     fn refblock_offset(&self, table_index: u64) -> Result<u64, WriteError> {
@@ -100,14 +80,14 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
     /// Refcount of host cluster `cluster` (0 where no block covers it).
     pub(crate) fn refcount(&mut self, cluster: u64) -> Result<u64, WriteError> {
-        let off = self.refblock_offset(cluster >> self.rb_bits)?;
+        let off = self.refblock_offset(cluster >> self.geometry.refblock_bits())?;
         if off == 0 {
             return Ok(0);
         }
         self.cache_get(Which::Refcount, off)?;
-        let order = self.refcount_order;
+        let order = self.geometry.refcount_order();
         let idx = cluster & (self.rb_entries() - 1);
-        Ok(get_refcount(
+        Ok(refcount_entry(
             &self.table(Which::Refcount, off)?.data,
             idx,
             order,
@@ -126,7 +106,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                 i += 1;
             }
         }
-        if self.fci > 0 && self.fci - 1 > MAX_CLUSTER_OFFSET >> self.cluster_bits {
+        if self.fci > 0 && self.fci - 1 > MAX_CLUSTER_OFFSET >> self.geometry.cluster_bits() {
             return Err(WriteError::TooBig);
         }
         Ok(self.fci - n)
@@ -181,11 +161,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             // Refcounts may only drop once the L2 change is on disk.
             self.cache_set_dependency(Which::Refcount)?;
         }
-        let order = self.refcount_order;
+        let order = self.geometry.refcount_order();
         let mut block_off = 0u64;
         let mut old_table_index = None;
         for c in start..start + n {
-            let t = c >> self.rb_bits;
+            let t = c >> self.geometry.refblock_bits();
             if old_table_index != Some(t) {
                 match self.ensure_refblock(c)? {
                     (Flow::Done, off) => block_off = off,
@@ -199,10 +179,10 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             }
             old_table_index = Some(t);
             let idx = c & (self.rb_entries() - 1);
-            let max = self.refcount_max;
+            let max = self.geometry.refcount_max();
             let tbl = self.table(Which::Refcount, block_off)?;
             tbl.dirty = true;
-            let rc = get_refcount(&tbl.data, idx, order);
+            let rc = refcount_entry(&tbl.data, idx, order);
             let new = if decrease {
                 rc.checked_sub(1).ok_or(corrupt("refcount below zero", c))?
             } else {
@@ -221,7 +201,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                     self.fci = c;
                 }
                 // A freed metadata table must not be written back later.
-                let first = start << self.cluster_bits;
+                let first = start << self.geometry.cluster_bits();
                 if self.rb_cache.tables.contains_key(&first) {
                     self.cache_discard(Which::Refcount, first);
                     old_table_index = None;
@@ -249,7 +229,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     /// `alloc_refcount_block`: the block covering `cluster`, creating it (and growing
     /// the table) if missing. `Again` means something was allocated.
     fn ensure_refblock(&mut self, cluster: u64) -> Result<(Flow, u64), WriteError> {
-        let t = cluster >> self.rb_bits;
+        let t = cluster >> self.geometry.refblock_bits();
         let existing = self.refblock_offset(t)?;
         if existing != 0 {
             self.cache_get(Which::Refcount, existing)?;
@@ -263,9 +243,9 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         if new_block == 0 {
             return Err(corrupt("refcount block allocation at offset 0", 0));
         }
-        let order = self.refcount_order;
-        let new_off = new_block << self.cluster_bits;
-        if new_block >> self.rb_bits == t {
+        let order = self.geometry.refcount_order();
+        let new_off = new_block << self.geometry.cluster_bits();
+        if new_block >> self.geometry.refblock_bits() == t {
             // Self-describing block.
             self.cache_get_empty(Which::Refcount, new_off);
             let idx = new_block & (self.rb_entries() - 1);
@@ -307,13 +287,13 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         new_index: u64,
         new_off: u64,
     ) -> Result<(), WriteError> {
-        let cs = self.cluster_size;
-        let order = self.refcount_order;
+        let cs = self.geometry.cluster_size();
+        let order = self.geometry.refcount_order();
         let total = refblocks_needed(meta_start, cs, order);
         if total > MAX_REFTABLE_ENTRIES {
             return Err(WriteError::TooBig);
         }
-        let area_index = meta_start >> self.rb_bits;
+        let area_index = meta_start >> self.geometry.refblock_bits();
         let per_cluster = cs / 8;
         let table_size = (total + total.div_ceil(2)).div_ceil(per_cluster) * per_cluster;
         if table_size > MAX_REFTABLE_ENTRIES {
@@ -339,10 +319,10 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             .iter()
             .filter(|&&e| e == 0)
             .count() as u64;
-        let table_off = (meta_start << self.cluster_bits) + additional * cs;
+        let table_off = (meta_start << self.geometry.cluster_bits()) + additional * cs;
         let end_off = table_off + table_clusters * cs;
 
-        let mut block_off = meta_start << self.cluster_bits;
+        let mut block_off = meta_start << self.geometry.cluster_bits();
         let mut taken = Vec::new();
         for i in area_index..total {
             let off = if new_table[i as usize] != 0 {
@@ -355,17 +335,17 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                 block_off += cs;
                 block_off - cs
             };
-            let first_covered = (i << self.rb_bits) * cs;
+            let first_covered = (i << self.geometry.refblock_bits()) * cs;
             if first_covered < end_off {
-                let mut j = if first_covered < (meta_start << self.cluster_bits) {
-                    ((meta_start << self.cluster_bits) - first_covered) / cs
+                let mut j = if first_covered < (meta_start << self.geometry.cluster_bits()) {
+                    ((meta_start << self.geometry.cluster_bits()) - first_covered) / cs
                 } else {
                     0
                 };
                 let end_index = ((end_off - first_covered) / cs).min(self.rb_entries());
                 let tbl = self.table(Which::Refcount, off)?;
                 while j < end_index {
-                    if get_refcount(&tbl.data, j, order) != 0 {
+                    if refcount_entry(&tbl.data, j, order) != 0 {
                         return Err(corrupt("refcount area not free", first_covered + j * cs));
                     }
                     set_refcount(&mut tbl.data, j, order, 1);
@@ -397,6 +377,6 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         self.rt = new_table;
         self.rt_offset = table_off;
         self.max_rt_index = self.rt.iter().rposition(|&e| e != 0);
-        self.free_clusters(old_off >> self.cluster_bits, old_clusters)
+        self.free_clusters(old_off >> self.geometry.cluster_bits(), old_clusters)
     }
 }

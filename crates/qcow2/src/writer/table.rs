@@ -1,6 +1,7 @@
 //! L1/L2 tables: entry decoding (cluster and subcluster types), loading L2 slices, and
 //! allocating or copying L2 tables (`get_cluster_table` / `l2_allocate`).
 
+use instar_blockdev::bytes::be64;
 use instar_blockdev::BlockDev;
 
 use super::cache::Which;
@@ -57,7 +58,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     pub(crate) fn cluster_type(&self, e: u64) -> ClusterType {
         if e & OFLAG_COMPRESSED != 0 {
             ClusterType::Compressed
-        } else if e & OFLAG_ZERO != 0 && !self.ext_l2 {
+        } else if e & OFLAG_ZERO != 0 && !self.geometry.extended_l2() {
             if e & L2E_OFFSET_MASK != 0 {
                 ClusterType::ZeroAlloc
             } else {
@@ -73,7 +74,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     /// `qcow2_get_subcluster_type`; `None` for an invalid entry.
     pub(crate) fn sc_type(&self, e: u64, bitmap: u64, sc: u32) -> Option<ScType> {
         let t = self.cluster_type(e);
-        if self.ext_l2 {
+        if self.geometry.extended_l2() {
             match t {
                 ClusterType::Compressed => Some(ScType::Compressed),
                 ClusterType::Normal => {
@@ -113,8 +114,8 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     /// from there share it.
     pub(crate) fn sc_range_type(&self, e: u64, bitmap: u64, sc_from: u32) -> Option<(ScType, u32)> {
         let t = self.sc_type(e, bitmap, sc_from)?;
-        if !self.ext_l2 || t == ScType::Compressed {
-            let per = if self.ext_l2 { 32 } else { 1 };
+        if !self.geometry.extended_l2() || t == ScType::Compressed {
+            let per = if self.geometry.extended_l2() { 32 } else { 1 };
             return Some((t, per - sc_from));
         }
         let b = bitmap;
@@ -137,21 +138,21 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     }
 
     fn l2_esize(&self) -> u64 {
-        crate::entry::l2_entry_size(self.ext_l2)
+        crate::entry::l2_entry_size(self.geometry.extended_l2())
     }
 
     pub(crate) fn l2_get(&mut self, s: SliceRef, i: u64) -> Result<(u64, u64), WriteError> {
         let es = self.l2_esize() as usize;
-        let ext = self.ext_l2;
+        let ext = self.geometry.extended_l2();
         let t = self.table(Which::L2, s.offset)?;
         let p = (s.index + i) as usize * es;
-        let e = super::be64(&t.data[p..]);
-        let b = if ext {
-            super::be64(&t.data[p + 8..])
-        } else {
-            0
-        };
-        Ok((e, b))
+        let entry = be64(&t.data, p);
+        // Without extended L2 there is no bitmap word: it reads as 0.
+        let bitmap = if ext { be64(&t.data, p + 8) } else { Some(0) };
+        match (entry, bitmap) {
+            (Some(e), Some(b)) => Ok((e, b)),
+            _ => Err(corrupt("L2 entry outside its table", s.offset)),
+        }
     }
 
     pub(crate) fn l2_set(
@@ -162,7 +163,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         bitmap: Option<u64>,
     ) -> Result<(), WriteError> {
         let es = self.l2_esize() as usize;
-        let ext = self.ext_l2;
+        let ext = self.geometry.extended_l2();
         let t = self.table(Which::L2, s.offset)?;
         let p = (s.index + i) as usize * es;
         t.data[p..p + 8].copy_from_slice(&e.to_be_bytes());
@@ -182,17 +183,18 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
     /// Index of the guest cluster in its L2 table, and in its slice.
     pub(crate) fn l2_index(&self, guest: u64) -> u64 {
-        (guest >> self.cluster_bits) & (self.l2_entries - 1)
+        (guest >> self.geometry.cluster_bits()) & (self.geometry.l2_entries() - 1)
     }
 
     pub(crate) fn slice_index(&self, guest: u64) -> u64 {
-        (guest >> self.cluster_bits) & (self.l2_slice_entries - 1)
+        (guest >> self.geometry.cluster_bits()) & (self.geometry.l2_slice_entries() - 1)
     }
 
     /// `get_cluster_table`: the L2 slice for `guest`, allocating the table (or copying
     /// a shared one) first when its L1 entry lacks COPIED.
     pub(crate) fn get_cluster_table(&mut self, guest: u64) -> Result<SliceRef, WriteError> {
-        let l1_index = guest >> (self.cluster_bits + self.l2_entries.trailing_zeros());
+        let l1_index =
+            guest >> (self.geometry.cluster_bits() + self.geometry.l2_entries().trailing_zeros());
         let Some(&l1e) = self.l1.get(l1_index as usize) else {
             return Err(WriteError::Unsupported("L1 table growth"));
         };
@@ -203,7 +205,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         let l2_off = if l1e & OFLAG_COPIED == 0 {
             self.l2_allocate(l1_index as usize)?;
             if l2_off != 0 {
-                self.free_clusters(l2_off >> self.cluster_bits, 1)?;
+                self.free_clusters(l2_off >> self.geometry.cluster_bits(), 1)?;
             }
             self.l1[l1_index as usize] & L1E_OFFSET_MASK
         } else {
@@ -227,13 +229,13 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     /// L1 entry that points at it.
     fn l2_allocate(&mut self, l1_index: usize) -> Result<(), WriteError> {
         let old = self.l1[l1_index] & L1E_OFFSET_MASK;
-        let new = self.alloc_clusters(1)? << self.cluster_bits;
+        let new = self.alloc_clusters(1)? << self.geometry.cluster_bits();
         if new == 0 {
             return Err(corrupt("L2 table allocation at offset 0", 0));
         }
         self.cache_flush(Which::Refcount)?;
         let slice_bytes = self.l2_cache.table_size as u64;
-        let n_slices = self.cluster_size / slice_bytes;
+        let n_slices = self.geometry.cluster_size() / slice_bytes;
         for k in 0..n_slices {
             let dst = new + k * slice_bytes;
             self.cache_get_empty(Which::L2, dst);
@@ -263,7 +265,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     pub(crate) fn free_any_cluster(&mut self, e: u64) -> Result<(), WriteError> {
         match self.cluster_type(e) {
             ClusterType::Compressed => {
-                let bits = self.cluster_bits;
+                let bits = self.geometry.cluster_bits();
                 let csize_shift = 62 - (bits - 8);
                 let csize_mask = (1u64 << (bits - 8)) - 1;
                 let coffset = e & ((1u64 << csize_shift) - 1);
@@ -279,7 +281,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                     // QEMU reports this and carries on.
                     return Ok(());
                 }
-                self.free_clusters(off >> self.cluster_bits, 1)
+                self.free_clusters(off >> self.geometry.cluster_bits(), 1)
             }
             ClusterType::ZeroPlain | ClusterType::Unallocated => Ok(()),
         }

@@ -13,7 +13,7 @@ use crate::entry::OFLAG_ZERO;
 
 impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     pub(crate) fn pwrite_zeroes(&mut self, offset: u64, bytes: u64) -> Result<(), WriteError> {
-        let align = 1u64 << self.sc_bits;
+        let align = 1u64 << self.geometry.subcluster_bits();
         let mut off = offset;
         let mut left = bytes;
         let mut head = off % align;
@@ -40,10 +40,10 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
     /// `qcow2_co_pwrite_zeroes`; `false` means "not supported, write zeros instead".
     fn driver_pwrite_zeroes(&mut self, offset: u64, bytes: u64) -> Result<bool, WriteError> {
-        let sc_size = 1u64 << self.sc_bits;
+        let sc_size = 1u64 << self.geometry.subcluster_bits();
         let head = offset % sc_size;
         let mut tail = (offset + bytes).div_ceil(sc_size) * sc_size - (offset + bytes);
-        if offset + bytes == self.disk_size {
+        if offset + bytes == self.geometry.virtual_size() {
             tail = 0;
         }
         if head != 0 || tail != 0 {
@@ -61,18 +61,18 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             }
             return Ok(false);
         }
-        let cs = self.cluster_size;
+        let cs = self.geometry.cluster_size();
         let mut off = offset;
         let mut end = offset + bytes;
         let head = end.min(off.div_ceil(cs) * cs) - off;
         off += head;
-        let tail = if end >= self.disk_size {
+        let tail = if end >= self.geometry.virtual_size() {
             0
         } else {
             end - off.max(end & !(cs - 1))
         };
         end -= tail;
-        let sc_size = 1u64 << self.sc_bits;
+        let sc_size = 1u64 << self.geometry.subcluster_bits();
         if head != 0 && !self.zero_l2_subclusters(off - head, head.div_ceil(sc_size))? {
             return Ok(false);
         }
@@ -90,13 +90,13 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
 
     fn zero_in_l2_slice(&mut self, off: u64, nb: u64) -> Result<u64, WriteError> {
         let s = self.get_cluster_table(off)?;
-        let nb = nb.min(self.l2_slice_entries - s.index);
+        let nb = nb.min(self.geometry.l2_slice_entries() - s.index);
         for i in 0..nb {
             let (e, b) = self.l2_get(s, i)?;
             let unmap = self.cluster_type(e) == ClusterType::Compressed;
             let mut new_e = if unmap { 0 } else { e };
             let mut new_b = b;
-            if self.ext_l2 {
+            if self.geometry.extended_l2() {
                 new_b = BITMAP_ALL_ZEROES;
             } else {
                 new_e |= OFLAG_ZERO;
@@ -120,7 +120,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             ClusterType::Normal | ClusterType::Unallocated => {}
             _ => return Err(corrupt("zero flag in an extended L2 entry", e)),
         }
-        let sc = ((off >> self.sc_bits) & 31) as u32;
+        let sc = ((off >> self.geometry.subcluster_bits()) & 31) as u32;
         let to = sc + nsc as u32;
         let new_b = (b | sub_zero_range(sc, to)) & !sub_alloc_range(sc, to);
         if new_b != b {
@@ -136,14 +136,14 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         while nb > 0 {
             let done = self.discard_in_l2_slice(off, nb)?;
             nb -= done;
-            off += done * self.cluster_size;
+            off += done * self.geometry.cluster_size();
         }
         Ok(())
     }
 
     fn discard_in_l2_slice(&mut self, off: u64, nb: u64) -> Result<u64, WriteError> {
         let s = self.get_cluster_table(off)?;
-        let nb = nb.min(self.l2_slice_entries - s.index);
+        let nb = nb.min(self.geometry.l2_slice_entries() - s.index);
         for i in 0..nb {
             let (e, b) = self.l2_get(s, i)?;
             let allocated = matches!(
@@ -152,7 +152,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             );
             let (mut new_e, mut new_b) = (e, b);
             if self.has_backing || allocated {
-                if self.ext_l2 {
+                if self.geometry.extended_l2() {
                     new_e = 0;
                     new_b = BITMAP_ALL_ZEROES;
                 } else if self.version >= 3 {
