@@ -200,13 +200,51 @@ pub struct ImageInfo {
 }
 
 /// A finished rebase.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 pub struct RebaseOutcome {
     pub stats: RebaseStats,
     /// The overlay's file must end here. virtio-blk writes whole sectors, so a write
     /// that ends inside the last sector can leave the file up to 511 bytes too long;
     /// the host truncates it to this length (never below the length it started with).
     pub overlay_len: Option<u64>,
+    /// What QEMU prints to stderr while it repairs a dirty overlay on open, in order.
+    /// Numbers only: the host words the lines itself.
+    pub repair_lines: Vec<RepairLines>,
+}
+
+/// What QEMU says of a cluster whose refcount disagrees with its references.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairVerdict {
+    Repairing,
+    Error,
+    Leaked,
+}
+
+/// A run of lines of a dirty overlay's repair.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairLines {
+    /// `{verdict} cluster {i} refcount={refcount} reference={reference}` for each
+    /// cluster `i` of `first .. first + count`.
+    Clusters {
+        verdict: RepairVerdict,
+        first: u64,
+        count: u64,
+        refcount: u64,
+        reference: u64,
+    },
+    /// `ERROR refcount block {index} refcount={refcount}`
+    BlockRefcount { index: u64, refcount: u64 },
+    /// `Rebuilding refcount structure`
+    Rebuilding,
+    /// `Repairing OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={l1_entry:x}
+    /// refcount={refcount}`
+    CopiedL2 {
+        l1_index: u64,
+        l1_entry: u64,
+        refcount: u64,
+    },
+    /// `Repairing OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}`
+    CopiedData { l2_entry: u64, refcount: u64 },
 }
 
 /// Counters of a finished rebase.

@@ -715,6 +715,26 @@ fn crash_lazy_refcounts() {
     });
 }
 
+/// A dirty overlay (lazy refcounts, a process killed before its refcounts reached the
+/// file): the repair's writes come first, then the rebase's.
+#[test]
+fn crash_dirty_overlay() {
+    run_scenario("dirty", |fx| {
+        clusters_64k(fx, true, "cluster_size=64k,lazy_refcounts=on");
+        let args = [
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x35 2M 128k",
+            "-c",
+            "sigraise 9",
+            "ovl.qcow2",
+        ];
+        qemu::run(&fx.qemu.io, &args, &fx.dir);
+        assert!(dirty(&fx.read("ovl.qcow2")), "the fixture must be dirty");
+    });
+}
+
 #[test]
 fn crash_v2_overlay() {
     run_scenario("v2", |fx| {

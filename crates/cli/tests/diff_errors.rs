@@ -770,9 +770,11 @@ fn missing_external_data_file() {
 // ----- deliberate refusals ---------------------------------------------------------------
 
 #[test]
-fn dirty_image_refused() {
+fn dirty_image_with_snapshots_refused() {
     // Deliberate difference: qemu-img repairs a dirty (lazy refcounts) image when it opens
-    // it read-write and succeeds; instar refuses before writing anything (README).
+    // it read-write and succeeds; instar repairs dirty images the same way
+    // (tests/diff_dirty.rs) except for the classes it refuses before writing anything,
+    // such as an image with internal snapshots (README, docs/dirty-images.md).
     let build = |fx: &Fx| {
         fx.create("qcow2", "base.qcow2", "1M", &[]);
         fx.create(
@@ -781,6 +783,7 @@ fn dirty_image_refused() {
             "1M",
             &["-o", "lazy_refcounts=on", "-b", "base.qcow2", "-F", "qcow2"],
         );
+        fx.img(&["snapshot", "-c", "s1", "ovl.qcow2"]);
         fx.edit("ovl.qcow2", |b| {
             let v = be64(b, off::INCOMPATIBLE) | 1;
             put64(b, off::INCOMPATIBLE, v);

@@ -27,6 +27,7 @@ pub mod image;
 pub mod map;
 pub mod overlap;
 pub mod refcount;
+pub mod repair;
 pub mod writer;
 
 pub use geometry::Geometry;

@@ -9,6 +9,7 @@ extern crate alloc;
 
 mod chains;
 pub mod copy;
+mod dirty;
 mod other_formats;
 mod probe;
 mod qed_rebase;
@@ -20,7 +21,9 @@ mod write_end;
 
 use alloc::format;
 use alloc::string::String;
-use instar_abi::{Call, ErrorKind, Format, GuestError, Request, Response};
+use instar_abi::{
+    Call, ErrorKind, Format, GuestError, RebaseOutcome, RebaseRequest, Request, Response,
+};
 use instar_blockdev::BlockDev;
 
 /// `strerror(EIO)`, QEMU's text for a failed read or write.
@@ -49,6 +52,9 @@ pub fn handle(call: &Call, devs: &mut [&mut dyn BlockDev], hooks: &mut dyn Hooks
         Request::Rebase(req) if req.overlay_format == Format::Qed => {
             qed_rebase::rebase(req, devs, hooks).map(Response::Rebase)
         }
+        Request::Rebase(req) if req.overlay_format == Format::Qcow2 => {
+            qcow2_rebase(req, devs, hooks).map(Response::Rebase)
+        }
         Request::Rebase(req) if req.unsafe_mode => {
             unsafe_rebase::rebase(req, devs, hooks).map(Response::Rebase)
         }
@@ -56,6 +62,37 @@ pub fn handle(call: &Call, devs: &mut [&mut dyn BlockDev], hooks: &mut dyn Hooks
         Request::SelfTest(_) => Err(plain("self-test requests are handled by the guest runtime")),
     };
     result.unwrap_or_else(Response::Error)
+}
+
+/// A qcow2 overlay: repaired first when it is dirty, as QEMU's read-write open does.
+fn qcow2_rebase(
+    req: &RebaseRequest,
+    devs: &mut [&mut dyn BlockDev],
+    hooks: &mut dyn Hooks,
+) -> Result<RebaseOutcome, GuestError> {
+    let rebase = |req: &RebaseRequest, devs: &mut [&mut dyn BlockDev], hooks: &mut dyn Hooks| {
+        if req.unsafe_mode {
+            unsafe_rebase::rebase(req, devs, hooks)
+        } else {
+            safe::rebase(req, devs, hooks)
+        }
+    };
+    let Some((first, rest)) = devs.split_first_mut() else {
+        return rebase(req, devs, hooks);
+    };
+    match dirty::prepare(&mut **first)? {
+        None => rebase(req, devs, hooks),
+        Some((mut repaired, lines)) => {
+            let mut list: alloc::vec::Vec<&mut dyn BlockDev> = alloc::vec::Vec::new();
+            list.push(&mut repaired);
+            for d in rest.iter_mut() {
+                list.push(&mut **d);
+            }
+            let mut outcome = rebase(req, &mut list, hooks)?;
+            outcome.repair_lines = lines;
+            Ok(outcome)
+        }
+    }
 }
 
 /// A refusal in the guest's own words (not an image's open error).

@@ -241,6 +241,7 @@ fn safe(
                 .max(repaired_end)
                 .max(bytes.len() as u64),
         ),
+        repair_lines: alloc::vec::Vec::new(),
     })
 }
 

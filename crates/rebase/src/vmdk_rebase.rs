@@ -242,6 +242,7 @@ fn safe(
     Ok(RebaseOutcome {
         stats: stats(&plan.ops, grain),
         overlay_len: Some(overlay_len.max(written_end)),
+        repair_lines: alloc::vec::Vec::new(),
     })
 }
 

@@ -273,6 +273,12 @@ fn backed_zstd(dir: &Path, q: &Path) {
 fn backed_lazy(dir: &Path, q: &Path) {
     with_backing(dir, q, "lazy_refcounts=on");
 }
+/// Dirty but consistent: QEMU's repair on open finds nothing, rewrites the header
+/// with the bit cleared, then rebases.
+fn backed_lazy_dirty(dir: &Path, q: &Path) {
+    with_backing(dir, q, "lazy_refcounts=on");
+    or_be64(&dir.join("ovl.qcow2"), 72, 1);
+}
 fn backed_refcount1(dir: &Path, q: &Path) {
     with_backing(dir, q, "refcount_bits=1");
 }
@@ -398,6 +404,7 @@ cases! {
     extended_l2 => case("extl2", backed_extl2, "new.qcow2", Some("qcow2"));
     zstd => case("zstd", backed_zstd, "new.qcow2", Some("qcow2"));
     lazy_refcounts_clean => case("lazy", backed_lazy, "new.qcow2", Some("qcow2"));
+    lazy_refcounts_dirty => case("lazy-dirty", backed_lazy_dirty, "new.qcow2", Some("qcow2"));
     refcount_bits_1 => case("rc1", backed_refcount1, "new.qcow2", Some("qcow2"));
     internal_snapshot => case("snapshot", with_snapshot, "new.qcow2", Some("qcow2"));
     external_data_file => case("datafile", data_file, "new.qcow2", Some("qcow2"));
@@ -497,17 +504,6 @@ fn refused(make: Make, expect: &str) {
         other => panic!("expected a refusal, got {other:?}"),
     }
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-#[test]
-fn dirty_image_refused() {
-    refused(
-        |dir, q| {
-            with_backing(dir, q, "lazy_refcounts=on");
-            or_be64(&dir.join("ovl.qcow2"), 72, 1);
-        },
-        "qemu-img check -r all",
-    );
 }
 
 #[test]

@@ -174,7 +174,8 @@ const MAX_CLUSTER: u64 = 2 << 20;
 
 /// The host's bound on where writes to a writable device of `len` bytes may end, for
 /// `call` (the guest's declared write end is checked against it, never the reverse):
-/// - a `-u` rebase rewrites the header only: the first cluster or the file;
+/// - a `-u` rebase rewrites the header, after the repair of a dirty overlay:
+///   `len + len / 32 + 64 MiB`;
 /// - `SelfTest::Write` writes one sector;
 /// - a safe rebase with a known `virtual_size` writes at most the virtual size of data
 ///   and its metadata: `len + size + (len + size) / 8 + 64 MiB` (qcow2 metadata is at
@@ -182,7 +183,12 @@ const MAX_CLUSTER: u64 = 2 << 20;
 /// - otherwise [`virtio_blk::WRITABLE_CAPACITY`].
 pub fn write_cap(len: u64, call: &Call, virtual_size: Option<u64>) -> u64 {
     match (&call.request, virtual_size) {
-        (Request::Rebase(r), _) if r.unsafe_mode => len.max(MAX_CLUSTER),
+        // A dirty overlay's repair may add a refcount structure at the end: at most
+        // refcount blocks of 1/64 of the file at most, plus a table of 8 MiB at most.
+        (Request::Rebase(r), _) if r.unsafe_mode => len
+            .saturating_add(len / 32)
+            .saturating_add(METADATA_SLACK)
+            .max(MAX_CLUSTER),
         (Request::SelfTest(SelfTest::Write { .. }), _) => len.max(512),
         (Request::Rebase(_), Some(size)) => {
             let both = len.saturating_add(size);
@@ -296,5 +302,38 @@ fn validate(response: Response) -> Result<Response, Error> {
             Ok(Response::Probe(info))
         }
         other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod write_cap_tests {
+    use super::*;
+    use instar_abi::{Format, RebaseRequest};
+
+    fn rebase(unsafe_mode: bool) -> Call {
+        Call {
+            device_sizes: vec![0],
+            request: Request::Rebase(RebaseRequest {
+                overlay_format: Format::Qcow2,
+                unsafe_mode,
+                new_backing: None,
+                old_chain: Vec::new(),
+                new_chain: Vec::new(),
+                in_chain: None,
+                data_file_checked: true,
+                progress: false,
+            }),
+        }
+    }
+
+    #[test]
+    fn unsafe_bound_leaves_room_for_a_dirty_overlays_repair() {
+        let call = rebase(true);
+        assert_eq!(write_cap(4096, &call, None), METADATA_SLACK + 4096 + 128);
+        let len = 32 << 30;
+        assert_eq!(write_cap(len, &call, None), len + len / 32 + METADATA_SLACK);
+        assert_eq!(write_cap(u64::MAX, &call, None), u64::MAX);
+        let safe = write_cap(1 << 20, &rebase(false), Some(1 << 20));
+        assert_eq!(safe, (2 << 20) + (2 << 20) / 8 + METADATA_SLACK);
     }
 }

@@ -35,6 +35,7 @@ mod options;
 mod overlay;
 mod probe_rule;
 mod rebase_vm;
+mod repair_report;
 
 use instar_abi::RebaseRequest;
 
@@ -82,6 +83,7 @@ pub fn rebase(
         progress: args.progress && mode == Mode::Safe,
     };
     let outcome = rebase_vm::run(&cmd, guest, progress, request, &table, info.virtual_size)?;
+    repair_report::print(&outcome.repair_lines, overlay.image.len);
     finish::cut_overlay(&cmd, &overlay.image, outcome.overlay_len)?;
     Ok(Done {
         overlay_format: info.format,

@@ -62,6 +62,7 @@ pub fn try_unsafe(
     let Answer::Ok(outcome) = guest::rebase(guest, &call, &devices, &mut |_| {})? else {
         return Ok(None);
     };
+    super::repair_report::print(&outcome.repair_lines, overlay.image.len);
     finish::cut_overlay(cmd, &overlay.image, outcome.overlay_len)?;
     Ok(Some(Done {
         overlay_format: Format::Qcow2,
