@@ -17,6 +17,8 @@ pub mod dev;
 pub mod layout;
 pub mod memory;
 pub mod mutate;
+pub mod qed_target;
+pub mod repair_target;
 pub mod rng;
 pub mod seeds;
 pub mod targets;
