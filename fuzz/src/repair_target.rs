@@ -21,6 +21,8 @@ use crate::targets::{signature, MAX_READ};
 /// holding lazy refcounts (both bit 0, big-endian fields at 72 and 80).
 const DIRTY_BYTE: usize = 79;
 const LAZY_BYTE: usize = 87;
+/// Host offset bits of a refcount table entry.
+const OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
 pub fn qcow2_repair(data: &[u8]) -> Result<u64, String> {
     let mut image = data.to_vec();
@@ -40,7 +42,15 @@ pub fn qcow2_repair(data: &[u8]) -> Result<u64, String> {
     let cs = header.cluster_size();
     disjoint(&p, cs)?;
     within(&p, image.len() as u64, cs)?;
-    let before = content(&image);
+    // Rewrites of existing structures may land on data when the metadata lies (a
+    // table shared with a data cluster): QEMU writes the same bytes, and the content
+    // changes. New structures never may, nor may discards.
+    let data = data_ranges(&image);
+    let touches_data = match &data {
+        Some(data) => over_data(&p, &image, &header, data)?,
+        None => true,
+    };
+    let before = if touches_data { None } else { content(&image) };
     let mut after = image.clone();
     apply(&p, &mut after);
     let mut dev = FuzzDev::new(after.clone(), true);
@@ -80,6 +90,80 @@ fn outcome(p: &RepairPlan) -> u64 {
         kinds.insert(format!("{:?}", w.kind));
     }
     kinds.iter().fold(2, |s, k| s ^ signature(3, k))
+}
+
+/// Whether a write of the plan overlaps guest data; an error when a new structure or a
+/// discard does.
+fn over_data(
+    p: &RepairPlan,
+    image: &[u8],
+    h: &Header,
+    data: &[(u64, u64)],
+) -> Result<bool, String> {
+    let hits = |o: u64, n: u64| {
+        data.iter()
+            .any(|&(d, m)| o < d + m && d < o.saturating_add(n))
+    };
+    let rt = h.refcount_table_offset;
+    let rt_len = u64::from(h.refcount_table_clusters) << h.cluster_bits();
+    let old_block = |o: u64| {
+        (0..rt_len / 8).any(|i| {
+            let at = (rt + 8 * i) as usize;
+            image
+                .get(at..at + 8)
+                .and_then(|b| b.try_into().ok())
+                .is_some_and(|b| u64::from_be_bytes(b) & OFFSET_MASK == o)
+        })
+    };
+    let mut any = false;
+    for w in &p.writes {
+        let n = w.data.len() as u64;
+        if !hits(w.offset, n) {
+            continue;
+        }
+        let in_place = match w.kind {
+            RepairWriteKind::RefcountBlock => old_block(w.offset),
+            RepairWriteKind::RefcountTable => w.offset >= rt && w.offset + n <= rt + rt_len,
+            _ => true,
+        };
+        if !in_place {
+            return Err(format!(
+                "a new {:?} at {} over guest data",
+                w.kind, w.offset
+            ));
+        }
+        any = true;
+    }
+    match p.discards.iter().find(|&&(o, n)| hits(o, n)) {
+        Some(&(o, _)) => Err(format!("a repair discard at {o} over guest data")),
+        None => Ok(any),
+    }
+}
+
+/// Host ranges holding guest data (standard and compressed clusters), if the image
+/// opens and maps.
+fn data_ranges(image: &[u8]) -> Option<Vec<(u64, u64)>> {
+    let mut dev = FuzzDev::new(image.to_vec(), true);
+    let header = Header::read(&mut dev, OpenMode::ReadOnly).ok()?;
+    let mut img = Qcow2Image::open(&mut dev, &header).ok()?;
+    let size = img.virtual_size();
+    if size > MAX_READ {
+        return None;
+    }
+    let (mut off, mut out) = (0, Vec::new());
+    while off < size {
+        let m = img.block_status(off, size - off).ok()?;
+        if m.bytes == 0 {
+            return None;
+        }
+        if let Some(c) = m.compressed {
+            out.push((c.offset, c.len));
+        } else if let Some(h) = m.host_offset {
+            out.push((h, m.bytes));
+        }
+        off += m.bytes;
+    }
+    Some(out)
 }
 
 /// Writes pairwise disjoint, disjoint from the discards, and off cluster 0 except the
