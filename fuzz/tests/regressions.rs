@@ -5,7 +5,9 @@ use std::path::Path;
 use instar_fuzz::targets::Target;
 
 fn replay(target: Target, name: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("regressions")
+        .join(name);
     let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     if let Err(what) = target.run(&data) {
         panic!("{} on {name}: {what}", target.name());
