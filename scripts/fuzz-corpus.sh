@@ -59,6 +59,16 @@ img create -f vmdk -o subformat=monolithicFlat flat.vmdk 64k; keep flat.vmdk vmd
 img create -f vmdk -o subformat=monolithicSparse -b sparse.vmdk -F vmdk child.vmdk 1M
 FMT=vmdk io child.vmdk 'write -P 0xe6 64k 2k'; keep child.vmdk vmdk-child
 
+# qed: 4 KiB clusters and two-cluster tables (one-cluster tables do not open in QEMU), alone and over a base.
+img create -f qed -o cluster_size=4096,table_size=2 q.qed 64k
+FMT=qed io q.qed 'write -P 0x91 0 6k' 'write -P 0x92 40k 1k'; keep q.qed qed-c4k
+img create -f qed -o cluster_size=4096,table_size=2 -b base.qcow2 -F qcow2 qov.qed 32k
+FMT=qed io qov.qed 'write -P 0x93 2k 3k'; keep qov.qed qed-overlay
+# A dirty qcow2 image: lazy refcounts, the writer killed before it closed the image.
+img create -f qcow2 -o cluster_size=512,lazy_refcounts=on dirty.qcow2 32k
+io dirty.qcow2 'write -P 0x94 0 3k' 'write -P 0x95 9k 1k' abort 2>/dev/null || true
+keep dirty.qcow2 qcow2-dirty
+
 [ "$small" = --small ] && exit 0
 
 # Larger clusters for long campaigns.

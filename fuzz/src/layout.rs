@@ -1,4 +1,4 @@
-//! Where the fields of an image are, so that mutations hit what the parsers read:
+//! Where the fields of an image (qcow2, qed, vmdk) are, so that mutations hit what the parsers read:
 //! header fields, table entries (L1, L2, refcount table and blocks, snapshot L1s, vmdk
 //! grain directory and tables), snapshot table fields, extension headers, and the
 //! offsets of structures (to point one structure at another).
@@ -27,6 +27,7 @@ pub struct Layout {
 
 const QCOW2_MAGIC: &[u8] = b"QFI\xfb";
 const VMDK_MAGIC: &[u8] = b"KDMV";
+const QED_MAGIC: &[u8] = b"QED\0";
 /// How many entries of each table get fields (bounds the layout's cost).
 const ENTRIES: usize = 48;
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -70,6 +71,8 @@ impl Layout {
 pub fn layout(d: &[u8]) -> Layout {
     if d.starts_with(QCOW2_MAGIC) {
         qcow2(d)
+    } else if d.starts_with(QED_MAGIC) {
+        qed(d)
     } else if d.starts_with(VMDK_MAGIC) {
         vmdk(d)
     } else if d.starts_with(b"# Disk DescriptorFile") {
@@ -221,6 +224,56 @@ fn extensions(l: &mut Layout, d: &[u8], version: u64) {
         }
         p = p.saturating_add(8 + ((len + 7) & !7));
     }
+}
+
+/// qed: the header's fields (little-endian), the L1 table, the first L2 tables and
+/// the data clusters they point to.
+fn qed(d: &[u8]) -> Layout {
+    let n = d.len();
+    let mut l = Layout {
+        unit: 1,
+        ..Layout::default()
+    };
+    for (off, w) in [
+        (4, 4),
+        (8, 4),
+        (12, 4),
+        (16, 8),
+        (24, 8),
+        (32, 8),
+        (40, 8),
+        (48, 8),
+        (56, 4),
+        (60, 4),
+    ] {
+        l.field(n, off, w, true);
+    }
+    let (cs, ts) = (le(d, 4, 4), le(d, 8, 4));
+    if !cs.is_power_of_two() || !(4096..=1 << 26).contains(&cs) || !(1..=16).contains(&ts) {
+        return l;
+    }
+    let entries = cs * ts / 8;
+    let l1 = le(d, 40, 8);
+    l.offsets.extend([0, cs, l1, n as u64]);
+    l.table(n, l1, entries, 8, true);
+    for i in 0..entries.min(8) {
+        let l2 = le(d, l1.saturating_add(8 * i), 8);
+        if l2 > 1 {
+            l.offsets.push(l2);
+            l.table(n, l2, entries, 8, true);
+            for j in 0..entries.min(ENTRIES as u64) {
+                let e = le(d, l2.saturating_add(8 * j), 8);
+                if e > 1 {
+                    l.offsets.push(e);
+                }
+            }
+        }
+    }
+    let (bf_off, bf_len) = (le(d, 56, 4), le(d, 60, 4));
+    if bf_off > 0 && bf_off.saturating_add(bf_len) <= n as u64 {
+        l.text = Some((bf_off as usize, bf_len as usize));
+    }
+    l
 }
 
 fn vmdk(d: &[u8]) -> Layout {

@@ -38,6 +38,10 @@ fn is_qcow2(d: &[u8]) -> bool {
     d.starts_with(b"QFI\xfb")
 }
 
+fn is_qed(d: &[u8]) -> bool {
+    d.starts_with(b"QED\0")
+}
+
 fn is_vmdk(d: &[u8]) -> bool {
     d.starts_with(b"KDMV")
 }
@@ -49,6 +53,8 @@ pub fn for_target(target: Target, files: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
         Target::Qcow2Header | Target::Qcow2Read | Target::Refcount => {
             images.filter(|d| is_qcow2(d)).cloned().collect()
         }
+        Target::Qcow2Repair => images.filter(|d| is_qcow2(d)).cloned().collect(),
+        Target::QedRead => images.filter(|d| is_qed(d)).cloned().collect(),
         Target::VmdkRead => images.filter(|d| is_vmdk(d)).cloned().collect(),
         Target::VmdkDescriptor => images.filter_map(|d| descriptor_text(d)).collect(),
         Target::Probe => images.cloned().collect(),
@@ -101,7 +107,7 @@ fn compressed_streams(d: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
-/// Rebase and chain cases: every qcow2 and sparse vmdk image as the overlay, over the
+/// Rebase and chain cases: every qcow2, qed and sparse vmdk image as the overlay, over the
 /// backings in turn, with each flag once.
 fn cases(files: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
     let get = |name: &str| {
@@ -116,6 +122,7 @@ fn cases(files: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
         "qcow2-zstd",
         "vmdk-sparse",
         "qcow2-zlib",
+        "qed-c4k",
     ]
     .iter()
     .filter_map(|n| get(n))
@@ -130,10 +137,20 @@ fn cases(files: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
             ));
         }
     }
+    if let (Some(ov), Some(base)) = (get("qed-overlay"), get("chain-base.qcow2")) {
+        for flags in [0u8, 2, 4] {
+            out.push(case(
+                flags,
+                [ov.clone(), base.clone(), get("raw-16k").unwrap_or_default()],
+            ));
+        }
+    }
     if let (Some(child), Some(parent)) = (get("vmdk-child"), get("vmdk-sparse")) {
         out.push(case(0, [child, parent, get("raw-16k").unwrap_or_default()]));
     }
-    let overlays = files.iter().filter(|(_, d)| is_qcow2(d) || is_vmdk(d));
+    let overlays = files
+        .iter()
+        .filter(|(_, d)| is_qcow2(d) || is_qed(d) || is_vmdk(d));
     for (i, (_, ov)) in overlays.enumerate() {
         let old = backings[i % backings.len()].clone();
         let new = backings[(i + 1) % backings.len()].clone();

@@ -22,12 +22,15 @@ use instar_qcow2::compress::{decompress_cluster, CompressionType};
 use instar_qcow2::image::Qcow2Image;
 use instar_qcow2::refcount::RefcountReader;
 use instar_qcow2::{Header, OpenMode};
+use instar_qed::QedImage;
 use instar_rebase::{handle, Hooks};
 use instar_vmdk::{Descriptor, SparseWriter, VmdkImage};
 
 use crate::case::Case;
 use crate::consistency::consistent;
 use crate::dev::FuzzDev;
+use crate::qed_target::qed_read;
+use crate::repair_target::qcow2_repair;
 
 /// Largest virtual size whose whole content a target reads (and compares).
 pub const MAX_READ: u64 = 8 << 20;
@@ -46,10 +49,12 @@ pub enum Target {
     Chain,
     RebaseUnsafe,
     RebaseSafe,
+    QedRead,
+    Qcow2Repair,
 }
 
 impl Target {
-    pub const ALL: [Target; 10] = [
+    pub const ALL: [Target; 12] = [
         Target::Qcow2Header,
         Target::Qcow2Read,
         Target::Refcount,
@@ -60,6 +65,8 @@ impl Target {
         Target::Chain,
         Target::RebaseUnsafe,
         Target::RebaseSafe,
+        Target::QedRead,
+        Target::Qcow2Repair,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +81,8 @@ impl Target {
             Target::Chain => "chain",
             Target::RebaseUnsafe => "rebase_unsafe",
             Target::RebaseSafe => "rebase_safe",
+            Target::QedRead => "qed_read",
+            Target::Qcow2Repair => "qcow2_repair",
         }
     }
 
@@ -101,6 +110,8 @@ impl Target {
             Target::Chain => Ok(chain(data)),
             Target::RebaseUnsafe => rebase(data, true),
             Target::RebaseSafe => rebase(data, false),
+            Target::QedRead => qed_read(data),
+            Target::Qcow2Repair => qcow2_repair(data),
         }
     }
 }
@@ -145,7 +156,7 @@ fn qcow2_header(data: &[u8]) -> u64 {
 }
 
 /// Walk a layer's block status over its whole virtual size, then read it all.
-fn walk(layer: &mut dyn Layer) -> u64 {
+pub(crate) fn walk(layer: &mut dyn Layer) -> u64 {
     let size = layer.virtual_size();
     let (mut off, mut runs, mut s) = (0u64, 0usize, 0u64);
     while off < size && runs < MAX_RUNS {
@@ -306,6 +317,7 @@ fn probe_target(data: &[u8]) -> Result<u64, String> {
         Some(Format::Qcow2),
         Some(Format::Vmdk),
         Some(Format::Raw),
+        Some(Format::Qed),
     ];
     for (i, format) in formats.into_iter().enumerate() {
         for writable in [false, true] {
@@ -341,6 +353,7 @@ fn open_layer<'a>(dev: &'a mut FuzzDev, format: Format) -> Option<Box<dyn Layer 
             Some(Box::new(Qcow2Image::open(dev, &header).ok()?))
         }
         Format::Vmdk => Some(Box::new(VmdkImage::open(dev).ok()?)),
+        Format::Qed => Some(Box::new(QedImage::open(dev).ok()?)),
         _ => None,
     }
 }
@@ -433,10 +446,9 @@ fn rebase_request(case: &Case, formats: &[Format], unsafe_mode: bool) -> RebaseR
         format: formats[usize::from(dev)],
     };
     RebaseRequest {
-        overlay_format: if formats[0] == Format::Vmdk {
-            Format::Vmdk
-        } else {
-            Format::Qcow2
+        overlay_format: match formats[0] {
+            f @ (Format::Vmdk | Format::Qed) => f,
+            _ => Format::Qcow2,
         },
         unsafe_mode,
         new_backing: (!detach).then(|| NewBacking {

@@ -15,10 +15,12 @@ fn seed(name: &str) -> Vec<u8> {
 #[test]
 fn qemu_made_images_are_consistent() {
     for (name, data) in committed() {
-        if data.starts_with(b"QFI\xfb") && name != "qcow2-datafile" {
+        // qcow2-dirty was left with its refcounts behind (qemu-img check: 16 errors).
+        if data.starts_with(b"QFI\xfb") && name != "qcow2-datafile" && name != "qcow2-dirty" {
             assert!(consistent(&data), "{name} judged inconsistent");
         }
     }
+    assert!(!consistent(&seed("qcow2-dirty")));
 }
 
 fn be64(d: &[u8], at: usize) -> u64 {

@@ -25,7 +25,7 @@ fn execs(target: Target) -> u64 {
         return n;
     }
     match target {
-        Target::Qcow2Header | Target::Refcount => 20_000,
+        Target::Qcow2Header | Target::Refcount | Target::Qcow2Repair => 20_000,
         Target::RebaseSafe | Target::RebaseUnsafe | Target::VmdkRead | Target::Chain => 4_000,
         _ => 8_000,
     }
@@ -128,4 +128,14 @@ fn rebase_unsafe() {
 #[test]
 fn rebase_safe() {
     run(Target::RebaseSafe);
+}
+
+#[test]
+fn qed_read() {
+    run(Target::QedRead);
+}
+
+#[test]
+fn qcow2_repair() {
+    run(Target::Qcow2Repair);
 }
