@@ -1,5 +1,6 @@
 //! What a probe reports about formats instar recognises but does not read: the backing
-//! file name a qcow (version 1) or qed image records. QEMU opens that file with the
+//! file name a qcow (version 1) image records (qed images are opened by `crates/qed`,
+//! see `probe::qed_info`). QEMU opens that file with the
 //! image, so the host must know it before it records such a probed format (the probe
 //! rule, docs/path-policy.md). Only the name is read; nothing else is validated.
 
@@ -8,9 +9,6 @@ use alloc::vec::Vec;
 use instar_abi::{Format, MAX_REPORTED_NAME};
 use instar_blockdev::bytes::{c_str, Fixed};
 use instar_blockdev::{BlockDev, IoError};
-
-/// qed's `QED_F_BACKING_FILE` feature bit.
-const QED_F_BACKING_FILE: u64 = 0x01;
 
 /// `len` bytes at `offset` as QEMU reads a C string of that length: cut at the first
 /// NUL; `None` when empty (QEMU then has no backing file). Longer names are cut to
@@ -25,7 +23,7 @@ fn name_at(dev: &mut dyn BlockDev, offset: u64, len: u64) -> Result<Option<Vec<u
     Ok((!name.is_empty()).then_some(name))
 }
 
-/// The backing file name recorded by a qcow or qed image (`None` for every other
+/// The backing file name recorded by a qcow image (`None` for every other
 /// format, and for images that record none).
 pub fn backing_name(dev: &mut dyn BlockDev, format: Format) -> Result<Option<Vec<u8>>, IoError> {
     let mut head = [0u8; 64];
@@ -39,18 +37,6 @@ pub fn backing_name(dev: &mut dyn BlockDev, format: Format) -> Result<Option<Vec
                 return Ok(None);
             }
             name_at(dev, offset, u64::from(Fixed(&head).be32::<16>()))
-        }
-        // QEDHeader: features (le64) at 16, backing_filename_offset and _size (le32) at
-        // 56 and 60, used when QED_F_BACKING_FILE is set.
-        Format::Qed => {
-            if Fixed(&head).le64::<16>() & QED_F_BACKING_FILE == 0 {
-                return Ok(None);
-            }
-            name_at(
-                dev,
-                u64::from(Fixed(&head).le32::<56>()),
-                u64::from(Fixed(&head).le32::<60>()),
-            )
         }
         _ => Ok(None),
     }
