@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod scenario;
+
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::ops::Range;
