@@ -13,7 +13,8 @@
 //! - write-zeroes: cluster-aligned parts set L2 entries to 1 (the zero cluster) or
 //!   write zeros in place; unaligned head and tail fall back to writing zero data;
 //! - without a backing file the first allocation sets `QED_F_NEED_CHECK` in the header
-//!   (the caller's final header write clears it, as QEMU's close does).
+//!   and flushes it (QEMU does not flush there; see docs/crash-safety.md), and the
+//!   caller's final header write clears it, as QEMU's close does.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -184,6 +185,10 @@ impl<D: BlockDev> Writer<D> {
             self.img.header.features |= F_NEED_CHECK;
             let bytes = self.img.header.to_bytes();
             self.put(0, &bytes)?;
+            // Without a backing file nothing orders a new cluster before its L2 entry:
+            // the bit must be on the disk first, so that the repair on open clears an
+            // entry whose cluster a power loss dropped. (QEMU does not flush here.)
+            self.img.dev.flush()?;
         }
         if let Some(d) = data {
             self.write_cow(cur, cluster, d, below)?;

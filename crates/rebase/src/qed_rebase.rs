@@ -217,11 +217,14 @@ fn safe(
     }
     let written_end = writer.written_end();
     let mut image = writer.finish();
-    // The header, last.
+    // The header, last, after a flush: it names the new backing file (and clears
+    // `QED_F_NEED_CHECK`), which is only right once every copied cluster and its L2
+    // entry are on the disk. (QEMU's header write has no flush before it.)
     let (_, bytes) = final_header(image.header())
         .change_backing(name, format)
         .map_err(map_change)?;
     let overlay = image.dev_mut();
+    overlay.flush().map_err(|_| change_error(IO_ERROR))?;
     overlay
         .write_at(0, &bytes)
         .map_err(|_| change_error(IO_ERROR))?;
