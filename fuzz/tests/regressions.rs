@@ -22,3 +22,21 @@ fn replay(target: Target, name: &str) {
 fn qcow2_repair_l1_shared_with_data() {
     replay(Target::Qcow2Repair, "qcow2_repair-l1-shared-with-data");
 }
+
+/// A 40 KB vmdk descriptor file of 40,014 blank lines: the extent-line scan read across
+/// the rest of the blank lines from every line start (42 s for one probe execution in a
+/// debug build). It now shares one scan per run of blank lines; the replay runs with the
+/// campaign's time budget.
+#[test]
+fn probe_descriptor_blank_lines() {
+    let name = "open-probe-descriptor-blank-lines";
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("regressions")
+        .join(name);
+    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    for target in [Target::Probe, Target::VmdkDescriptor] {
+        if let Err(what) = instar_fuzz::campaign::run_one(target, &data) {
+            panic!("{} on {name}: {what}", target.name());
+        }
+    }
+}

@@ -317,6 +317,85 @@ mod tests {
         assert_eq!(first("createType=\"x\"\n"), None);
     }
 
+    /// `Scanned::each` as QEMU reads the lines: a full scan from every line start.
+    fn each_unshared(text: &[u8]) -> Vec<scan::Scanned<'_>> {
+        (0..text.len())
+            .filter(|&i| i == 0 || text[i - 1] == b'\n')
+            .filter_map(|at| scan::Scanned::at(text, at))
+            .collect()
+    }
+
+    #[test]
+    fn shared_scans_read_what_a_scan_from_every_line_start_reads() {
+        let texts: [&[u8]; 9] = [
+            b"",
+            b"\n\n\n",
+            b"\n\nRW 1 FLAT \"a\" 0\n\n \t\n\r\nRW 2 SPARSE \"b\"\n\n",
+            b"RW\n\n\n5\n\nFLAT\n\n\"c\"\n\n7\n\nRW\n",
+            b"\r\n\r\nRDONLY 3 ZERO\r\n\r\nNOACCESS 4 VMFS \"d\" 9\r\n",
+            b"  \n  RW 1 FLAT \"e\"\n\n  \nRW -3 FLAT \"f\" 2\n \n",
+            b"RW 1 RW 2 RW 3\n\nRW\nRW\n\n\n",
+            b"x\n\n\nRW 9 FLAT \"g\r\" 1\n\n\n\n",
+            b"\n \n\t\n\x0b\n\x0c\nRW 6 FLAT \"h\"",
+        ];
+        for t in texts {
+            let shared: Vec<_> = scan::Scanned::each(t).collect();
+            assert_eq!(shared, each_unshared(t), "{:?}", String::from_utf8_lossy(t));
+        }
+    }
+
+    /// The fuzz finding `fuzz/regressions/open-probe-descriptor-blank-lines`: 40,000
+    /// blank lines took quadratic time (every line start skipped all the blank lines
+    /// after it). Now the white-space skips step over each byte a bounded number of
+    /// times; the answers are the ones a scan from every line start gives.
+    #[test]
+    fn blank_lines_are_scanned_in_linear_steps() {
+        let head = "# Disk DescriptorFile\nversion=1\nCID=fff1d9f9\nparentCID=ffffffff\n\
+                    createType=\"monolithicFlat\"\n\n# Extent description\n\
+                    RW 128 FLAT \"flat-flat.vmdk\" 0\n\n";
+        let blanks = 40_000;
+        let mut text = head.as_bytes().to_vec();
+        text.extend(core::iter::repeat_n(b'\n', blanks));
+        text.extend_from_slice(b"RW 5 FLAT \"g.vmdk\" 0\n");
+        text.extend(core::iter::repeat_n(b'\n', blanks));
+        let _ = scan::steps::take();
+        assert_eq!(
+            first(core::str::from_utf8(&text).unwrap()).as_deref(),
+            Some("flat-flat.vmdk")
+        );
+        // The line after the extent line and each blank line before "RW 5" read it.
+        let g_lines = blanks as u64 + 2;
+        assert_eq!(extent_sectors(&text), 128 + 5 * g_lines);
+        let d = Descriptor::parse(&text).unwrap();
+        assert_eq!((d.cid, d.parent_cid), (0xfff1_d9f9, 0xffff_ffff));
+        // An embedded descriptor is read up to DESC_SIZE - 1 bytes: blank lines only.
+        assert_eq!(d.extents.len(), 1);
+        assert_eq!(d.extents[0].file_name, b"flat-flat.vmdk");
+        let steps = scan::steps::take();
+        // Two passes over the whole text (first_extent_file stops at the first
+        // extent), each skip crossing a blank run at most twice.
+        assert!(
+            steps <= 6 * text.len(),
+            "{steps} steps for {} bytes",
+            text.len()
+        );
+    }
+
+    /// What the shared scans replace: a scan from every line start of a run of blank
+    /// lines steps over the rest of the run, quadratic in its length.
+    #[test]
+    fn a_scan_from_every_blank_line_start_is_quadratic() {
+        let blanks = 2_000;
+        let mut text = b"CID=1\nparentCID=ffffffff\n".to_vec();
+        text.extend(core::iter::repeat_n(b'\n', blanks));
+        text.extend_from_slice(b"RW 5 FLAT \"g.vmdk\" 0\n");
+        let _ = scan::steps::take();
+        let reference = each_unshared(&text);
+        assert!(scan::steps::take() > blanks * blanks / 2);
+        assert_eq!(scan::Scanned::each(&text).collect::<Vec<_>>(), reference);
+        assert!(scan::steps::take() <= 2 * text.len());
+    }
+
     #[test]
     fn qemu_descriptor() {
         let t = b"# Disk DescriptorFile\nversion=1\nCID=cbd0a871\nparentCID=e0acbb90\ncreateType=\"monolithicSparse\"\nparentFileNameHint=\"vb.vmdk\"\n# Extent description\nRW 131072 SPARSE \"vo.vmdk\"\n\n# The Disk Data Base\n#DDB\n\0garbage CID=1";

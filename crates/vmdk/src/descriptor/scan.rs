@@ -16,6 +16,8 @@ fn is_space(c: u8) -> bool {
 /// skip first).
 pub(super) fn skip_space(text: &[u8], mut at: usize) -> usize {
     while text.get(at).copied().is_some_and(is_space) {
+        #[cfg(test)]
+        steps::add(1);
         at += 1;
     }
     at
@@ -143,7 +145,13 @@ impl<'a> Scanned<'a> {
         Some(line)
     }
 
-    /// Every line start of `text` (QEMU reads an extent line at each).
+    /// Every line start of `text` (QEMU reads an extent line at each), one item per
+    /// line start that reads as an extent line.
+    ///
+    /// A scan begins by skipping white space, so it reads the same from every line
+    /// start before one first non-space byte: the line starts inside a run of blank
+    /// lines share one scan (the next line start past that byte starts a new one).
+    /// Scanning from each of them again would cost time quadratic in the run's length.
     pub(super) fn each(text: &'a [u8]) -> impl Iterator<Item = Scanned<'a>> + 'a {
         let starts = core::iter::once(0).chain(
             text.iter()
@@ -151,8 +159,39 @@ impl<'a> Scanned<'a> {
                 .filter(|&(_, &c)| c == b'\n')
                 .map(|(i, _)| i + 1),
         );
-        starts
-            .filter(|&at| at < text.len())
-            .filter_map(|at| Scanned::at(text, at))
+        // The last scan: its first non-space byte and what it read.
+        let mut last: Option<(usize, Option<Scanned<'a>>)> = None;
+        starts.filter(|&at| at < text.len()).filter_map(move |at| {
+            match last {
+                // Every byte from the previous line start to `first` is white space.
+                Some((first, scanned)) if at <= first => scanned,
+                _ => {
+                    let first = skip_space(text, at);
+                    let scanned = Scanned::at(text, first);
+                    last = Some((first, scanned));
+                    scanned
+                }
+            }
+        })
+    }
+}
+
+/// The bytes the white-space skips have stepped over, for the tests that bound the
+/// scanner's work.
+#[cfg(test)]
+pub(super) mod steps {
+    use core::cell::Cell;
+
+    std::thread_local! {
+        static STEPS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    pub fn add(n: usize) {
+        STEPS.with(|s| s.set(s.get() + n));
+    }
+
+    /// The steps taken on this thread since the last call.
+    pub fn take() -> usize {
+        STEPS.with(|s| s.replace(0))
     }
 }
