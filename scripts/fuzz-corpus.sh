@@ -64,6 +64,14 @@ img create -f qed -o cluster_size=4096,table_size=2 q.qed 64k
 FMT=qed io q.qed 'write -P 0x91 0 6k' 'write -P 0x92 40k 1k'; keep q.qed qed-c4k
 img create -f qed -o cluster_size=4096,table_size=2 -b base.qcow2 -F qcow2 qov.qed 32k
 FMT=qed io qov.qed 'write -P 0x93 2k 3k'; keep qov.qed qed-overlay
+# qed chains: a qed image over the qcow2 base, a qed overlay over that one (three
+# images), and a qcow2 overlay over the qed image.
+img create -f qed -o cluster_size=4096,table_size=2 -b base.qcow2 -F qcow2 qbase.qed 32k
+FMT=qed io qbase.qed 'write -P 0x96 4k 8k' 'write -z 16k 4k'; keep qbase.qed qed-chain-base
+img create -f qed -o cluster_size=4096,table_size=2 -b qbase.qed -F qed qtop.qed 32k
+FMT=qed io qtop.qed 'write -P 0x97 6k 3k' 'write -P 0x98 28k 1k'; keep qtop.qed qed-chain-overlay
+img create -f qcow2 -o cluster_size=512 -b qbase.qed -F qed qcov.qcow2 32k
+io qcov.qcow2 'write -P 0x99 3k 2k'; keep qcov.qcow2 qcow2-over-qed
 # A dirty qcow2 image: lazy refcounts, the writer killed before it closed the image.
 img create -f qcow2 -o cluster_size=512,lazy_refcounts=on dirty.qcow2 32k
 io dirty.qcow2 'write -P 0x94 0 3k' 'write -P 0x95 9k 1k' abort 2>/dev/null || true

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """End-to-end fuzz campaign through the real instar binary and its sandbox.
 
-Each case is a fresh directory holding a mutated overlay (qcow2 or vmdk, mutated by
-`instar-fuzz mutate` with the structure-aware mutator), its old backing under the name
-its header gives (sometimes mutated too), and a new backing (raw, qcow2 or vmdk, often
-mutated: forged headers in a file probed without -F). instar rebases it in one of four
+Each case is a fresh directory holding a mutated overlay (qcow2, vmdk or qed, mutated
+by `instar-fuzz mutate` with the structure-aware mutator), its old backing under the
+name its header gives (sometimes mutated too; that image's own backing too, down to
+three images, so qed chains are read whole), and a new backing (raw, qcow2, vmdk or
+qed, often mutated: forged headers in a file probed without -F). instar rebases it in one of four
 modes (-u or safe, with or without -F; sometimes detaching). Invariants:
 
 - the exit status is 0 or 1 (never a signal, never Rust's 101);
@@ -19,10 +20,10 @@ metadata" cases: what issue 6's checks against writes onto metadata must refuse
 (`--strict` makes them findings too).
 
     scripts/fuzz_e2e.py --cases N [--images DIR] [--out DIR] [--seed N] [--instar PATH]
-                        [--mutator PATH]
+                        [--mutator PATH] [--overlay-formats qcow2,vmdk,qed]
 
 Images come from scripts/fuzz-corpus.sh (DIR) plus fuzz/seeds. Findings are copied to
-OUT/findings/case-K with a note. Exits 1 if there was any finding.
+OUT/findings/case-K with a note, and the case's files before the rebase in before/. Exits 1 if there was any finding.
 """
 
 import argparse
@@ -41,6 +42,15 @@ TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 QEMU_IMG = os.environ.get("QEMU_IMG", "qemu-img")
 MAX_COMPARE = 64 << 20
 TIMEOUT = 120
+# The backing names the seed images give (scripts/fuzz-corpus.sh) and the seed that
+# was made under that name; other names get a seed of the image's format.
+CHAIN_SEEDS = {"base.qcow2": "chain-base.qcow2", "qbase.qed": "qed-chain-base",
+               "sparse.vmdk": "vmdk-sparse"}
+DEFAULT_BACKING = {"qcow2": "chain-base.qcow2", "qed": "chain-base.qcow2",
+                   "vmdk": "vmdk-sparse"}
+# Images in a case's chain: the overlay and at most two below it.
+CHAIN_DEPTH = 3
+FORMATS = ("qcow2", "vmdk", "qed")
 
 
 def run(args, cwd, timeout=TIMEOUT):
@@ -114,13 +124,16 @@ class Campaign:
                 for p in sorted(d.iterdir()):
                     if p.is_file():
                         self.images[p.name] = p
-        self.overlays = [n for n, p in self.images.items() if fmt_of(p) in ("qcow2", "vmdk")
+        wanted = args.overlay_formats.split(",")
+        self.overlays = [n for n, p in self.images.items() if fmt_of(p) in wanted
                          and "descriptor" not in n]
-        self.backings = [n for n, p in self.images.items() if fmt_of(p) in ("raw", "qcow2", "vmdk")
-                         and "descriptor" not in n]
+        self.backings = [n for n, p in self.images.items()
+                         if fmt_of(p) in ("raw",) + FORMATS and "descriptor" not in n]
         self.stats = {k: 0 for k in ["cases", "exit0", "exit1", "unsafe", "safe", "with_F",
                                      "without_F", "detach", "compared", "checked", "findings",
-                                     "lying"]}
+                                     "lying"]
+                      + [f"{f}_{k}" for f in FORMATS for k in ("overlays", "exit0")]
+                      + ["qed_in_chain"]}
         self.notes = []
 
     def mutate(self, src: Path, dst: Path):
@@ -137,20 +150,7 @@ class Campaign:
             self.mutate(self.images[ov_name], ov)
         else:
             shutil.copy(self.images[ov_name], ov)
-        # The old backing under the name the header gives, when it is a plain name.
-        old = backing_name(ov, ov_fmt)
-        if old and "/" not in old and old not in (".", "..") and len(old) < 200:
-            src = self.images.get("chain-base.qcow2" if ov_fmt == "qcow2" else "vmdk-sparse")
-            if ov_fmt == "qcow2" and self.rng.random() < 0.3:
-                src = self.images[self.rng.choice(self.backings)]
-            if src:
-                try:
-                    if self.rng.random() < 0.3:
-                        self.mutate(src, d / old)
-                    else:
-                        shutil.copy(src, d / old)
-                except OSError:
-                    pass
+        qed = self.place_chain(d, ov, ov_fmt)
         new_name = self.rng.choice(self.backings)
         new_fmt = fmt_of(self.images[new_name])
         new = d / ("new." + new_fmt)
@@ -158,7 +158,40 @@ class Campaign:
             self.mutate(self.images[new_name], new)
         else:
             shutil.copy(self.images[new_name], new)
+        if new_fmt in FORMATS:
+            qed |= self.place_chain(d, new, new_fmt)
+        self.stats[f"{ov_fmt}_overlays"] += 1
+        self.stats["qed_in_chain"] += qed or new_fmt == "qed"
         return ov, ov_fmt, new, new_fmt
+
+    def place_chain(self, d: Path, top: Path, fmt: str):
+        """The images below `top`, each under the name the image above gives when it
+        is a plain name not taken yet: the seed made under that name, or one of the
+        image's format (a qcow2 image sometimes gets any backing). Returns whether a
+        qed image was placed."""
+        qed = False
+        for _ in range(CHAIN_DEPTH - 1):
+            old = backing_name(top, fmt)
+            if not old or "/" in old or old in (".", "..") or len(old) >= 200 \
+                    or (d / old).exists():
+                break
+            src = self.images.get(CHAIN_SEEDS.get(old) or DEFAULT_BACKING.get(fmt, ""))
+            if fmt == "qcow2" and self.rng.random() < 0.3:
+                src = self.images[self.rng.choice(self.backings)]
+            if not src:
+                break
+            try:
+                if self.rng.random() < 0.3:
+                    self.mutate(src, d / old)
+                else:
+                    shutil.copy(src, d / old)
+            except OSError:
+                break
+            top, fmt = d / old, fmt_of(d / old)
+            qed |= fmt == "qed"
+            if fmt not in FORMATS:
+                break
+        return qed
 
     def one(self, k: int):
         d = self.out / "work"
@@ -181,6 +214,10 @@ class Campaign:
         check_before = check(ov, ov_fmt)
         content_before = None if unsafe else content(ov, ov_fmt, d / "before.raw")
         before = digest(d)
+        # The case as it was, for a saved finding (the rebase may change it).
+        pristine = self.out / "before"
+        shutil.rmtree(pristine, ignore_errors=True)
+        shutil.copytree(d, pristine)
         try:
             r = run(args, d)
             code = r.returncode
@@ -202,6 +239,7 @@ class Campaign:
                 problems.append(f"exit 1 but files changed: {stderr.strip()[:300]}")
         else:
             s["exit0"] += 1
+            s[f"{ov_fmt}_exit0"] += 1
             problems += self.after_success(d, ov, ov_fmt, unsafe, check_before, content_before)
         lying = check_before is None or check_before[0] > 0
         if problems and lying and not fatal and not self.args.strict:
@@ -216,6 +254,7 @@ class Campaign:
         dest = self.out / kind / f"case-{k}"
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(d, dest)
+        shutil.copytree(self.out / "before", dest / "before")
         (dest / "NOTE").write_text(" ".join(args) + "\n" + "\n".join(problems) + "\n")
         if kind == "findings":
             self.notes.append(f"case {k}: {' '.join(args[1:])}: {'; '.join(problems)}")
@@ -244,6 +283,8 @@ def fmt_of(p: Path):
         return "qcow2"
     if head.startswith(b"KDMV") or head.startswith(b"# Disk DescriptorFile"):
         return "vmdk"
+    if head.startswith(b"QED\0"):
+        return "qed"
     return "raw"
 
 
@@ -257,6 +298,8 @@ def main():
     ap.add_argument("--strict", action="store_true",
                     help="also count broken invariants on overlays that were corrupt before")
     ap.add_argument("--mutator", default=str(TARGET / "debug" / "instar-fuzz"))
+    ap.add_argument("--overlay-formats", default=",".join(FORMATS),
+                    help="the overlay formats to draw (comma-separated)")
     args = ap.parse_args()
     c = Campaign(args)
     start = time.time()
@@ -267,7 +310,10 @@ def main():
         print(n)
     print(f"e2e: {s['cases']} cases in {time.time() - start:.0f} s ({s['unsafe']} -u, "
           f"{s['safe']} safe; {s['with_F']} with -F, {s['without_F']} without, "
-          f"{s['detach']} detach): exit 0 {s['exit0']}, exit 1 {s['exit1']}; "
+          f"{s['detach']} detach; overlays " + ", ".join(
+              f"{s[f + '_overlays']} {f} ({s[f + '_exit0']} exit 0)" for f in FORMATS)
+          + f"; {s['qed_in_chain']} with a qed backing): exit 0 {s['exit0']}, "
+          f"exit 1 {s['exit1']}; "
           f"{s['checked']} checked, {s['compared']} content-compared; {s['findings']} findings; "
           f"{s['lying']} lying-metadata cases (in {c.out / 'lying'})")
     return 1 if s["findings"] else 0

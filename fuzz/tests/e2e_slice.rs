@@ -1,6 +1,6 @@
 //! A slice of the end-to-end campaign (scripts/fuzz_e2e.py) in the test suite: 100
-//! mutated overlays and chains through the real instar binary and its sandbox, from
-//! the committed seeds. Needs /dev/kvm, qemu-img and the instar binary next to this
+//! mutated overlays and chains (qcow2, vmdk and qed) through the real instar binary and
+//! its sandbox, from the committed seeds. Needs /dev/kvm, qemu-img and the instar binary next to this
 //! package's binary (as `cargo test --workspace` builds it); skips without them unless
 //! INSTAR_REQUIRE_KVM=1 / INSTAR_REQUIRE_QEMU=1.
 
@@ -53,5 +53,22 @@ fn hundred_cases_through_the_binary() {
         out.display()
     );
     assert!(text.contains("e2e: 100 cases"), "{text}");
+    // qed overlays, some rebased to the end, and qed images in the chains.
+    assert!(count_before(&text, " qed (") > 0, "{text}");
+    assert!(
+        count_before(&text, " exit 0); ") > 0,
+        "no qed overlay rebased: {text}"
+    );
+    assert!(count_before(&text, " with a qed backing") > 0, "{text}");
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The number written right before `marker` in the campaign's summary line (0 if none).
+fn count_before(text: &str, marker: &str) -> u64 {
+    let Some(at) = text.find(marker) else {
+        return 0;
+    };
+    let head = &text[..at];
+    let start = head.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    head[start..].parse().unwrap_or(0)
 }
