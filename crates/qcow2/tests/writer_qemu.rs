@@ -11,7 +11,7 @@ use std::process::Command;
 
 use instar_blockdev::{IoError, MemDev};
 use instar_qcow2::header::{Header, OpenMode};
-use instar_qcow2::writer::{BackingRead, Finish, IoOp, Writer};
+use instar_qcow2::writer::{Below, Finish, IoOp, Writer};
 
 use instar_testkit::qemu_ref;
 use instar_testkit::sparse::{data_extents, zero_range};
@@ -93,8 +93,8 @@ impl Scenario {
 
 struct RawBacking(Vec<u8>);
 
-impl BackingRead for RawBacking {
-    fn read_backing(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+impl Below for RawBacking {
+    fn read_below(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         for (i, b) in buf.iter_mut().enumerate() {
             *b = self.0.get(off as usize + i).copied().unwrap_or(0);
         }
@@ -274,7 +274,7 @@ fn check(q: &Qemu, sc: &Scenario) -> (Header, Finish) {
     (hdr, fin)
 }
 
-fn apply<B: BackingRead>(w: &mut Writer<MemDev, B>, reqs: &[Req], name: &str) {
+fn apply<B: Below>(w: &mut Writer<MemDev, B>, reqs: &[Req], name: &str) {
     for r in reqs {
         match *r {
             Req::Write { off, len, pat } => w

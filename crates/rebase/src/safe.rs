@@ -23,7 +23,7 @@ use instar_abi::{Format, GuestError, RebaseOutcome, RebaseRequest};
 use instar_blockdev::{BlockDev, IoError};
 use instar_qcow2::image::Qcow2Image;
 use instar_qcow2::overlap::{Layout, OverlapError};
-use instar_qcow2::writer::{BackingRead, Finish, IoOp, ShadowDev, WriteError, WriteKind, Writer};
+use instar_qcow2::writer::{Below, Finish, IoOp, ShadowDev, WriteError, WriteKind, Writer};
 use instar_qcow2::Header;
 
 use crate::chains::{
@@ -186,7 +186,7 @@ fn overlap_error(e: OverlapError) -> GuestError {
 }
 
 /// Replay the plan through `writer` and finish it; returns where the last write ended.
-fn write_plan<D: BlockDev, B: BackingRead>(
+fn write_plan<D: BlockDev, B: Below>(
     writer: Result<Writer<D, B>, WriteError>,
     ops: &[Op],
     mut old: Option<OldContent<'_, '_>>,
@@ -228,15 +228,15 @@ impl<D: BlockDev> OverlayStatus for OverlayAlloc<'_, D> {
 /// Copy-on-write source for the writer: the overlay's old backing, zeros past its end.
 struct CowBacking<'r, 'a>(Shared<'r, 'a>);
 
-impl BackingRead for CowBacking<'_, '_> {
-    fn read_backing(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+impl Below for CowBacking<'_, '_> {
+    fn read_below(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
         read_zero_padded(self.0, guest_offset, buf)
     }
 }
 
-struct WriterSink<'w, D: BlockDev, B: BackingRead>(&'w mut Writer<D, B>);
+struct WriterSink<'w, D: BlockDev, B: Below>(&'w mut Writer<D, B>);
 
-impl<D: BlockDev, B: BackingRead> Sink for WriterSink<'_, D, B> {
+impl<D: BlockDev, B: Below> Sink for WriterSink<'_, D, B> {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
         self.0
             .write(offset, data)

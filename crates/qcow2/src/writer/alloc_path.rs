@@ -11,7 +11,7 @@ use super::cache::Which;
 use super::table::{
     sub_alloc_range, sub_zero_range, ClusterType, ScType, SliceRef, BITMAP_ALL_ALLOC,
 };
-use super::{corrupt, BackingRead, WriteError, WriteKind, Writer, REQUEST_MAX_BYTES};
+use super::{corrupt, Below, WriteError, WriteKind, Writer, REQUEST_MAX_BYTES};
 use crate::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED};
 
 /// One allocation (or in-place overwrite) of a chunk and its copy-on-write regions
@@ -35,7 +35,7 @@ impl Meta {
     }
 }
 
-impl<D: BlockDev, B: BackingRead> Writer<D, B> {
+impl<D: BlockDev, B: Below> Writer<D, B> {
     fn needs_new_alloc(&self, e: u64) -> bool {
         match self.cluster_type(e) {
             ClusterType::Normal | ClusterType::ZeroAlloc => e & OFLAG_COPIED == 0,
@@ -412,7 +412,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
                 ScType::ZeroPlain | ScType::ZeroAlloc => part.fill(0),
                 ScType::UnallocatedPlain | ScType::UnallocatedAlloc => {
                     if self.has_backing {
-                        self.backing.read_backing(p, part)?;
+                        self.backing.read_below(p, part)?;
                     } else {
                         part.fill(0);
                     }

@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 
 use instar_blockdev::BlockDev;
 
-use super::{corrupt, BackingRead, WriteError, WriteKind, Writer};
+use super::{corrupt, Below, WriteError, WriteKind, Writer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Which {
@@ -50,7 +50,7 @@ impl TableCache {
     }
 }
 
-impl<D: BlockDev, B: BackingRead> Writer<D, B> {
+impl<D: BlockDev, B: Below> Writer<D, B> {
     pub(crate) fn cache(&mut self, w: Which) -> &mut TableCache {
         match w {
             Which::L2 => &mut self.l2_cache,

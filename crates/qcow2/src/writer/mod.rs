@@ -109,19 +109,15 @@ pub enum IoOp {
 }
 
 /// Source of guest data below this image, for copy-on-write padding of partial clusters
-/// whose rest is unallocated here.
-pub trait BackingRead {
-    /// Fill `buf` with the backing chain's content at `guest_offset`; bytes past the
-    /// backing's end read as zeros.
-    fn read_backing(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError>;
-}
+/// whose rest is unallocated here (the trait the vmdk and qed writers use too).
+pub use instar_blockdev::Below;
 
 /// Backing content for an image whose backing reads as zeros (or that has none).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ZeroBacking;
 
-impl BackingRead for ZeroBacking {
-    fn read_backing(&mut self, _guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+impl Below for ZeroBacking {
+    fn read_below(&mut self, _guest_offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
         buf.fill(0);
         Ok(())
     }
@@ -156,7 +152,7 @@ const MAX_CLUSTER_OFFSET: u64 = (1 << 56) - 1;
 const MAX_REFTABLE_ENTRIES: u64 = MAX_REFTABLE_BYTES / 8;
 
 /// Applies QEMU-identical writes to a qcow2 image on `D`.
-pub struct Writer<D: BlockDev, B: BackingRead = ZeroBacking> {
+pub struct Writer<D: BlockDev, B: Below = ZeroBacking> {
     dev: D,
     backing: B,
     has_backing: bool,
@@ -198,7 +194,7 @@ impl<D: BlockDev> Writer<D, ZeroBacking> {
     }
 }
 
-impl<D: BlockDev, B: BackingRead> Writer<D, B> {
+impl<D: BlockDev, B: Below> Writer<D, B> {
     /// Open with a backing chain that supplies copy-on-write padding.
     pub fn open_with_backing(dev: D, header: &Header, backing: B) -> Result<Self, WriteError> {
         Self::open_inner(dev, header, backing, true)

@@ -8,7 +8,7 @@ use instar_blockdev::BlockDev;
 
 use super::cache::Which;
 use super::{
-    corrupt, BackingRead, WriteError, WriteKind, Writer, HDR_REFTABLE_OFFSET, MAX_CLUSTER_OFFSET,
+    corrupt, Below, WriteError, WriteKind, Writer, HDR_REFTABLE_OFFSET, MAX_CLUSTER_OFFSET,
     MAX_REFTABLE_ENTRIES,
 };
 use crate::refcount::{refcount_entry, REFT_OFFSET_MASK};
@@ -62,7 +62,7 @@ pub(crate) fn refblocks_needed(clusters: u64, cluster_size: u64, order: u32) -> 
     }
 }
 
-impl<D: BlockDev, B: BackingRead> Writer<D, B> {
+impl<D: BlockDev, B: Below> Writer<D, B> {
     fn rb_entries(&self) -> u64 {
         1u64 << self.geometry.refblock_bits()
     }

@@ -5,7 +5,7 @@ use instar_blockdev::bytes::be64;
 use instar_blockdev::BlockDev;
 
 use super::cache::Which;
-use super::{corrupt, BackingRead, WriteError, WriteKind, Writer};
+use super::{corrupt, Below, WriteError, WriteKind, Writer};
 use crate::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +54,7 @@ pub(crate) fn sub_zero_range(from: u32, to: u32) -> u64 {
 pub(crate) const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
 pub(crate) const BITMAP_ALL_ZEROES: u64 = 0xffff_ffff << 32;
 
-impl<D: BlockDev, B: BackingRead> Writer<D, B> {
+impl<D: BlockDev, B: Below> Writer<D, B> {
     pub(crate) fn cluster_type(&self, e: u64) -> ClusterType {
         if e & OFLAG_COMPRESSED != 0 {
             ClusterType::Compressed

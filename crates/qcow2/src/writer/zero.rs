@@ -8,10 +8,10 @@ use alloc::vec;
 use instar_blockdev::BlockDev;
 
 use super::table::{sub_alloc_range, sub_zero_range, ClusterType, BITMAP_ALL_ZEROES};
-use super::{corrupt, BackingRead, WriteError, Writer, MAX_BOUNCE_BUFFER};
+use super::{corrupt, Below, WriteError, Writer, MAX_BOUNCE_BUFFER};
 use crate::entry::OFLAG_ZERO;
 
-impl<D: BlockDev, B: BackingRead> Writer<D, B> {
+impl<D: BlockDev, B: Below> Writer<D, B> {
     pub(crate) fn pwrite_zeroes(&mut self, offset: u64, bytes: u64) -> Result<(), WriteError> {
         let align = 1u64 << self.geometry.subcluster_bits();
         let mut off = offset;
