@@ -15,7 +15,8 @@ mod power_loss;
 mod qemu;
 mod stopping_guest;
 
-use power_loss::scenario::{crash_every_write, Case, Summary};
+use instar_testkit::serial;
+use power_loss::scenario::{check, crash_every_write, same_content, Case, Summary};
 use qemu::Fx;
 
 /// A safe rebase of ovl.qed onto new.qcow2.
@@ -121,4 +122,36 @@ fn crash_qed_unsafe() {
     if let Some(sum) = sum {
         assert_eq!(sum.writes, 1, "unsafe mode writes the header once");
     }
+}
+
+/// The checks on a qed image that needs a check: an L2 entry past the end of the file
+/// fails `qemu-img check`; with `QED_F_NEED_CHECK` set QEMU's open repairs it (the entry
+/// is cleared), and the content compared is the repaired image's.
+#[test]
+fn check_repairs_qed_images_that_need_a_check() {
+    let _serial = serial();
+    let Some(refs) = qemu::refs() else { return };
+    let q = &refs.v10_2;
+    let scratch = qemu::Scratch::new("crash-qed-check");
+    let fx = Fx::new(scratch.fixture(), q);
+    let opts = ["-o", "cluster_size=4096,table_size=2"];
+    fx.create("qed", "orig.qed", "1M", &opts);
+    fx.io("qed", "orig.qed", &["write -P 0x21 0 4k"]);
+    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let img = fx.read("orig.qed");
+    let l2 = le64(&img, le64(&img, 40) as usize) as usize;
+    // Guest cluster 1 mapped past the end of the file.
+    let mut broken = img.clone();
+    broken[l2 + 8..l2 + 16].copy_from_slice(&(1u64 << 20).to_le_bytes());
+    fx.write("img.qed", &broken);
+    assert!(check(q, &fx.dir, "img.qed").is_err());
+    broken[16] |= 2;
+    fx.write("img.qed", &broken);
+    assert_eq!(check(q, &fx.dir, "img.qed"), Ok("dirty, repaired on open"));
+    assert_eq!(same_content(q, &fx.dir, "img.qed"), Ok(()));
+    // The comparison is the repaired copy's: content that differs is caught.
+    fx.io("qed", "orig.qed", &["write -P 0x22 8k 4k"]);
+    assert_eq!(check(q, &fx.dir, "img.qed"), Ok("dirty, repaired on open"));
+    let e = same_content(q, &fx.dir, "img.qed").unwrap_err();
+    assert!(e.contains("after the repair"), "{e}");
 }
