@@ -86,14 +86,26 @@ fn crash_qed_without_old_backing() {
     safe("qed-no-old", &|fx| overlay(fx, false, "cluster_size=65536"));
 }
 
-/// An overlay left with `QED_F_NEED_CHECK` set (not closed cleanly): the check QEMU's
-/// open makes, and its header marked clean, come first, then the rebase.
+/// An overlay left with `QED_F_NEED_CHECK` set (not closed cleanly) and an L1 entry,
+/// past the image's end, naming a table past the end of the file: the check QEMU's open
+/// makes (the L1 table rewritten without that entry, then the header marked clean)
+/// comes first, then the rebase.
 #[test]
 fn crash_qed_need_check() {
-    safe("qed-need-check", &|fx| {
+    let sum = safe("qed-need-check", &|fx| {
         overlay(fx, true, "cluster_size=4096,table_size=2");
-        fx.edit("ovl.qed", |b| b[16] |= 2);
+        fx.edit("ovl.qed", |b| {
+            b[16] |= 2;
+            // 8 MiB of 4 MiB tables: L1 entries 0 and 1 map the image.
+            let l1 = u64::from_le_bytes(b[40..48].try_into().expect("8 bytes")) as usize;
+            let past = (b.len() as u64).next_multiple_of(4096) + (1 << 20);
+            b[l1 + 5 * 8..l1 + 6 * 8].copy_from_slice(&past.to_le_bytes());
+        });
     });
+    if let Some(sum) = sum {
+        // The repair's L1 write and header, then the rebase's 9 writes.
+        assert!(sum.writes >= 11, "{sum:?}");
+    }
 }
 
 /// `-b ""`: every cluster the old backing shows is copied into the overlay.
