@@ -159,6 +159,8 @@ pub struct Summary {
     pub epochs: usize,
     /// Writes in the largest epoch.
     pub largest_epoch: usize,
+    /// Distinct power-loss images (some of them equal to a stop point's image).
+    pub power_distinct: usize,
     /// Power-loss images checked: those not byte-identical to an image checked before
     /// (a stop point, or another power-loss state).
     pub power_states: usize,
@@ -255,11 +257,12 @@ pub fn crash_every_write(case: &Case, build: &dyn Fn(&Fx)) -> Option<Summary> {
     let epochs = super::epochs(&rec.log, rec.device);
     power_loss_states(&run, &writes, &epochs, &mut seen, &mut sum, &mut failures);
     eprintln!(
-        "{}: {} epochs between flushes (largest {} writes); {} more power-loss images \
-         checked, {} images identical to one checked before, {} failures",
+        "{}: {} epochs between flushes (largest {} writes); {} distinct power-loss images, \
+         {} of them checked, {} images identical to one checked before, {} failures",
         name,
         epochs.len(),
         epochs.iter().map(|e| e.len()).max().unwrap_or(0),
+        sum.power_distinct,
         sum.power_states,
         sum.skipped,
         failures.len()
@@ -440,6 +443,7 @@ fn power_loss_states(
     let ovl = case.ovl();
     let work = dir.join(&ovl);
     let mut base = original.to_vec();
+    let mut distinct = HashSet::new();
     sum.epochs = epochs.len();
     sum.largest_epoch = epochs.iter().map(|e| e.len()).max().unwrap_or(0);
     for (e, epoch) in epochs.iter().enumerate() {
@@ -448,7 +452,11 @@ fn power_loss_states(
             for &i in &subset {
                 super::apply(&mut image, &writes[epoch.start + i]);
             }
-            if !seen.insert(super::digest(&image)) {
+            let digest = super::digest(&image);
+            if distinct.insert(digest) {
+                sum.power_distinct += 1;
+            }
+            if !seen.insert(digest) {
                 sum.skipped += 1;
                 continue;
             }
