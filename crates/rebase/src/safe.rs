@@ -21,6 +21,7 @@ use core::cell::RefCell;
 
 use instar_abi::{Format, GuestError, RebaseOutcome, RebaseRequest};
 use instar_blockdev::{BlockDev, IoError};
+use instar_qcow2::compressor::Compressor;
 use instar_qcow2::image::Qcow2Image;
 use instar_qcow2::overlap::{Layout, OverlapError};
 use instar_qcow2::writer::{BackingRead, Finish, IoOp, ShadowDev, WriteError, WriteKind, Writer};
@@ -69,9 +70,16 @@ pub(crate) fn rebase(
     let plan = {
         let mut image = Qcow2Image::open(&mut *overlay, &header)
             .map_err(|e| open_error(OVERLAY, e.to_string()))?;
+        // qemu-img -c widens every request to whole clusters: a compressed write
+        // covers a whole cluster (its subclusters cannot be written one by one).
         let geom = Geometry {
             size: image.virtual_size(),
-            write_align: image.subcluster_size(),
+            write_align: if req.compress {
+                image.cluster_size()
+            } else {
+                image.subcluster_size()
+            },
+            whole_unallocated: req.compress,
         };
         let chains = Chains {
             old: &old,
@@ -88,9 +96,29 @@ pub(crate) fn rebase(
         )?
     };
 
-    // No write onto metadata: proved before the first write.
+    // No write onto metadata: proved before the first write. Compressed writes are
+    // proved with the real data: where each one lands depends on how well the clusters
+    // before it compressed.
     let has_backing = old_len > 0 || header.version < 3;
-    let proved_end = prove_writes(&mut *overlay, &header, &plan.ops, has_backing)?;
+    if req.compress && hooks.compressor().is_none() {
+        return Err(plain(String::from(
+            "this guest cannot write compressed clusters",
+        )));
+    }
+    let proof_content = (req.compress && old_len > 0).then_some(OldContent(&old));
+    let proof_compressor = if req.compress {
+        hooks.compressor()
+    } else {
+        None
+    };
+    let proved_end = prove_writes(
+        &mut *overlay,
+        &header,
+        &plan.ops,
+        has_backing,
+        proof_content,
+        proof_compressor,
+    )?;
 
     // 3. Write. The dry run knows exactly where the writes end (a refcount block that
     // claims clusters past the end of the file pushes allocations further out than
@@ -104,14 +132,20 @@ pub(crate) fn rebase(
     // writing zero data. A v2 overlay without a backing file would lose content in
     // QEMU (its zero write becomes a no-op discard): instar writes zero data there too.
     let old_content = (old_len > 0).then_some(OldContent(&old));
+    let compressor = if req.compress {
+        hooks.compressor()
+    } else {
+        None
+    };
     let (written_end, finish) = if old_len > 0 || header.version < 3 {
         let writer = Writer::open_with_backing(&mut *overlay, &header, CowBacking(&old));
-        write_plan(writer, &plan.ops, old_content)?
+        write_plan(writer, &plan.ops, old_content, compressor)?
     } else {
         write_plan(
             Writer::open(&mut *overlay, &header, false),
             &plan.ops,
             old_content,
+            compressor,
         )?
     };
 
@@ -139,11 +173,16 @@ pub(crate) fn rebase(
 /// nothing is read from the old chain and nothing reaches the device), and audit every
 /// cluster the writer wrote or took, plus the final header rewrite. Returns where the
 /// last of those writes ends.
+///
+/// A compressed rebase (`compressor` given) reads and compresses the real data
+/// (`old`): the compressed sizes decide the layout. It still writes nothing.
 fn prove_writes(
     overlay: &mut dyn BlockDev,
     header: &Header,
     ops: &[Op],
     has_backing: bool,
+    mut old: Option<OldContent<'_, '_>>,
+    compressor: Option<&mut dyn Compressor>,
 ) -> Result<u64, GuestError> {
     let layout = Layout::scan(&mut *overlay, header).map_err(overlap_error)?;
     let shadow = ShadowDev::new(&mut *overlay);
@@ -161,7 +200,11 @@ fn prove_writes(
     let mut writer = Writer::open(shadow, header, has_backing)
         .map_err(write_error)?
         .recording(true);
-    copy::execute(ops, None, &mut WriterSink(&mut writer))
+    let mut sink = WriterSink {
+        writer: &mut writer,
+        compressor,
+    };
+    copy::execute(ops, old.as_mut().map(|c| c as &mut dyn Content), &mut sink)
         .map_err(copy_error)
         .map_err(unproved)?;
     let (_, _, mut record) = writer
@@ -190,12 +233,16 @@ fn write_plan<D: BlockDev, B: BackingRead>(
     writer: Result<Writer<D, B>, WriteError>,
     ops: &[Op],
     mut old: Option<OldContent<'_, '_>>,
+    compressor: Option<&mut dyn Compressor>,
 ) -> Result<(u64, Finish), GuestError> {
     let mut writer = writer.map_err(write_error)?;
     copy::execute(
         ops,
         old.as_mut().map(|c| c as &mut dyn Content),
-        &mut WriterSink(&mut writer),
+        &mut WriterSink {
+            writer: &mut writer,
+            compressor,
+        },
     )
     .map_err(copy_error)?;
     let written_end = writer
@@ -213,6 +260,17 @@ fn write_plan<D: BlockDev, B: BackingRead>(
 
 fn write_error(e: WriteError) -> GuestError {
     plain(format!("Error while writing to COW image: {e}"))
+}
+
+/// QEMU's errno text for a failed write, where instar knows it.
+fn write_error_text(e: WriteError) -> String {
+    match e {
+        // qcow2_alloc_compressed_cluster_offset's -EIO.
+        WriteError::CompressedOverwrite(_) => String::from(IO_ERROR),
+        // qcow2_co_pwritev_compressed_task turns a compressor failure into -EINVAL.
+        WriteError::CompressFailed => String::from("Invalid argument"),
+        e => e.to_string(),
+    }
 }
 
 struct OverlayAlloc<'r, D: BlockDev>(&'r mut Qcow2Image<D>);
@@ -234,17 +292,24 @@ impl BackingRead for CowBacking<'_, '_> {
     }
 }
 
-struct WriterSink<'w, D: BlockDev, B: BackingRead>(&'w mut Writer<D, B>);
+/// The writer as the copy loop's sink; data goes through the compressor with `-c`
+/// (write-zeroes never do, as in qemu-img).
+struct WriterSink<'w, 'c, D: BlockDev, B: BackingRead> {
+    writer: &'w mut Writer<D, B>,
+    compressor: Option<&'c mut dyn Compressor>,
+}
 
-impl<D: BlockDev, B: BackingRead> Sink for WriterSink<'_, D, B> {
+impl<D: BlockDev, B: BackingRead> Sink for WriterSink<'_, '_, D, B> {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
-        self.0
-            .write(offset, data)
-            .map_err(|e| CopyError::Write(e.to_string()))
+        match self.compressor.as_deref_mut() {
+            Some(c) => self.writer.write_compressed(offset, data, c),
+            None => self.writer.write(offset, data),
+        }
+        .map_err(|e| CopyError::Write(write_error_text(e)))
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), CopyError> {
-        self.0
+        self.writer
             .write_zeroes(offset, len)
-            .map_err(|e| CopyError::Write(e.to_string()))
+            .map_err(|e| CopyError::Write(write_error_text(e)))
     }
 }

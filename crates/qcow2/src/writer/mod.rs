@@ -56,6 +56,7 @@
 
 mod alloc_path;
 mod cache;
+mod compressed;
 mod record;
 mod refcount;
 mod shadow;
@@ -71,6 +72,7 @@ use alloc::vec::Vec;
 use instar_blockdev::bytes::be64_table;
 use instar_blockdev::{BlockDev, IoError};
 
+use crate::compress::CompressionType;
 use crate::geometry::{Geometry, MAX_REFTABLE_BYTES};
 use crate::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 
@@ -91,6 +93,10 @@ pub enum WriteError {
     RefcountOverflow(u64),
     #[error("image would exceed the maximum qcow2 size")]
     TooBig,
+    #[error("the compressor failed")]
+    CompressFailed,
+    #[error("compressed write into allocated cluster at guest offset {0:#x}")]
+    CompressedOverwrite(u64),
 }
 
 pub(crate) fn corrupt(what: &'static str, offset: u64) -> WriteError {
@@ -177,6 +183,11 @@ pub struct Writer<D: BlockDev, B: BackingRead = ZeroBacking> {
 
     /// QEMU's `free_cluster_index`.
     fci: u64,
+    /// The image's compression type, for compressed writes.
+    compression: CompressionType,
+    /// QEMU's `free_byte_offset`: where the next compressed cluster may be packed
+    /// (0: start a new host cluster).
+    free_byte_offset: u64,
 
     l2_cache: TableCache,
     rb_cache: TableCache,
@@ -266,6 +277,9 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             rt,
             max_rt_index,
             fci: 0,
+            compression: CompressionType::from_header(h.compression_type)
+                .ok_or(WriteError::Unsupported("unknown compression type"))?,
+            free_byte_offset: 0,
             l2_cache: TableCache::new(geometry.l2_slice_bytes() as usize),
             rb_cache: TableCache::new(cs as usize),
             log: Vec::new(),
