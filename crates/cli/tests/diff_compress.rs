@@ -346,6 +346,30 @@ fn onto_a_new_backing_with_compressed_clusters_already_in_the_overlay() {
 }
 
 #[test]
+fn overlay_with_a_snapshot_sharing_its_tables() {
+    // The L2 tables are shared with an internal snapshot: each is copied on write before
+    // the first compressed entry goes in; the packed clusters must not be taken for
+    // anything the snapshot still uses.
+    let build = |fx: &Fx| {
+        corpus(fx, "base.raw", 4096, 1024, 21);
+        fx.create(
+            "qcow2",
+            "ovl.qcow2",
+            "4M",
+            &["-b", "base.raw", "-F", "raw", "-o", "cluster_size=4k"],
+        );
+        fx.io(
+            "qcow2",
+            "ovl.qcow2",
+            &["write -P 0x44 8k 4k", "write -c -P 0x45 2M 4k"],
+        );
+        fx.img(&["snapshot", "-c", "s1", "ovl.qcow2"]);
+        s(&["-c", "-b", ""])
+    };
+    checked_case("c-snapshot", &build, false);
+}
+
+#[test]
 fn incompressible_only() {
     // Every copied cluster is random: none fits in cluster_size - 1 bytes, so all are
     // written as normal clusters (qemu-img's fallback).
