@@ -19,10 +19,9 @@ impl Compressor for FuzzCompressor {
     ) -> Result<Compressed, CompressFailed> {
         let out = match kind {
             CompressionType::Zlib => miniz_oxide::deflate::compress_to_vec(src, 6),
-            CompressionType::Zstd => ruzstd::encoding::compress_to_vec(
-                src,
-                ruzstd::encoding::CompressionLevel::Fastest,
-            ),
+            CompressionType::Zstd => {
+                ruzstd::encoding::compress_to_vec(src, ruzstd::encoding::CompressionLevel::Fastest)
+            }
         };
         match dst.get_mut(..out.len()) {
             Some(d) => {

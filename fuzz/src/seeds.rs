@@ -155,7 +155,10 @@ fn cases(files: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
     for (i, (_, ov)) in overlays.enumerate() {
         let old = backings[i % backings.len()].clone();
         let new = backings[(i + 1) % backings.len()].clone();
-        out.push(case([0u8, 2, 4, 8][i % 4], [ov.clone(), old.clone(), new.clone()]));
+        out.push(case(
+            [0u8, 2, 4, 8][i % 4],
+            [ov.clone(), old.clone(), new.clone()],
+        ));
         // Every qcow2 overlay also with -c: compressed writes into its layout.
         if is_qcow2(ov) {
             out.push(case(0x20, [ov.clone(), old, new]));

@@ -18,6 +18,9 @@
 //!   table grows by QEMU's generous rule, and the old table is freed.
 //! - Shared clusters (internal snapshots) are copied on write; the old cluster or table
 //!   is decremented after the new reference is in place.
+//! - Compressed writes ([`Writer::write_compressed`], `rebase -c`) pack clusters one
+//!   after another into host clusters (`compressed.rs`); a cluster that does not shrink
+//!   takes the ordinary path.
 //!
 //! # Order of writes (crash consistency)
 //!
