@@ -8,6 +8,7 @@
 extern crate alloc;
 
 mod chains;
+mod compress_cache;
 pub mod copy;
 mod dirty;
 mod other_formats;

@@ -31,6 +31,7 @@ use crate::chains::{
     check_request, copy_error, open_chains, plan_over, read_zero_padded, slots, stats, take,
     Chains, OldContent, Opened, Shared,
 };
+use crate::compress_cache::{Kept, Recorder, Replayer};
 use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
 use crate::probe::open_error;
 use crate::unsafe_rebase::{change_error, map_change_error, open_for_change};
@@ -106,19 +107,18 @@ pub(crate) fn rebase(
         )));
     }
     let proof_content = (req.compress && old_len > 0).then_some(OldContent(&old));
-    let proof_compressor = if req.compress {
-        hooks.compressor()
-    } else {
-        None
-    };
+    // The dry run's compressed clusters are kept for the real run (compress_cache).
+    let mut kept = Kept::default();
+    let mut recorder = compressor_of(req, hooks).map(|c| Recorder::new(c, &mut kept));
     let proved_end = prove_writes(
         &mut *overlay,
         &header,
         &plan.ops,
         has_backing,
         proof_content,
-        proof_compressor,
+        recorder.as_mut().map(|r| r as &mut dyn Compressor),
     )?;
+    drop(recorder);
 
     // 3. Write. The dry run knows exactly where the writes end (a refcount block that
     // claims clusters past the end of the file pushes allocations further out than
@@ -132,11 +132,8 @@ pub(crate) fn rebase(
     // writing zero data. A v2 overlay without a backing file would lose content in
     // QEMU (its zero write becomes a no-op discard): instar writes zero data there too.
     let old_content = (old_len > 0).then_some(OldContent(&old));
-    let compressor = if req.compress {
-        hooks.compressor()
-    } else {
-        None
-    };
+    let mut replayer = compressor_of(req, hooks).map(|c| Replayer::new(c, kept));
+    let compressor = replayer.as_mut().map(|r| r as &mut dyn Compressor);
     let (written_end, finish) = if old_len > 0 || header.version < 3 {
         let writer = Writer::open_with_backing(&mut *overlay, &header, CowBacking(&old));
         write_plan(writer, &plan.ops, old_content, compressor)?
@@ -166,6 +163,18 @@ pub(crate) fn rebase(
         overlay_len: Some(overlay_len.max(written_end).max(cluster.len() as u64)),
         repair_lines: alloc::vec::Vec::new(),
     })
+}
+
+/// The guest's compressor when the request asks for `-c`.
+fn compressor_of<'h>(
+    req: &RebaseRequest,
+    hooks: &'h mut dyn Hooks,
+) -> Option<&'h mut dyn Compressor> {
+    if req.compress {
+        hooks.compressor()
+    } else {
+        None
+    }
 }
 
 /// Prove that the plan's writes land only where they may: find every structure of the
