@@ -101,24 +101,20 @@ pub(crate) fn rebase(
     // proved with the real data: where each one lands depends on how well the clusters
     // before it compressed.
     let has_backing = old_len > 0 || header.version < 3;
-    if req.compress && hooks.compressor().is_none() {
-        return Err(plain(String::from(
-            "this guest cannot write compressed clusters",
-        )));
-    }
     let proof_content = (req.compress && old_len > 0).then_some(OldContent(&old));
     // The dry run's compressed clusters are kept for the real run (compress_cache).
     let mut kept = Kept::default();
-    let mut recorder = compressor_of(req, hooks).map(|c| Recorder::new(c, &mut kept));
-    let proved_end = prove_writes(
-        &mut *overlay,
-        &header,
-        &plan.ops,
-        has_backing,
-        proof_content,
-        recorder.as_mut().map(|r| r as &mut dyn Compressor),
-    )?;
-    drop(recorder);
+    let proved_end = {
+        let mut recorder = compressor_of(req, hooks)?.map(|c| Recorder::new(c, &mut kept));
+        prove_writes(
+            &mut *overlay,
+            &header,
+            &plan.ops,
+            has_backing,
+            proof_content,
+            recorder.as_mut().map(|r| r as &mut dyn Compressor),
+        )?
+    };
 
     // 3. Write. The dry run knows exactly where the writes end (a refcount block that
     // claims clusters past the end of the file pushes allocations further out than
@@ -132,7 +128,7 @@ pub(crate) fn rebase(
     // writing zero data. A v2 overlay without a backing file would lose content in
     // QEMU (its zero write becomes a no-op discard): instar writes zero data there too.
     let old_content = (old_len > 0).then_some(OldContent(&old));
-    let mut replayer = compressor_of(req, hooks).map(|c| Replayer::new(c, kept));
+    let mut replayer = compressor_of(req, hooks)?.map(|c| Replayer::new(c, kept));
     let compressor = replayer.as_mut().map(|r| r as &mut dyn Compressor);
     let (written_end, finish) = if old_len > 0 || header.version < 3 {
         let writer = Writer::open_with_backing(&mut *overlay, &header, CowBacking(&old));
@@ -165,15 +161,20 @@ pub(crate) fn rebase(
     })
 }
 
-/// The guest's compressor when the request asks for `-c`.
+/// The guest's compressor when the request asks for `-c`; an error when it asks and
+/// the runtime has none.
 fn compressor_of<'h>(
     req: &RebaseRequest,
     hooks: &'h mut dyn Hooks,
-) -> Option<&'h mut dyn Compressor> {
-    if req.compress {
-        hooks.compressor()
-    } else {
-        None
+) -> Result<Option<&'h mut dyn Compressor>, GuestError> {
+    if !req.compress {
+        return Ok(None);
+    }
+    match hooks.compressor() {
+        Some(c) => Ok(Some(c)),
+        None => Err(plain(String::from(
+            "this guest cannot write compressed clusters",
+        ))),
     }
 }
 
