@@ -732,3 +732,47 @@ fn qed_refuses_compression_safe_and_unsafe() {
         }
     }
 }
+
+#[test]
+fn external_data_file_fails_like_qemu() {
+    // qemu-img's first compressed write into an image with an external data file fails
+    // with ENOTSUP; instar gives the same message before writing anything.
+    let Some((refs, subject)) = setup() else {
+        return;
+    };
+    let scratch = Scratch::new("c-data-file");
+    let fx = Fx::new(scratch.fixture(), &refs.v10_2);
+    corpus(&fx, "base.raw", 65536, 16, 3);
+    fx.create(
+        "qcow2",
+        "ovl.qcow2",
+        "1M",
+        &["-o", "data_file=ovl.data", "-b", "base.raw", "-F", "raw"],
+    );
+    let argv = ["rebase", "-c", "-b", "", "ovl.qcow2"];
+    let mut tools: Vec<(&str, &Path)> = vec![("10.2", refs.v10_2.img.as_path())];
+    if let Some(n) = refs.newest() {
+        tools.push(("11.1", n.img.as_path()));
+    }
+    tools.push(("instar", subject.path()));
+    for (label, prog) in tools {
+        let dir = dense_copy(&scratch, label);
+        let before = snapshot(&dir);
+        let o = run(prog, &argv, &dir);
+        let stderr = o
+            .stderr
+            .replace("qemu-img:", "PROG:")
+            .replace("instar:", "PROG:");
+        assert_eq!(
+            (o.status, stderr.as_str()),
+            (
+                1,
+                "PROG: Error while writing to COW image: Operation not supported\n"
+            ),
+            "{label}"
+        );
+        if label == "instar" {
+            assert!(snapshot(&dir) == before, "instar changed a file");
+        }
+    }
+}

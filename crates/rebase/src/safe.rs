@@ -97,6 +97,7 @@ pub(crate) fn rebase(
         )?
     };
 
+    compressed_writes_possible(req, &header, &plan.ops)?;
     // No write onto metadata: proved before the first write. Compressed writes are
     // proved with the real data: where each one lands depends on how well the clusters
     // before it compressed.
@@ -159,6 +160,22 @@ pub(crate) fn rebase(
         overlay_len: Some(overlay_len.max(written_end).max(cluster.len() as u64)),
         repair_lines: alloc::vec::Vec::new(),
     })
+}
+
+/// QEMU writes no compressed cluster into an external data file: the first compressed
+/// write fails (`-ENOTSUP`). Refused here, before anything is written.
+fn compressed_writes_possible(
+    req: &RebaseRequest,
+    header: &Header,
+    ops: &[Op],
+) -> Result<(), GuestError> {
+    let data_file = header.data_file.is_some() || header.has_data_file();
+    if req.compress && data_file && ops.iter().any(|op| matches!(op, Op::Data { .. })) {
+        return Err(plain(String::from(
+            "Error while writing to COW image: Operation not supported",
+        )));
+    }
+    Ok(())
 }
 
 /// The guest's compressor when the request asks for `-c`; an error when it asks and
