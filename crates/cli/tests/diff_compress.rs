@@ -776,3 +776,42 @@ fn external_data_file_fails_like_qemu() {
         }
     }
 }
+
+#[test]
+fn partly_allocated_extended_l2_cluster_is_refused_where_qemu_aborts() {
+    // Widened to whole clusters, a request covers a cluster whose first subcluster the
+    // overlay allocates: qemu-img's assertion fails (SIGABRT, the file already written
+    // up to there); instar refuses before writing anything.
+    let Some((refs, subject)) = setup() else {
+        return;
+    };
+    let scratch = Scratch::new("c-extl2-partial");
+    let fx = Fx::new(scratch.fixture(), &refs.v10_2);
+    corpus(&fx, "base.raw", 65536, 16, 4);
+    fx.create(
+        "qcow2",
+        "ovl.qcow2",
+        "1M",
+        &["-o", "extended_l2=on", "-b", "base.raw", "-F", "raw"],
+    );
+    fx.io("qcow2", "ovl.qcow2", &["write -P 0x44 0 2k"]);
+    let argv = ["rebase", "-c", "-b", "", "ovl.qcow2"];
+    let dir = dense_copy(&scratch, "qemu-10.2");
+    let o = run(&refs.v10_2.img, &argv, &dir);
+    assert!(
+        o.status != 0 && o.stderr.contains("Assertion"),
+        "qemu-img 10.2 no longer aborts here: exit {}, {}",
+        o.status,
+        o.stderr
+    );
+    let dir = dense_copy(&scratch, "subject");
+    let before = snapshot(&dir);
+    let o = run(subject.path(), &argv, &dir);
+    assert_eq!(o.status, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("partly allocated"),
+        "instar's message: {}",
+        o.stderr
+    );
+    assert!(snapshot(&dir) == before, "instar changed a file");
+}
