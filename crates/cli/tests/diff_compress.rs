@@ -815,3 +815,65 @@ fn partly_allocated_extended_l2_cluster_is_refused_where_qemu_aborts() {
     );
     assert!(snapshot(&dir) == before, "instar changed a file");
 }
+
+#[test]
+fn dirty_overlay_is_repaired_then_compressed() {
+    // Lazy refcounts and a qemu-io killed before its refcounts reached the file: the
+    // open repairs the image (same stderr lines as qemu-img), then the -c copy.
+    let Some((refs, subject)) = setup() else {
+        return;
+    };
+    let scratch = Scratch::new("c-dirty");
+    let fx = Fx::new(scratch.fixture(), &refs.v10_2);
+    corpus(&fx, "base.raw", 65536, 32, 12);
+    fx.create(
+        "qcow2",
+        "ovl.qcow2",
+        "2M",
+        &["-o", "lazy_refcounts=on", "-b", "base.raw", "-F", "raw"],
+    );
+    let args = [
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x35 128k 64k",
+        "-c",
+        "sigraise 9",
+        "ovl.qcow2",
+    ];
+    run(&refs.v10_2.io, &args, &fx.dir);
+    assert_eq!(fx.read("ovl.qcow2")[79] & 1, 1, "the fixture must be dirty");
+    let argv = ["rebase", "-c", "-b", "", "ovl.qcow2"];
+    let mut tools: Vec<(&str, &Path)> = vec![("10.2", refs.v10_2.img.as_path())];
+    if let Some(n) = refs.newest() {
+        tools.push(("11.1", n.img.as_path()));
+    }
+    tools.push(("instar", subject.path()));
+    let mut results = Vec::new();
+    for (label, prog) in tools {
+        let dir = dense_copy(&scratch, label);
+        let o = run(prog, &argv, &dir);
+        assert_eq!(o.status, 0, "{label}: {}", o.stderr);
+        let stderr = o
+            .stderr
+            .replace("qemu-img:", "PROG:")
+            .replace("instar:", "PROG:");
+        if let Some(p) = check_problems(&refs.v10_2, &dir, "ovl.qcow2") {
+            panic!("{label}: not clean: {p}");
+        }
+        results.push((label, stderr, bytes_of(&dir.join("ovl.qcow2"))));
+    }
+    assert!(
+        results[0].1.contains("Repairing"),
+        "qemu-img repaired nothing: {}",
+        results[0].1
+    );
+    for (label, stderr, bytes) in &results[1..] {
+        assert_eq!(stderr, &results[0].1, "{label}: stderr");
+        assert!(
+            bytes == &results[0].2,
+            "{label}: file differs from qemu-img 10.2's: {}",
+            describe_diff(&results[0].2, bytes).unwrap_or_default()
+        );
+    }
+}
