@@ -6,7 +6,7 @@ by `instar-fuzz mutate` with the structure-aware mutator), its old backing under
 name its header gives (sometimes mutated too; that image's own backing too, down to
 three images, so qed chains are read whole), and a new backing (raw, qcow2, vmdk or
 qed, often mutated: forged headers in a file probed without -F). instar rebases it in one of four
-modes (-u or safe, with or without -F; sometimes detaching). Invariants:
+modes (-u or safe, with or without -F; sometimes detaching; sometimes -c). Invariants:
 
 - the exit status is 0 or 1 (never a signal, never Rust's 101);
 - exit 1 leaves every file in the directory unchanged (SHA-256 before and after);
@@ -201,9 +201,13 @@ class Campaign:
         unsafe = self.rng.random() < 0.5
         with_f = self.rng.random() < 0.6
         detach = self.rng.random() < 0.1
+        # -c: the guest's zlib/zstd on the copied clusters (safe mode; with -u a no-op).
+        compress = self.rng.random() < 0.3
         args = [str(self.instar), "rebase", "-f", ov_fmt]
         if unsafe:
             args.append("-u")
+        if compress:
+            args.append("-c")
         if detach:
             args += ["-b", ""]
         else:

@@ -36,7 +36,7 @@ QEMU_IMG=${QEMU_IMG:-/usr/bin/qemu-img}
 QEMU_IO=${QEMU_IO:-/usr/bin/qemu-io}
 QEMU_SRC_VERSION=${QEMU_SRC_VERSION:-1:10.2.2+ds-1}
 CACHE=${IOTESTS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/instar/iotests}
-REQUIRED=(024 031 042 043 050 061 082 252)
+REQUIRED=(024 031 042 043 050 061 082 252 271 314)
 # The same rebase tests with qed images (-qed).
 read -r -a REQUIRED_QED <<< "${IOTESTS_QED-024 042 043 050}"
 OPTIONAL=()
@@ -44,8 +44,6 @@ OPTIONAL=()
 # tests are not in the default set (run them by name to see the difference).
 declare -A EXPECTED=(
     [114]="rebase -u -b X without -F must fail in qemu-img; instar probes X (-F is optional)"
-    [271]="its last part uses -c, which instar refuses"
-    [314]="it is about -c, which instar refuses"
 )
 if [ $# -gt 0 ]; then
     REQUIRED=("$@"); OPTIONAL=()

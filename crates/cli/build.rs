@@ -24,6 +24,7 @@ fn main() {
     // Not the whole guest/ directory: its target/ changes on every build.
     for p in [
         "src",
+        "csrc",
         "Cargo.toml",
         "Cargo.lock",
         "build.rs",

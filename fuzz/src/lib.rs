@@ -13,6 +13,7 @@ extern crate alloc;
 
 pub mod campaign;
 pub mod case;
+pub mod compressor;
 pub mod consistency;
 pub mod dev;
 pub mod layout;

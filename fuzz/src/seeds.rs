@@ -130,7 +130,8 @@ fn cases(files: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
     .collect();
     let mut out = Vec::new();
     if let (Some(ov), Some(base)) = (get("chain-overlay.qcow2"), get("chain-base.qcow2")) {
-        for flags in [0u8, 2, 4, 0x10] {
+        // 0x20: -c (compressed copies), also detaching (0x22).
+        for flags in [0u8, 2, 4, 0x10, 0x20, 0x22] {
             out.push(case(
                 flags,
                 [ov.clone(), base.clone(), get("raw-16k").unwrap_or_default()],
@@ -154,7 +155,14 @@ fn cases(files: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
     for (i, (_, ov)) in overlays.enumerate() {
         let old = backings[i % backings.len()].clone();
         let new = backings[(i + 1) % backings.len()].clone();
-        out.push(case([0u8, 2, 4, 8][i % 4], [ov.clone(), old, new]));
+        out.push(case(
+            [0u8, 2, 4, 8][i % 4],
+            [ov.clone(), old.clone(), new.clone()],
+        ));
+        // Every qcow2 overlay also with -c: compressed writes into its layout.
+        if is_qcow2(ov) {
+            out.push(case(0x20, [ov.clone(), old, new]));
+        }
     }
     out
 }

@@ -256,12 +256,18 @@ fn vmdk_read(data: &[u8]) -> u64 {
 #[derive(Default)]
 struct PhaseHooks {
     write_end: Option<u64>,
+    compressor: Option<crate::compressor::FuzzCompressor>,
 }
 
 impl Hooks for PhaseHooks {
     fn progress(&mut self, _steps: u32) {}
     fn write_phase(&mut self, end: u64) {
         self.write_end = Some(end);
+    }
+    fn compressor(&mut self) -> Option<&mut dyn instar_qcow2::compressor::Compressor> {
+        self.compressor
+            .as_mut()
+            .map(|c| c as &mut dyn instar_qcow2::compressor::Compressor)
     }
 }
 
@@ -277,7 +283,10 @@ fn call_phased(devs: &mut [FuzzDev], request: Request) -> (Response, Option<u64>
     };
     let mut refs: Vec<&mut dyn BlockDev> =
         devs.iter_mut().map(|d| d as &mut dyn BlockDev).collect();
-    let mut hooks = PhaseHooks::default();
+    let mut hooks = PhaseHooks {
+        write_end: None,
+        compressor: Some(crate::compressor::FuzzCompressor),
+    };
     let response = handle(&call, &mut refs, &mut hooks);
     (response, hooks.write_end)
 }
@@ -427,6 +436,8 @@ mod flag {
     /// The host has checked the external data file.
     pub const DATA_FILE_CHECKED: u8 = 3;
     pub const PROGRESS: u8 = 4;
+    /// `-c`: copied clusters are written compressed.
+    pub const COMPRESS: u8 = 5;
 }
 
 /// The request the host would send for `case`: overlay on device 0, old backing on 1,
@@ -468,6 +479,7 @@ fn rebase_request(case: &Case, formats: &[Format], unsafe_mode: bool) -> RebaseR
         in_chain: (in_chain && !unsafe_mode).then_some(0),
         data_file_checked: case.flag(flag::DATA_FILE_CHECKED),
         progress: case.flag(flag::PROGRESS),
+        compress: case.flag(flag::COMPRESS) && !unsafe_mode,
     }
 }
 

@@ -12,8 +12,10 @@
 extern crate alloc;
 
 mod boot;
+mod compressor;
 mod disk;
 mod heap;
+mod libc;
 mod runtime;
 mod selftest;
 
@@ -24,10 +26,13 @@ use instar_abi::layout::{DOORBELL_PROGRESS, MAX_DEVICES};
 use instar_abi::{Call, ErrorKind, GuestError, Request, Response};
 use instar_blockdev::BlockDev;
 
-/// Doorbells for the format code.
-struct DoorbellHooks;
+/// Doorbells and the `-c` compressor for the format code.
+struct DoorbellHooks(compressor::GuestCompressor);
 
 impl instar_rebase::Hooks for DoorbellHooks {
+    fn compressor(&mut self) -> Option<&mut dyn instar_qcow2::compressor::Compressor> {
+        Some(&mut self.0)
+    }
     fn progress(&mut self, steps: u32) {
         runtime::ring(DOORBELL_PROGRESS, steps);
     }
@@ -63,7 +68,11 @@ fn serve() -> Response {
         _ => {
             let mut devs: Vec<&mut dyn BlockDev> =
                 disks.iter_mut().map(|d| d as &mut dyn BlockDev).collect();
-            instar_rebase::handle(&call, &mut devs, &mut DoorbellHooks)
+            instar_rebase::handle(
+                &call,
+                &mut devs,
+                &mut DoorbellHooks(compressor::GuestCompressor),
+            )
         }
     }
 }

@@ -144,6 +144,8 @@ pub struct RebaseRequest {
     pub data_file_checked: bool,
     /// Report progress with [`crate::layout::DOORBELL_PROGRESS`].
     pub progress: bool,
+    /// `-c`: safe mode writes the copied clusters compressed (qcow2 overlays).
+    pub compress: bool,
 }
 
 /// The name (and format) written into the overlay's header, verbatim.
@@ -356,6 +358,7 @@ mod tests {
             in_chain: None,
             data_file_checked: false,
             progress: false,
+            compress: false,
         });
         let mut area = [0u8; 256];
         let n = encode(&req, &mut area).unwrap();

@@ -136,6 +136,11 @@ fn content(q: &Qemu, dir: &Path, image: &str) -> Vec<u8> {
 }
 
 fn check(case: &Case) {
+    check_with(case, &[], case.qemu);
+}
+
+/// [`check`] with `extra` options before the others (`-c`), and what qemu-img does then.
+fn check_with(case: &Case, extra: &[&str], qemu_does: QemuDoes) {
     if !require_kvm() {
         return;
     }
@@ -146,12 +151,13 @@ fn check(case: &Case) {
         ("safe", ["-b", "new.qcow2", "-F", "qcow2"].as_slice()),
         ("flatten", ["-b", ""].as_slice()),
     ] {
-        let scratch = Scratch::new(&format!("overlap-{}-{mode}", case.name));
+        let scratch = Scratch::new(&format!("overlap-{}-{mode}{}", case.name, extra.len()));
         let dir = &scratch.0;
         fixture(&q, dir, case);
         let before = files(dir);
 
         let mut argv = vec!["rebase"];
+        argv.extend_from_slice(extra);
         argv.extend_from_slice(args);
         argv.push("ov.qcow2");
         let r = instar(&argv, dir);
@@ -170,6 +176,7 @@ fn check(case: &Case) {
         std::fs::copy(dir.join("ov.qcow2"), dir.join("q.qcow2")).expect("copy");
         let want = content(&q, dir, "q.qcow2");
         let mut qargv = vec!["rebase"];
+        qargv.extend_from_slice(extra);
         qargv.extend_from_slice(args);
         qargv.push("q.qcow2");
         let qr = std::process::Command::new(&q.img)
@@ -184,7 +191,7 @@ fn check(case: &Case) {
             keeps_content: content(&q, dir, "q.qcow2") == want,
         };
         assert_eq!(
-            got, case.qemu,
+            got, qemu_does,
             "{shown}: qemu-img 10.2 did otherwise: {qerr}"
         );
     }
@@ -397,6 +404,58 @@ fn refcount_zero_on_a_data_cluster_in_use() {
             keeps_content: false,
         },
     });
+}
+
+/// The same two lies with `-c`: compressed clusters are packed into the clusters the
+/// allocator takes, so a table or data cluster that claims refcount 0 would receive
+/// compressed data; instar refuses before any write.
+#[test]
+fn compressed_writes_refuse_a_table_claiming_refcount_zero() {
+    check_with(
+        &Case {
+            name: "rc0-l2-c",
+            extended_l2: false,
+            snapshot: false,
+            patch: |i| {
+                let l2 = i.l2(1);
+                let data = i.get(l2) & OFFSET_MASK;
+                i.zero_refcount(l2);
+                i.zero_refcount(data);
+            },
+            says: "(overlaps with active L2 table): cluster 0x6000 has refcount 0, so it would be allocated, but it holds the active L2 table at 0x6000",
+            qemu: QEMU_GETS_AWAY,
+        },
+        &["-c"],
+        QemuDoes {
+            status: Some(1),
+            marks_corrupt: true,
+            keeps_content: true,
+        },
+    );
+}
+
+#[test]
+fn compressed_writes_refuse_a_data_cluster_claiming_refcount_zero() {
+    check_with(
+        &Case {
+            name: "rc0-data-c",
+            extended_l2: false,
+            snapshot: false,
+            patch: |i| {
+                let l2 = i.l2(1);
+                let data = i.get(l2) & OFFSET_MASK;
+                i.zero_refcount(data);
+            },
+            says: "cluster 0x7000 has refcount 0, so it would be allocated, but it holds the data cluster at 0x7000",
+            qemu: QEMU_GETS_AWAY,
+        },
+        &["-c"],
+        QemuDoes {
+            status: Some(0),
+            marks_corrupt: false,
+            keeps_content: false,
+        },
+    );
 }
 
 /// The active L1 entries claim (COPIED) the L2 tables they share with a snapshot: the

@@ -562,3 +562,45 @@ fn stop_after_writes_stops_the_sandbox_at_the_write() {
         }
     }
 }
+
+/// `-c`: the copied clusters are compressed and packed several to a host cluster
+/// (refcounts above 1), with uncompressed fallbacks in between.
+fn compressed(name: &'static str) -> Case {
+    Case {
+        name,
+        fmt: "qcow2",
+        args: &["-c", "-b", "new.qcow2", "-F", "qcow2"],
+    }
+}
+
+#[test]
+fn crash_compressed_zlib_64k_clusters() {
+    crash_every_write(&compressed("c-zlib-64k"), &|fx| {
+        clusters_64k(fx, true, "cluster_size=64k");
+        // Incompressible data in the old backing: written uncompressed between the
+        // packed clusters.
+        fx.io("qcow2", "old.qcow2", &["write -s /proc/self/exe 2560k 64k"]);
+    });
+}
+
+#[test]
+fn crash_compressed_zstd_512_byte_clusters() {
+    let Some(sum) = crash_every_write(&compressed("c-zstd-512"), &|fx| {
+        clusters_512(fx, true, ",compression_type=zstd")
+    }) else {
+        return;
+    };
+    // New L2 tables and refcount blocks between the packed clusters: many writes.
+    assert!(sum.writes >= 20, "only {} writes", sum.writes);
+}
+
+#[test]
+fn crash_compressed_lazy_refcounts() {
+    crash_every_write(&compressed("c-lazy"), &|fx| {
+        clusters_64k(
+            fx,
+            true,
+            "cluster_size=64k,lazy_refcounts=on,compression_type=zstd",
+        )
+    });
+}

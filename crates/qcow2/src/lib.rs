@@ -7,6 +7,7 @@
 //! - [`map`]: L2 entry classification (QEMU's cluster kinds, compressed entries).
 //! - [`image`]: a read-only image: guest offset → kind and run length, reads.
 //! - [`compress`]: compressed clusters (zlib, zstd).
+//! - [`compressor`]: the interface a compressed write (`-c`) compresses through.
 //! - [`refcount`]: reading refcounts.
 //! - [`overlap`]: where every metadata structure lies; the proof that a session's writes
 //!   land only where they may, made before the first write.
@@ -20,6 +21,7 @@
 extern crate alloc;
 
 pub mod compress;
+pub mod compressor;
 pub mod entry;
 pub mod geometry;
 pub mod header;

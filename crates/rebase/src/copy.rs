@@ -97,8 +97,12 @@ pub trait Sink {
 pub struct Geometry {
     /// The overlay's virtual size.
     pub size: u64,
-    /// The overlay's subcluster size (cluster size without extended L2).
+    /// The overlay's subcluster size (cluster size without extended L2); its cluster
+    /// size for a compressed rebase (`-c`).
     pub write_align: u64,
+    /// `-c`: every widened request must be wholly unallocated in the overlay (qemu-img
+    /// asserts it, and aborts on an extended-L2 cluster that is partly allocated).
+    pub whole_unallocated: bool,
 }
 
 /// The outcome of [`plan`].
@@ -176,6 +180,12 @@ pub fn plan(
             .ok_or(CopyError::BadStatus)?;
         let wstart = start;
         let wlen = (end - start).min(size - start).min(IO_BUF_SIZE);
+        if geom.whole_unallocated && overlay.is_allocated(wstart, wlen)? != (false, wlen) {
+            return Err(CopyError::Write(alloc::format!(
+                "cluster at offset {wstart:#x} is partly allocated: it cannot be written \
+                 compressed (qemu-img fails an assertion here)"
+            )));
+        }
 
         let n_old = wlen.min(old_size.saturating_sub(wstart)) as usize;
         let n_new = wlen.min(new_size.saturating_sub(wstart)) as usize;
@@ -379,6 +389,7 @@ mod tests {
             Geometry {
                 size,
                 write_align: wa,
+                whole_unallocated: false,
             },
             overlay,
             None,
@@ -551,6 +562,7 @@ mod tests {
             Geometry {
                 size: 8 * M,
                 write_align: K64,
+                whole_unallocated: false,
             },
             &mut ovl,
             None,

@@ -8,6 +8,7 @@
 extern crate alloc;
 
 mod chains;
+mod compress_cache;
 pub mod copy;
 mod dirty;
 mod other_formats;
@@ -39,6 +40,11 @@ pub trait Hooks {
     /// Every check has passed; the first write to the overlay follows. No write goes
     /// past `end` (see `instar_abi::layout::DOORBELL_WRITE_PHASE`).
     fn write_phase(&mut self, end: u64);
+    /// The cluster compressor for `-c` (zlib and zstd built into the guest). `None`:
+    /// this runtime cannot compress, and a compressed rebase is refused before any write.
+    fn compressor(&mut self) -> Option<&mut dyn instar_qcow2::compressor::Compressor> {
+        None
+    }
 }
 
 /// Handle `call` over `devs` (index = device index). `SelfTest` requests are the guest

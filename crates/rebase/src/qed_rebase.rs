@@ -164,6 +164,7 @@ fn safe(
     let geom = Geometry {
         size: image.virtual_size(),
         write_align: image.cluster_size(),
+        whole_unallocated: false,
     };
     let chains = Chains {
         old: &old,

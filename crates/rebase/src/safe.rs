@@ -21,6 +21,7 @@ use core::cell::RefCell;
 
 use instar_abi::{Format, GuestError, RebaseOutcome, RebaseRequest};
 use instar_blockdev::{BlockDev, IoError};
+use instar_qcow2::compressor::Compressor;
 use instar_qcow2::image::Qcow2Image;
 use instar_qcow2::overlap::{Layout, OverlapError};
 use instar_qcow2::writer::{Below, Finish, IoOp, ShadowDev, WriteError, WriteKind, Writer};
@@ -30,6 +31,7 @@ use crate::chains::{
     check_request, copy_error, open_chains, plan_over, read_zero_padded, slots, stats, take,
     Chains, OldContent, Opened, Shared,
 };
+use crate::compress_cache::{Kept, Recorder, Replayer};
 use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
 use crate::probe::open_error;
 use crate::unsafe_rebase::{change_error, map_change_error, open_for_change};
@@ -69,9 +71,16 @@ pub(crate) fn rebase(
     let plan = {
         let mut image = Qcow2Image::open(&mut *overlay, &header)
             .map_err(|e| open_error(OVERLAY, e.to_string()))?;
+        // qemu-img -c widens every request to whole clusters: a compressed write
+        // covers a whole cluster (its subclusters cannot be written one by one).
         let geom = Geometry {
             size: image.virtual_size(),
-            write_align: image.subcluster_size(),
+            write_align: if req.compress {
+                image.cluster_size()
+            } else {
+                image.subcluster_size()
+            },
+            whole_unallocated: req.compress,
         };
         let chains = Chains {
             old: &old,
@@ -88,9 +97,25 @@ pub(crate) fn rebase(
         )?
     };
 
-    // No write onto metadata: proved before the first write.
+    compressed_writes_possible(req, &header, &plan.ops)?;
+    // No write onto metadata: proved before the first write. Compressed writes are
+    // proved with the real data: where each one lands depends on how well the clusters
+    // before it compressed.
     let has_backing = old_len > 0 || header.version < 3;
-    let proved_end = prove_writes(&mut *overlay, &header, &plan.ops, has_backing)?;
+    let proof_content = (req.compress && old_len > 0).then_some(OldContent(&old));
+    // The dry run's compressed clusters are kept for the real run (compress_cache).
+    let mut kept = Kept::default();
+    let proved_end = {
+        let mut recorder = compressor_of(req, hooks)?.map(|c| Recorder::new(c, &mut kept));
+        prove_writes(
+            &mut *overlay,
+            &header,
+            &plan.ops,
+            has_backing,
+            proof_content,
+            recorder.as_mut().map(|r| r as &mut dyn Compressor),
+        )?
+    };
 
     // 3. Write. The dry run knows exactly where the writes end (a refcount block that
     // claims clusters past the end of the file pushes allocations further out than
@@ -104,14 +129,17 @@ pub(crate) fn rebase(
     // writing zero data. A v2 overlay without a backing file would lose content in
     // QEMU (its zero write becomes a no-op discard): instar writes zero data there too.
     let old_content = (old_len > 0).then_some(OldContent(&old));
+    let mut replayer = compressor_of(req, hooks)?.map(|c| Replayer::new(c, kept));
+    let compressor = replayer.as_mut().map(|r| r as &mut dyn Compressor);
     let (written_end, finish) = if old_len > 0 || header.version < 3 {
         let writer = Writer::open_with_backing(&mut *overlay, &header, CowBacking(&old));
-        write_plan(writer, &plan.ops, old_content)?
+        write_plan(writer, &plan.ops, old_content, compressor)?
     } else {
         write_plan(
             Writer::open(&mut *overlay, &header, false),
             &plan.ops,
             old_content,
+            compressor,
         )?
     };
 
@@ -134,16 +162,54 @@ pub(crate) fn rebase(
     })
 }
 
+/// QEMU writes no compressed cluster into an external data file: the first compressed
+/// write fails (`-ENOTSUP`). Refused here, before anything is written.
+fn compressed_writes_possible(
+    req: &RebaseRequest,
+    header: &Header,
+    ops: &[Op],
+) -> Result<(), GuestError> {
+    let data_file = header.data_file.is_some() || header.has_data_file();
+    if req.compress && data_file && ops.iter().any(|op| matches!(op, Op::Data { .. })) {
+        return Err(plain(String::from(
+            "Error while writing to COW image: Operation not supported",
+        )));
+    }
+    Ok(())
+}
+
+/// The guest's compressor when the request asks for `-c`; an error when it asks and
+/// the runtime has none.
+fn compressor_of<'h>(
+    req: &RebaseRequest,
+    hooks: &'h mut dyn Hooks,
+) -> Result<Option<&'h mut dyn Compressor>, GuestError> {
+    if !req.compress {
+        return Ok(None);
+    }
+    match hooks.compressor() {
+        Some(c) => Ok(Some(c)),
+        None => Err(plain(String::from(
+            "this guest cannot write compressed clusters",
+        ))),
+    }
+}
+
 /// Prove that the plan's writes land only where they may: find every structure of the
 /// overlay, replay the plan through the writer into memory (guest data left out, so
 /// nothing is read from the old chain and nothing reaches the device), and audit every
 /// cluster the writer wrote or took, plus the final header rewrite. Returns where the
 /// last of those writes ends.
+///
+/// A compressed rebase (`compressor` given) reads and compresses the real data
+/// (`old`): the compressed sizes decide the layout. It still writes nothing.
 fn prove_writes(
     overlay: &mut dyn BlockDev,
     header: &Header,
     ops: &[Op],
     has_backing: bool,
+    mut old: Option<OldContent<'_, '_>>,
+    compressor: Option<&mut dyn Compressor>,
 ) -> Result<u64, GuestError> {
     let layout = Layout::scan(&mut *overlay, header).map_err(overlap_error)?;
     let shadow = ShadowDev::new(&mut *overlay);
@@ -161,7 +227,11 @@ fn prove_writes(
     let mut writer = Writer::open(shadow, header, has_backing)
         .map_err(write_error)?
         .recording(true);
-    copy::execute(ops, None, &mut WriterSink(&mut writer))
+    let mut sink = WriterSink {
+        writer: &mut writer,
+        compressor,
+    };
+    copy::execute(ops, old.as_mut().map(|c| c as &mut dyn Content), &mut sink)
         .map_err(copy_error)
         .map_err(unproved)?;
     let (_, _, mut record) = writer
@@ -190,12 +260,16 @@ fn write_plan<D: BlockDev, B: Below>(
     writer: Result<Writer<D, B>, WriteError>,
     ops: &[Op],
     mut old: Option<OldContent<'_, '_>>,
+    compressor: Option<&mut dyn Compressor>,
 ) -> Result<(u64, Finish), GuestError> {
     let mut writer = writer.map_err(write_error)?;
     copy::execute(
         ops,
         old.as_mut().map(|c| c as &mut dyn Content),
-        &mut WriterSink(&mut writer),
+        &mut WriterSink {
+            writer: &mut writer,
+            compressor,
+        },
     )
     .map_err(copy_error)?;
     let written_end = writer
@@ -213,6 +287,17 @@ fn write_plan<D: BlockDev, B: Below>(
 
 fn write_error(e: WriteError) -> GuestError {
     plain(format!("Error while writing to COW image: {e}"))
+}
+
+/// QEMU's errno text for a failed write, where instar knows it.
+fn write_error_text(e: WriteError) -> String {
+    match e {
+        // qcow2_alloc_compressed_cluster_offset's -EIO.
+        WriteError::CompressedOverwrite(_) => String::from(IO_ERROR),
+        // qcow2_co_pwritev_compressed_task turns a compressor failure into -EINVAL.
+        WriteError::CompressFailed => String::from("Invalid argument"),
+        e => e.to_string(),
+    }
 }
 
 struct OverlayAlloc<'r, D: BlockDev>(&'r mut Qcow2Image<D>);
@@ -234,17 +319,24 @@ impl Below for CowBacking<'_, '_> {
     }
 }
 
-struct WriterSink<'w, D: BlockDev, B: Below>(&'w mut Writer<D, B>);
+/// The writer as the copy loop's sink; data goes through the compressor with `-c`
+/// (write-zeroes never do, as in qemu-img).
+struct WriterSink<'w, 'c, D: BlockDev, B: Below> {
+    writer: &'w mut Writer<D, B>,
+    compressor: Option<&'c mut dyn Compressor>,
+}
 
-impl<D: BlockDev, B: Below> Sink for WriterSink<'_, D, B> {
+impl<D: BlockDev, B: Below> Sink for WriterSink<'_, '_, D, B> {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
-        self.0
-            .write(offset, data)
-            .map_err(|e| CopyError::Write(e.to_string()))
+        match self.compressor.as_deref_mut() {
+            Some(c) => self.writer.write_compressed(offset, data, c),
+            None => self.writer.write(offset, data),
+        }
+        .map_err(|e| CopyError::Write(write_error_text(e)))
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), CopyError> {
-        self.0
+        self.writer
             .write_zeroes(offset, len)
-            .map_err(|e| CopyError::Write(e.to_string()))
+            .map_err(|e| CopyError::Write(write_error_text(e)))
     }
 }

@@ -189,6 +189,7 @@ fn safe(
         let geom = Geometry {
             size: image.virtual_size(),
             write_align: image.grain_size(),
+            whole_unallocated: false,
         };
         let chains = Chains {
             old: &old,

@@ -65,6 +65,7 @@ pub fn rebase(
         Mode::Safe => Some(old_chain::discover(&cmd, guest, dirs, &overlay, &info)?),
         Mode::Unsafe => None,
     };
+    overlay::check_compress(args.compress, info.format)?;
     let backing_format = options.backing_format.checked()?;
     overlay::check_format(&cmd, info.format)?;
     let new = new_backing::decide(&cmd, guest, backing_format, old.as_ref(), info.format)?;
@@ -81,6 +82,8 @@ pub fn rebase(
         // overlay::probe checked the data file.
         data_file_checked: true,
         progress: args.progress && mode == Mode::Safe,
+        // With -u nothing is copied, so nothing is compressed.
+        compress: args.compress && mode == Mode::Safe,
     };
     let outcome = rebase_vm::run(&cmd, guest, progress, request, &table, info.virtual_size)?;
     repair_report::print(&outcome.repair_lines, overlay.image.len);

@@ -84,6 +84,18 @@ fn check_data_file(cmd: &Cmd, name: &[u8]) -> Result<(), Failure> {
 
 /// The overlay formats instar hands to the guest for a rebase; every other one is
 /// refused as QEMU refuses formats without a backing-file change (`ENOTSUP`).
+/// `-c` needs a driver that writes compressed clusters (qemu-img's
+/// `block_driver_can_compress`, checked right after the overlay is open).
+pub fn check_compress(compress: bool, format: Format) -> Result<(), Failure> {
+    match format {
+        _ if !compress => Ok(()),
+        Format::Qcow2 | Format::Qcow | Format::Vmdk => Ok(()),
+        _ => Err(Failure::plain(
+            "Compression not supported for this file format",
+        )),
+    }
+}
+
 pub fn check_format(cmd: &Cmd, format: Format) -> Result<(), Failure> {
     match format {
         // qemu-img 10.x's bdrv_get_info() fails for parallels before anything else.

@@ -18,6 +18,9 @@
 //!   table grows by QEMU's generous rule, and the old table is freed.
 //! - Shared clusters (internal snapshots) are copied on write; the old cluster or table
 //!   is decremented after the new reference is in place.
+//! - Compressed writes ([`Writer::write_compressed`], `rebase -c`) pack clusters one
+//!   after another into host clusters (`compressed.rs`); a cluster that does not shrink
+//!   takes the ordinary path.
 //!
 //! # Order of writes (crash consistency)
 //!
@@ -56,6 +59,7 @@
 
 mod alloc_path;
 mod cache;
+mod compressed;
 mod record;
 mod refcount;
 mod shadow;
@@ -71,6 +75,7 @@ use alloc::vec::Vec;
 use instar_blockdev::bytes::be64_table;
 use instar_blockdev::{BlockDev, IoError};
 
+use crate::compress::CompressionType;
 use crate::geometry::{Geometry, MAX_REFTABLE_BYTES};
 use crate::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 
@@ -91,6 +96,10 @@ pub enum WriteError {
     RefcountOverflow(u64),
     #[error("image would exceed the maximum qcow2 size")]
     TooBig,
+    #[error("the compressor failed")]
+    CompressFailed,
+    #[error("compressed write into allocated cluster at guest offset {0:#x}")]
+    CompressedOverwrite(u64),
 }
 
 pub(crate) fn corrupt(what: &'static str, offset: u64) -> WriteError {
@@ -173,6 +182,11 @@ pub struct Writer<D: BlockDev, B: Below = ZeroBacking> {
 
     /// QEMU's `free_cluster_index`.
     fci: u64,
+    /// The image's compression type, for compressed writes.
+    compression: CompressionType,
+    /// QEMU's `free_byte_offset`: where the next compressed cluster may be packed
+    /// (0: start a new host cluster).
+    free_byte_offset: u64,
 
     l2_cache: TableCache,
     rb_cache: TableCache,
@@ -262,6 +276,9 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
             rt,
             max_rt_index,
             fci: 0,
+            compression: CompressionType::from_header(h.compression_type)
+                .ok_or(WriteError::Unsupported("unknown compression type"))?,
+            free_byte_offset: 0,
             l2_cache: TableCache::new(geometry.l2_slice_bytes() as usize),
             rb_cache: TableCache::new(cs as usize),
             log: Vec::new(),
