@@ -19,6 +19,7 @@
 
 extern crate alloc;
 
+pub mod bitmaps;
 pub mod compress;
 pub mod entry;
 pub mod geometry;

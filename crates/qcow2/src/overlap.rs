@@ -29,6 +29,7 @@ use alloc::vec::Vec;
 use instar_blockdev::bytes::be64;
 use instar_blockdev::BlockDev;
 
+use crate::bitmaps::BitmapSet;
 use crate::entry::{l2_entry_size, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
 use crate::map::{compressed_extent, EntryFormat};
 use crate::writer::{WriteKind, WriteRecord};
@@ -53,12 +54,20 @@ impl Layout {
     /// Find every structure of the image on `dev` described by `header` (already
     /// parsed with QEMU's open checks) and refuse misplaced or overlapping ones.
     pub fn scan<D: BlockDev + ?Sized>(dev: &mut D, header: &Header) -> Result<Self, OverlapError> {
-        if header.has_bitmaps() {
-            // Hook: the bitmap directory and bitmap tables go here once instar writes
-            // images with bitmaps; until then such images are refused before this point.
+        Self::scan_with_bitmaps(dev, header, None)
+    }
+
+    /// [`Layout::scan`], with the bitmap directory, every bitmap table and every
+    /// bitmap data cluster of `bitmaps` (loaded from the same image) as structures.
+    pub fn scan_with_bitmaps<D: BlockDev + ?Sized>(
+        dev: &mut D,
+        header: &Header,
+        bitmaps: Option<&BitmapSet>,
+    ) -> Result<Self, OverlapError> {
+        if header.bitmaps.is_some() && bitmaps.is_none() {
             return Err(OverlapError::Bitmaps);
         }
-        let extents = scan::structures(dev, header)?;
+        let extents = scan::structures(dev, header, bitmaps)?;
         Ok(Layout {
             cluster_bits: header.cluster_bits(),
             fmt: header.entry_format(),
@@ -223,6 +232,14 @@ fn fits(kind: WriteKind, target: Target) -> bool {
                 Target::Structure(Structure::RefcountBlock)
             )
             | (WriteKind::Data, Target::Data)
+            | (
+                WriteKind::BitmapDirectory,
+                Target::Structure(Structure::BitmapDirectory)
+            )
+            | (
+                WriteKind::BitmapDiscard,
+                Target::Structure(Structure::BitmapData)
+            )
     )
 }
 

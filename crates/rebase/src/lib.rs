@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+mod bitmap_rebase;
 mod chains;
 pub mod copy;
 mod dirty;

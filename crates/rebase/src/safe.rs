@@ -15,24 +15,25 @@
 //! an image that still points at its old backing with content unchanged (QEMU itself
 //! may write the header before its caches are flushed).
 
-use alloc::format;
 use alloc::string::{String, ToString};
 use core::cell::RefCell;
 
 use instar_abi::{Format, GuestError, RebaseOutcome, RebaseRequest};
 use instar_blockdev::{BlockDev, IoError};
+use instar_qcow2::bitmaps::{BitmapSet, Dirt};
 use instar_qcow2::image::Qcow2Image;
-use instar_qcow2::overlap::{Layout, OverlapError};
+use instar_qcow2::overlap::Layout;
 use instar_qcow2::writer::{BackingRead, Finish, IoOp, ShadowDev, WriteError, WriteKind, Writer};
 use instar_qcow2::Header;
 
+use crate::bitmap_rebase::{self, overlap_error, write_error};
 use crate::chains::{
     check_request, copy_error, open_chains, plan_over, read_zero_padded, slots, stats, take,
     Chains, OldContent, Opened, Shared,
 };
 use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
 use crate::probe::open_error;
-use crate::unsafe_rebase::{change_error, map_change_error, open_for_change};
+use crate::unsafe_rebase::{change_error, map_change_error, open_for_change, ForChange};
 use crate::{plain, Hooks, IO_ERROR, OVERLAY};
 
 pub(crate) fn rebase(
@@ -52,7 +53,13 @@ pub(crate) fn rebase(
     let overlay = take(&mut slots, OVERLAY)?;
 
     // 1. Everything that can fail before a write.
-    let (mut header, _) = open_for_change(overlay, req, name, format)?;
+    let ForChange {
+        old: opened_header,
+        mut header,
+        bitmaps,
+        ..
+    } = open_for_change(overlay, req, name, format)?;
+    let bitmaps = bitmaps.filter(BitmapSet::needs_store);
 
     let Opened {
         mut old_view,
@@ -90,7 +97,13 @@ pub(crate) fn rebase(
 
     // No write onto metadata: proved before the first write.
     let has_backing = old_len > 0 || header.version < 3;
-    let proved_end = prove_writes(&mut *overlay, &header, &plan.ops, has_backing)?;
+    let dirt = bitmap_rebase::dirt(&plan.ops);
+    let stored = bitmaps.as_ref().map(|set| Stored {
+        set,
+        opened: &opened_header,
+        dirt: &dirt,
+    });
+    let proved_end = prove_writes(&mut *overlay, &header, &plan.ops, has_backing, stored)?;
 
     // 3. Write. The dry run knows exactly where the writes end (a refcount block that
     // claims clusters past the end of the file pushes allocations further out than
@@ -104,14 +117,21 @@ pub(crate) fn rebase(
     // writing zero data. A v2 overlay without a backing file would lose content in
     // QEMU (its zero write becomes a no-op discard): instar writes zero data there too.
     let old_content = (old_len > 0).then_some(OldContent(&old));
+    let stored = bitmaps.as_ref().map(|set| Stored {
+        set,
+        opened: &opened_header,
+        dirt: &dirt,
+    });
     let (written_end, finish) = if old_len > 0 || header.version < 3 {
         let writer = Writer::open_with_backing(&mut *overlay, &header, CowBacking(&old));
-        write_plan(writer, &plan.ops, old_content)?
+        write_plan(writer, &plan.ops, old_content, stored, &mut header)?
     } else {
         write_plan(
             Writer::open(&mut *overlay, &header, false),
             &plan.ops,
             old_content,
+            stored,
+            &mut header,
         )?
     };
 
@@ -144,8 +164,10 @@ fn prove_writes(
     header: &Header,
     ops: &[Op],
     has_backing: bool,
+    stored: Option<Stored<'_>>,
 ) -> Result<u64, GuestError> {
-    let layout = Layout::scan(&mut *overlay, header).map_err(overlap_error)?;
+    let layout = Layout::scan_with_bitmaps(&mut *overlay, header, stored.as_ref().map(|s| s.set))
+        .map_err(overlap_error)?;
     let shadow = ShadowDev::new(&mut *overlay);
     let lost = shadow.lost_flag();
     // A dry run that needed metadata the shadow did not keep proves nothing.
@@ -161,9 +183,22 @@ fn prove_writes(
     let mut writer = Writer::open(shadow, header, has_backing)
         .map_err(write_error)?
         .recording(true);
+    if let Some(s) = &stored {
+        writer
+            .bitmaps_open(s.set, s.opened)
+            .map_err(write_error)
+            .map_err(unproved)?;
+    }
     copy::execute(ops, None, &mut WriterSink(&mut writer))
         .map_err(copy_error)
         .map_err(unproved)?;
+    if let Some(s) = &stored {
+        writer
+            .bitmaps_close(s.set, s.dirt, &mut header.clone())
+            .map_err(write_error)
+            .map_err(unproved)?;
+    }
+    let bitmap_end = bitmap_rebase::log_end(writer.io_log());
     let (_, _, mut record) = writer
         .finish_recorded()
         .map_err(write_error)
@@ -175,29 +210,42 @@ fn prove_writes(
         .iter()
         .map(|w| w.offset.saturating_add(w.len))
         .max()
-        .unwrap_or(0))
+        .unwrap_or(0)
+        .max(bitmap_end))
 }
 
-fn overlap_error(e: OverlapError) -> GuestError {
-    match e {
-        OverlapError::Io(_) => plain(String::from("error while reading image metadata")),
-        e => plain(e.to_string()),
-    }
+/// Bitmaps QEMU stores again: the set, the header as the overlay was opened (the
+/// open's in-place update rewrites it) and what the rebase's writes dirty.
+struct Stored<'a> {
+    set: &'a BitmapSet,
+    opened: &'a Header,
+    dirt: &'a Dirt,
 }
 
-/// Replay the plan through `writer` and finish it; returns where the last write ended.
+/// Replay the plan through `writer` (between the bitmaps' open and close writes, when
+/// QEMU stores them again) and finish it; returns where the last write ended.
 fn write_plan<D: BlockDev, B: BackingRead>(
     writer: Result<Writer<D, B>, WriteError>,
     ops: &[Op],
     mut old: Option<OldContent<'_, '_>>,
+    stored: Option<Stored<'_>>,
+    header: &mut Header,
 ) -> Result<(u64, Finish), GuestError> {
     let mut writer = writer.map_err(write_error)?;
+    if let Some(s) = &stored {
+        writer.bitmaps_open(s.set, s.opened).map_err(write_error)?;
+    }
     copy::execute(
         ops,
         old.as_mut().map(|c| c as &mut dyn Content),
         &mut WriterSink(&mut writer),
     )
     .map_err(copy_error)?;
+    if let Some(s) = &stored {
+        writer
+            .bitmaps_close(s.set, s.dirt, header)
+            .map_err(write_error)?;
+    }
     let written_end = writer
         .io_log()
         .iter()
@@ -209,10 +257,6 @@ fn write_plan<D: BlockDev, B: BackingRead>(
         .unwrap_or(0);
     let (_, finish) = writer.finish().map_err(write_error)?;
     Ok((written_end, finish))
-}
-
-fn write_error(e: WriteError) -> GuestError {
-    plain(format!("Error while writing to COW image: {e}"))
 }
 
 struct OverlayAlloc<'r, D: BlockDev>(&'r mut Qcow2Image<D>);

@@ -56,6 +56,7 @@
 
 mod alloc_path;
 mod cache;
+mod external;
 mod record;
 mod refcount;
 mod shadow;
@@ -384,7 +385,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
         if let Some(r) = self.record.as_mut() {
             r.note_write(offset, buf.len() as u64, kind);
         }
-        if !(self.dry_run && kind == WriteKind::Data) {
+        if !(self.dry_run && kind.is_bulk()) {
             self.dev.write_at(offset, buf)?;
         }
         self.log.push(IoOp::Write {

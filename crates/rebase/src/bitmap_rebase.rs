@@ -1,0 +1,159 @@
+//! qcow2 overlays with persistent bitmaps (`docs/bitmaps.md`): QEMU's read-write open
+//! loads them and marks them IN_USE, a safe rebase's writes dirty the enabled ones, and
+//! the close stores them into new clusters. Here: which images are refused, the load
+//! with QEMU's messages, the proof that the bitmap writes land only where they may, and
+//! the `-u` rebase of an overlay whose bitmaps QEMU would store again.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use instar_abi::{GuestError, RebaseOutcome};
+use instar_blockdev::BlockDev;
+use instar_qcow2::bitmaps::{BitmapError, BitmapSet, Dirt};
+use instar_qcow2::overlap::{Layout, OverlapError};
+use instar_qcow2::writer::{IoOp, ShadowDev, WriteError, Writer};
+use instar_qcow2::Header;
+
+use crate::probe::open_error;
+use crate::unsafe_rebase::ForChange;
+use crate::{plain, Hooks, OVERLAY};
+
+/// Images whose bitmaps instar does not handle, refused before anything is written.
+pub(crate) fn check_supported(header: &Header) -> Result<(), GuestError> {
+    if header.stale_bitmaps {
+        return Err(open_error(
+            OVERLAY,
+            String::from(
+                "instar does not rebase images whose bitmaps extension a program without \
+                 bitmap support left behind (QEMU drops it and leaks the bitmaps' clusters); \
+                 run 'qemu-img check -r all' on the image first",
+            ),
+        ));
+    }
+    if header.dirty() && header.bitmaps.is_some() {
+        return Err(open_error(
+            OVERLAY,
+            String::from(
+                "instar does not rebase images with persistent bitmaps and the dirty bit set \
+                 (QEMU would store the bitmaps, then repair the image on open); \
+                 run 'qemu-img check -r all' on the image first",
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// QEMU's `qcow2_load_dirty_bitmaps` on the overlay: its errors are open errors.
+pub(crate) fn load(
+    dev: &mut dyn BlockDev,
+    header: &Header,
+) -> Result<Option<BitmapSet>, GuestError> {
+    BitmapSet::load(dev, header).map_err(|e| match e {
+        BitmapError::Io(_) => open_error(OVERLAY, String::from("Input/output error")),
+        e @ (BitmapError::TooLarge { .. }
+        | BitmapError::Misplaced { .. }
+        | BitmapError::DirectoryOutside { .. }) => plain(e.to_string()),
+        e => open_error(OVERLAY, e.to_string()),
+    })
+}
+
+/// The guest byte ranges a safe rebase's requests write.
+pub(crate) fn dirt(ops: &[crate::copy::Op]) -> Dirt {
+    Dirt::from_requests(ops.iter().map(|op| match *op {
+        crate::copy::Op::Data { offset, len } | crate::copy::Op::Zero { offset, len } => {
+            (offset, len)
+        }
+    }))
+}
+
+pub(crate) fn overlap_error(e: OverlapError) -> GuestError {
+    match e {
+        OverlapError::Io(_) => plain(String::from("error while reading image metadata")),
+        e => plain(e.to_string()),
+    }
+}
+
+pub(crate) fn write_error(e: WriteError) -> GuestError {
+    plain(alloc::format!("Error while writing to COW image: {e}"))
+}
+
+/// Where the last write of `log` ends.
+pub(crate) fn log_end(log: &[IoOp]) -> u64 {
+    log.iter()
+        .map(|op| match *op {
+            IoOp::Write { offset, len } | IoOp::ZeroRange { offset, len } => offset + len,
+            IoOp::Flush => 0,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The host's own bound on a `-u` rebase's writes (`instar_vmm::write_cap`): bitmap
+/// tables that say "all ones" without a cluster can ask for far more new clusters than
+/// the file holds, and a write refused mid-way would leave the file changed.
+fn unsafe_cap(len: u64) -> u64 {
+    len.saturating_add(len / 32)
+        .saturating_add(64 << 20)
+        .max(2 << 20)
+}
+
+/// `-u` on an overlay whose bitmaps QEMU stores again: prove the writes (a dry run
+/// into memory, audited against every structure, bitmaps included), then the open's
+/// in-place IN_USE update, the close's store with the new header, the caches.
+pub(crate) fn unsafe_rebase(
+    dev: &mut dyn BlockDev,
+    opened: ForChange,
+    hooks: &mut dyn Hooks,
+) -> Result<RebaseOutcome, GuestError> {
+    let ForChange {
+        old,
+        mut header,
+        bitmaps,
+        ..
+    } = opened;
+    let Some(set) = bitmaps else {
+        return Err(plain("no bitmaps to store"));
+    };
+    let len = dev.size();
+    let layout = Layout::scan_with_bitmaps(&mut *dev, &old, Some(&set)).map_err(overlap_error)?;
+    let end = {
+        let shadow = ShadowDev::new(&mut *dev);
+        let lost = shadow.lost_flag();
+        let run = || -> Result<(u64, instar_qcow2::writer::WriteRecord), WriteError> {
+            let mut w = Writer::open(shadow, &old, false)?.recording(true);
+            let mut h = header.clone();
+            w.bitmaps_open(&set, &old)?;
+            w.bitmaps_close(&set, &Dirt::default(), &mut h)?;
+            let end = log_end(w.io_log());
+            let (_, _, record) = w.finish_recorded()?;
+            Ok((end, record))
+        };
+        let (end, record) = run().map_err(|e| {
+            if lost.get() {
+                plain("the rebase's writes could not be proved safe within the sandbox's memory")
+            } else {
+                write_error(e)
+            }
+        })?;
+        layout.audit(&mut *dev, &record).map_err(overlap_error)?;
+        end
+    };
+    if end > unsafe_cap(len) {
+        return Err(plain(alloc::format!(
+            "storing the bitmaps would write up to {end:#x}, past the sandbox's bound for this \
+             image; nothing was written"
+        )));
+    }
+    hooks.write_phase(end.max(len));
+    let mut w = Writer::open(&mut *dev, &old, false).map_err(write_error)?;
+    w.bitmaps_open(&set, &old).map_err(write_error)?;
+    w.bitmaps_close(&set, &Dirt::default(), &mut header)
+        .map_err(write_error)?;
+    let end = log_end(w.io_log());
+    w.finish().map_err(write_error)?;
+    Ok(RebaseOutcome {
+        stats: Default::default(),
+        overlay_len: Some(len.max(end)),
+        repair_lines: Vec::new(),
+    })
+}
