@@ -10,6 +10,7 @@ use alloc::vec::Vec;
 use instar_abi::{GuestError, RebaseOutcome};
 use instar_blockdev::BlockDev;
 use instar_qcow2::bitmaps::{BitmapError, BitmapSet, Dirt};
+use instar_qcow2::header::AUTOCLEAR_BITMAPS;
 use instar_qcow2::overlap::{Layout, OverlapError};
 use instar_qcow2::writer::{IoOp, ShadowDev, WriteError, Writer};
 use instar_qcow2::Header;
@@ -38,6 +39,21 @@ pub(crate) fn check_supported(header: &Header) -> Result<(), GuestError> {
                  (QEMU would store the bitmaps, then repair the image on open); \
                  run 'qemu-img check -r all' on the image first",
             ),
+        ));
+    }
+    Ok(())
+}
+
+/// The autoclear bitmaps bit without a bitmaps extension: QEMU's overlap check then
+/// sees a bitmap directory of 0 bytes at offset 0, which its range test reads as
+/// covering every offset, so every write of a safe rebase fails (and QEMU marks the
+/// image corrupt). A plan with any write is refused before the first one.
+pub(crate) fn check_phantom_directory(header: &Header, writes: bool) -> Result<(), GuestError> {
+    if writes && header.autoclear_features & AUTOCLEAR_BITMAPS != 0 && header.bitmaps.is_none() {
+        return Err(plain(
+            "Preventing invalid write on metadata (overlaps with bitmap directory): the header \
+             sets the bitmaps autoclear bit without a bitmaps extension, which QEMU's overlap \
+             check reads as a directory over the whole file; nothing was written",
         ));
     }
     Ok(())
@@ -75,6 +91,15 @@ pub(crate) fn overlap_error(e: OverlapError) -> GuestError {
 
 pub(crate) fn write_error(e: WriteError) -> GuestError {
     plain(alloc::format!("Error while writing to COW image: {e}"))
+}
+
+/// The dry run of the bitmaps' writes failed: the image's metadata contradicts itself
+/// (a bitmap cluster with no refcount, a refcount table QEMU would have to grow past
+/// its limits, …).
+pub(crate) fn store_error(e: WriteError) -> GuestError {
+    plain(alloc::format!(
+        "the persistent bitmaps cannot be stored: {e}; nothing was written"
+    ))
 }
 
 /// Where the last write of `log` ends.
@@ -132,7 +157,7 @@ pub(crate) fn unsafe_rebase(
             if lost.get() {
                 plain("the rebase's writes could not be proved safe within the sandbox's memory")
             } else {
-                write_error(e)
+                store_error(e)
             }
         })?;
         layout.audit(&mut *dev, &record).map_err(overlap_error)?;

@@ -26,7 +26,7 @@ use instar_qcow2::overlap::Layout;
 use instar_qcow2::writer::{BackingRead, Finish, IoOp, ShadowDev, WriteError, WriteKind, Writer};
 use instar_qcow2::Header;
 
-use crate::bitmap_rebase::{self, overlap_error, write_error};
+use crate::bitmap_rebase::{self, overlap_error, store_error, write_error};
 use crate::chains::{
     check_request, copy_error, open_chains, plan_over, read_zero_padded, slots, stats, take,
     Chains, OldContent, Opened, Shared,
@@ -59,7 +59,6 @@ pub(crate) fn rebase(
         bitmaps,
         ..
     } = open_for_change(overlay, req, name, format)?;
-    let bitmaps = bitmaps.filter(BitmapSet::needs_store);
 
     let Opened {
         mut old_view,
@@ -96,14 +95,17 @@ pub(crate) fn rebase(
     };
 
     // No write onto metadata: proved before the first write.
+    bitmap_rebase::check_phantom_directory(&header, !plan.ops.is_empty())?;
     let has_backing = old_len > 0 || header.version < 3;
     let dirt = bitmap_rebase::dirt(&plan.ops);
-    let stored = bitmaps.as_ref().map(|set| Stored {
-        set,
-        opened: &opened_header,
-        dirt: &dirt,
-    });
-    let proved_end = prove_writes(&mut *overlay, &header, &plan.ops, has_backing, stored)?;
+    let stored = stored_bitmaps(bitmaps.as_ref(), &opened_header, &dirt);
+    let proved_end = prove_writes(
+        &mut *overlay,
+        &header,
+        &plan.ops,
+        has_backing,
+        (bitmaps.as_ref(), stored),
+    )?;
 
     // 3. Write. The dry run knows exactly where the writes end (a refcount block that
     // claims clusters past the end of the file pushes allocations further out than
@@ -117,11 +119,7 @@ pub(crate) fn rebase(
     // writing zero data. A v2 overlay without a backing file would lose content in
     // QEMU (its zero write becomes a no-op discard): instar writes zero data there too.
     let old_content = (old_len > 0).then_some(OldContent(&old));
-    let stored = bitmaps.as_ref().map(|set| Stored {
-        set,
-        opened: &opened_header,
-        dirt: &dirt,
-    });
+    let stored = stored_bitmaps(bitmaps.as_ref(), &opened_header, &dirt);
     let (written_end, finish) = if old_len > 0 || header.version < 3 {
         let writer = Writer::open_with_backing(&mut *overlay, &header, CowBacking(&old));
         write_plan(writer, &plan.ops, old_content, stored, &mut header)?
@@ -164,10 +162,10 @@ fn prove_writes(
     header: &Header,
     ops: &[Op],
     has_backing: bool,
-    stored: Option<Stored<'_>>,
+    (bitmaps, stored): (Option<&BitmapSet>, Option<Stored<'_>>),
 ) -> Result<u64, GuestError> {
-    let layout = Layout::scan_with_bitmaps(&mut *overlay, header, stored.as_ref().map(|s| s.set))
-        .map_err(overlap_error)?;
+    let layout =
+        Layout::scan_with_bitmaps(&mut *overlay, header, bitmaps).map_err(overlap_error)?;
     let shadow = ShadowDev::new(&mut *overlay);
     let lost = shadow.lost_flag();
     // A dry run that needed metadata the shadow did not keep proves nothing.
@@ -186,7 +184,7 @@ fn prove_writes(
     if let Some(s) = &stored {
         writer
             .bitmaps_open(s.set, s.opened)
-            .map_err(write_error)
+            .map_err(store_error)
             .map_err(unproved)?;
     }
     copy::execute(ops, None, &mut WriterSink(&mut writer))
@@ -195,7 +193,7 @@ fn prove_writes(
     if let Some(s) = &stored {
         writer
             .bitmaps_close(s.set, s.dirt, &mut header.clone())
-            .map_err(write_error)
+            .map_err(store_error)
             .map_err(unproved)?;
     }
     let bitmap_end = bitmap_rebase::log_end(writer.io_log());
@@ -212,6 +210,16 @@ fn prove_writes(
         .max()
         .unwrap_or(0)
         .max(bitmap_end))
+}
+
+/// The bitmaps QEMU stores again at close, if any (none when every one is IN_USE).
+fn stored_bitmaps<'a>(
+    set: Option<&'a BitmapSet>,
+    opened: &'a Header,
+    dirt: &'a Dirt,
+) -> Option<Stored<'a>> {
+    set.filter(|s| s.needs_store())
+        .map(|set| Stored { set, opened, dirt })
 }
 
 /// Bitmaps QEMU stores again: the set, the header as the overlay was opened (the
