@@ -506,25 +506,21 @@ fn refused(make: Make, expect: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A bitmaps extension without the autoclear bit (left by a program without bitmap
+/// support): QEMU warns, drops it and leaks the bitmaps' clusters; instar refuses it.
+/// Sound bitmaps are rebased: `crates/cli/tests/diff_bitmaps.rs`.
 #[test]
-fn bitmaps_refused() {
+fn stale_bitmaps_refused() {
     refused(
         |dir, q| {
             with_backing(dir, q, "");
             ok(dir, q, &["bitmap", "--add", "ovl.qcow2", "b0"]);
+            let path = dir.join("ovl.qcow2");
+            let mut b = read(&path);
+            b[95] &= !1;
+            std::fs::write(&path, b).expect("write");
         },
-        "persistent bitmaps",
-    );
-}
-
-#[test]
-fn autoclear_bitmaps_bit_refused() {
-    refused(
-        |dir, q| {
-            with_backing(dir, q, "");
-            or_be64(&dir.join("ovl.qcow2"), 88, 1);
-        },
-        "persistent bitmaps",
+        "bitmaps extension",
     );
 }
 
