@@ -582,3 +582,87 @@ fn hostile_refused() {
         });
     });
 }
+
+/// A bitmap table whose every entry says "all ones" without a cluster (QEMU never
+/// writes such a table): storing it would take a data cluster per entry, 256 MiB for
+/// this file of a few MiB. `-u` is refused before any write instead of running into the
+/// sandbox's write bound half-way.
+#[test]
+fn all_ones_table_past_the_write_bound() {
+    let Some((refs, subject)) = setup() else {
+        return;
+    };
+    if !subject.is_instar() {
+        return;
+    }
+    let scratch = Scratch::new("all_ones");
+    let fx = Fx::new(scratch.fixture(), &refs.v10_2);
+    fx.create("qcow2", OVERLAY, "1T", &["-o", "cluster_size=4k"]);
+    bitmap(&fx, &["--add", "-g", "512", OVERLAY, "ones"]);
+    fx.edit(OVERLAY, |b| {
+        let at = entries(b)[0];
+        let (t, n) = (be64(b, at) as usize, be32(b, at + 8) as usize);
+        for i in 0..n {
+            put64(b, t + 8 * i, 1);
+        }
+    });
+    let dir = scratch.copy("subject");
+    let argv = ["rebase", "-u", "-b", "", OVERLAY];
+    let out = run(subject.path(), &argv, &dir);
+    assert_eq!(out.status, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("past the sandbox's bound")
+            && out.stderr.contains("nothing was written"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        snapshot(&scratch.fixture()) == snapshot(&dir),
+        "a file changed"
+    );
+}
+
+/// A dirty overlay (lazy refcounts, the process killed) with bitmaps: QEMU stores the
+/// bitmaps and then repairs the image on open; instar refuses it before any write.
+#[test]
+fn dirty_with_bitmaps_refused() {
+    let Some((refs, subject)) = setup() else {
+        return;
+    };
+    if !subject.is_instar() {
+        return;
+    }
+    for mode in MODES {
+        let scratch = Scratch::new(&format!("dirty_bitmaps-{mode:?}"));
+        let fx = Fx::new(scratch.fixture(), &refs.v10_2);
+        chain(&fx, "64k", ",lazy_refcounts=on");
+        bitmap(&fx, &["--add", OVERLAY, "b0"]);
+        let out = run(
+            &fx.qemu.io,
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x46 0 192k",
+                "-c",
+                "sigraise 9",
+                OVERLAY,
+            ],
+            &fx.dir,
+        );
+        let _ = out;
+        assert_eq!(fx.read(OVERLAY)[79] & 1, 1, "the fixture must be dirty");
+        let dir = scratch.copy("subject");
+        let out = run(subject.path(), &rebase_argv(mode), &dir);
+        assert_eq!(out.status, 1, "{mode:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("dirty bit") && out.stderr.contains("qemu-img check -r all"),
+            "{mode:?}: {}",
+            out.stderr
+        );
+        assert!(
+            snapshot(&scratch.fixture()) == snapshot(&dir),
+            "{mode:?}: a file changed"
+        );
+    }
+}

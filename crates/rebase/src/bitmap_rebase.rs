@@ -122,6 +122,30 @@ fn unsafe_cap(len: u64) -> u64 {
         .max(2 << 20)
 }
 
+/// The host's bound on a safe rebase's writes, for an overlay of `len` bytes and
+/// virtual size `size` (`instar_vmm::write_cap`).
+fn safe_cap(len: u64, size: u64) -> u64 {
+    let both = len.saturating_add(size);
+    both.saturating_add(both / 8).saturating_add(64 << 20)
+}
+
+/// Refuse a store that would write past the host's bound (`cap`): only crafted bitmap
+/// tables (all-ones entries without clusters, which QEMU never writes) get there, and a
+/// write the host refused mid-way would leave the file changed.
+pub(crate) fn check_cap(end: u64, len: u64, virtual_size: Option<u64>) -> Result<(), GuestError> {
+    let cap = match virtual_size {
+        Some(size) => safe_cap(len, size),
+        None => unsafe_cap(len),
+    };
+    if end > cap {
+        return Err(plain(alloc::format!(
+            "storing the bitmaps would write up to {end:#x}, past the sandbox's bound for this \
+             image ({cap:#x}); nothing was written"
+        )));
+    }
+    Ok(())
+}
+
 /// `-u` on an overlay whose bitmaps QEMU stores again: prove the writes (a dry run
 /// into memory, audited against every structure, bitmaps included), then the open's
 /// in-place IN_USE update, the close's store with the new header, the caches.
@@ -163,12 +187,7 @@ pub(crate) fn unsafe_rebase(
         layout.audit(&mut *dev, &record).map_err(overlap_error)?;
         end
     };
-    if end > unsafe_cap(len) {
-        return Err(plain(alloc::format!(
-            "storing the bitmaps would write up to {end:#x}, past the sandbox's bound for this \
-             image; nothing was written"
-        )));
-    }
+    check_cap(end, len, None)?;
     hooks.write_phase(end.max(len));
     let mut w = Writer::open(&mut *dev, &old, false).map_err(write_error)?;
     w.bitmaps_open(&set, &old).map_err(write_error)?;

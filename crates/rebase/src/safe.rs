@@ -106,6 +106,9 @@ pub(crate) fn rebase(
         has_backing,
         (bitmaps.as_ref(), stored),
     )?;
+    if bitmaps.as_ref().is_some_and(BitmapSet::needs_store) {
+        bitmap_rebase::check_cap(proved_end, overlay_len, Some(header.virtual_size()))?;
+    }
 
     // 3. Write. The dry run knows exactly where the writes end (a refcount block that
     // claims clusters past the end of the file pushes allocations further out than
