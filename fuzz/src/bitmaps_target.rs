@@ -85,7 +85,7 @@ fn dirt_from(data: &[u8], size: u64) -> Dirt {
     let tail = &data[data.len().saturating_sub(64)..];
     Dirt::from_requests(tail.chunks_exact(8).map(|c| {
         let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-        let offset = (v >> 20) % size & !511;
+        let offset = ((v >> 20) % size) & !511;
         let len = ((v & 0xfffff) + 1).min(size - offset);
         (offset, len)
     }))
@@ -140,11 +140,9 @@ fn same_bits(
         fill(&c, k, &mut want.0, want.1, ranges);
         let mut got = chunk(dev, nt.get(k as usize).copied().unwrap_or(0), cs, &c, k);
         fill(&c, k, &mut got.0, got.1, &[]);
-        let bits = c.bits_in(k);
-        let whole = (bits / 8) as usize;
-        let mask = (1u16 << (bits % 8)) as u8;
-        let differs = want.0[..whole] != got.0[..whole]
-            || (bits % 8 != 0 && (want.0[whole] ^ got.0[whole]) & mask.wrapping_sub(1) != 0);
+        let bits = c.bits_in(k) as usize;
+        let bit = |b: &[u8], i: usize| b.get(i / 8).is_some_and(|&x| x & (1 << (i % 8)) != 0);
+        let differs = (0..bits).any(|i| bit(&want.0, i) != bit(&got.0, i));
         if differs {
             return Err(format!(
                 "bitmap {i}, table entry {k}: the stored bits differ"
