@@ -136,3 +136,83 @@ pub fn build(entries: &[DirEntry]) -> Vec<u8> {
     }
     dir
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: u64 = 65536;
+
+    fn entry(name: &[u8], flags: u32, gran: u8, table: (u64, u32)) -> Vec<u8> {
+        let e = DirEntry {
+            table_offset: table.0,
+            table_size: table.1,
+            flags,
+            granularity_bits: gran,
+            name: name.to_vec(),
+            entry_len: entry_size(name.len()),
+        };
+        build(&[e])
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut dir = entry(b"a", 2, 16, (CS, 1));
+        dir.extend(entry(b"second", 1, 9, (2 * CS, 1)));
+        let e = parse(&dir, 2, CS, 4 << 20).expect("parse");
+        assert_eq!(e.len(), 2);
+        assert_eq!((e[0].name.as_slice(), e[0].flags), (&b"a"[..], 2));
+        assert!(e[1].in_use());
+        let mut again = e.clone();
+        again.iter_mut().for_each(|x| x.entry_len = 0);
+        assert_eq!(build(&again), dir);
+    }
+
+    #[test]
+    fn qemu_refusals_in_qemu_order() {
+        let good = entry(b"b0", 2, 16, (CS, 1));
+        assert_eq!(parse(&[], 1, CS, 1), Err(BitmapError::DirectorySizeZero));
+        assert_eq!(
+            parse(&good[..20], 1, CS, 1),
+            Err(BitmapError::BrokenDirectory)
+        );
+        assert_eq!(parse(&good, 0, CS, 1), Err(BitmapError::MoreBitmaps));
+        assert_eq!(parse(&good, 2, CS, 1), Err(BitmapError::LessBitmaps));
+        let mut extra = good.clone();
+        extra[20..24].copy_from_slice(&8u32.to_be_bytes());
+        extra.extend([0u8; 8]);
+        assert_eq!(parse(&extra, 1, CS, 1), Err(BitmapError::ExtraData));
+        let mut long = good.clone();
+        long[18..20].copy_from_slice(&100u16.to_be_bytes());
+        assert_eq!(parse(&long, 1, CS, 1), Err(BitmapError::BrokenDirectory));
+        let constraints = Err(BitmapError::Constraints {
+            name: b"b0".to_vec(),
+        });
+        for bad in [
+            entry(b"b0", 2, 8, (CS, 1)),
+            entry(b"b0", 2, 32, (CS, 1)),
+            entry(b"b0", 6, 16, (CS, 1)),
+            entry(b"b0", 2, 16, (CS + 512, 1)),
+            entry(b"b0", 2, 16, (0, 1)),
+            entry(b"b0", 2, 16, (CS, 0)),
+            entry(b"b0", 2, 16, (CS, 8193)),
+        ] {
+            assert_eq!(parse(&bad, 1, CS, 1), constraints);
+        }
+        // A consistent bitmap's table must cover the disk; an IN_USE one need not.
+        let disk = (CS * 8) << 16;
+        assert_eq!(parse(&good, 1, CS, disk + 1), constraints);
+        assert!(parse(&entry(b"b0", 3, 16, (CS, 1)), 1, CS, disk + 1).is_ok());
+        let mut kind = good;
+        kind[16] = 2;
+        assert_eq!(parse(&kind, 1, CS, 1), constraints);
+    }
+
+    #[test]
+    fn names_end_at_nul() {
+        let dir = entry(b"a\0b", 2, 16, (CS, 1));
+        let e = parse(&dir, 1, CS, 1).expect("parse");
+        assert_eq!(e[0].name, b"a");
+        assert_eq!(e[0].entry_len, 32);
+    }
+}
