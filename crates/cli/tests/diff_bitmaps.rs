@@ -666,3 +666,55 @@ fn dirty_with_bitmaps_refused() {
         );
     }
 }
+
+/// Bitmaps in the backing files are only read: QEMU opens backings read-only and
+/// never stores their bitmaps; the overlay's are stored as usual.
+#[test]
+fn backing_bitmaps_only_read() {
+    run_case("backing_bitmaps", "64k", "", &|fx| {
+        for f in ["base.qcow2", "new.qcow2"] {
+            bitmap(fx, &["--add", f, "in-backing"]);
+            fx.io("qcow2", f, &["write -P 0x47 6M 64k"]);
+        }
+        bitmap(fx, &["--add", OVERLAY, "b0"]);
+        write(fx, &["write -P 0x48 64k 64k"]);
+    });
+}
+
+/// Tables of IN_USE bitmaps (which QEMU never reads) of 2^20 entries each, five of
+/// them: more than instar holds in memory. Refused before any write.
+#[test]
+fn tables_past_the_memory_bound() {
+    let Some((refs, subject)) = setup() else {
+        return;
+    };
+    if !subject.is_instar() {
+        return;
+    }
+    let scratch = Scratch::new("tables_bound");
+    let fx = Fx::new(scratch.fixture(), &refs.v10_2);
+    fx.create("qcow2", OVERLAY, "64M", &["-o", "cluster_size=512"]);
+    for i in 0..5 {
+        bitmap(&fx, &["--add", OVERLAY, &format!("b{i}")]);
+    }
+    fx.edit(OVERLAY, |b| {
+        for at in entries(b) {
+            put32(b, at + 8, 1 << 20);
+            let flags = be32(b, at + 12) | 1;
+            put32(b, at + 12, flags);
+        }
+    });
+    let dir = scratch.copy("subject");
+    let out = run(subject.path(), &["rebase", "-u", "-b", "", OVERLAY], &dir);
+    assert_eq!(out.status, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("more than instar handles")
+            && out.stderr.contains("nothing was written"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        snapshot(&scratch.fixture()) == snapshot(&dir),
+        "a file changed"
+    );
+}
