@@ -29,7 +29,10 @@ pub fn qcow2_bitmaps(data: &[u8]) -> Result<u64, String> {
         Ok(h) => h,
         Err(e) => return Ok(signature(0, &e.to_string())),
     };
-    let set = match BitmapSet::load(&mut dev, &header) {
+    let set = match BitmapSet::load(&mut dev, &header).and_then(|s| {
+        s.as_ref().map_or(Ok(()), BitmapSet::check_in_place)?;
+        Ok(s)
+    }) {
         Ok(Some(s)) => s,
         Ok(None) => return Ok(signature(1, "no bitmaps")),
         Err(e) => return Ok(signature(2, &e.to_string())),

@@ -99,7 +99,11 @@ fn entries(b: &[u8]) -> Vec<usize> {
 
 /// Edit directory entry `i` with `f(bytes, entry offset)`.
 fn edit_entry(fx: &Fx, i: usize, f: impl FnOnce(&mut Vec<u8>, usize)) {
-    fx.edit(OVERLAY, |b| {
+    edit_entry_in(fx, OVERLAY, i, f);
+}
+
+fn edit_entry_in(fx: &Fx, file: &str, i: usize, f: impl FnOnce(&mut Vec<u8>, usize)) {
+    fx.edit(file, |b| {
         let at = entries(b)[i];
         f(b, at);
     });
@@ -228,10 +232,14 @@ fn run_mode(name: &str, mode: Mode, cluster_size: &str, opts: &str, build: &Buil
 /// qemu-img 10.2 and 11.1 refuse to open the overlay: instar gives the same message,
 /// exit 1, and leaves every file unchanged.
 fn run_qemu_error(name: &str, build: &Build) {
+    run_qemu_error_in(name, &MODES, build);
+}
+
+fn run_qemu_error_in(name: &str, modes: &[Mode], build: &Build) {
     let Some((refs, subject)) = setup() else {
         return;
     };
-    for mode in MODES {
+    for &mode in modes {
         let label = format!("{name}-{mode:?}");
         let scratch = Scratch::new(&label);
         let fx = Fx::new(scratch.fixture(), &refs.v10_2);
@@ -679,6 +687,26 @@ fn backing_bitmaps_only_read() {
         bitmap(fx, &["--add", OVERLAY, "b0"]);
         write(fx, &["write -P 0x48 64k 64k"]);
     });
+}
+
+/// Backing files are opened read-only, and QEMU checks their bitmaps as it opens them:
+/// a broken one fails the open of the old backing (safe, flatten) or of the new one
+/// (safe), with QEMU's message. `-u` opens neither.
+#[test]
+fn backing_bitmaps_broken() {
+    let broken = |file: &'static str| {
+        move |fx: &Fx| {
+            bitmap(fx, &["--add", file, "x"]);
+            edit_entry_in(fx, file, 0, |b, at| b[at + 17] = 40);
+            bitmap(fx, &["--add", OVERLAY, "b0"]);
+        }
+    };
+    run_qemu_error_in(
+        "old_backing_broken",
+        &[Mode::Safe, Mode::Flatten],
+        &broken("base.qcow2"),
+    );
+    run_qemu_error_in("new_backing_broken", &[Mode::Safe], &broken("new.qcow2"));
 }
 
 /// Tables of IN_USE bitmaps (which QEMU never reads) of 2^20 entries each, five of

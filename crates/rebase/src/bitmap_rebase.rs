@@ -59,18 +59,38 @@ pub(crate) fn check_phantom_directory(header: &Header, writes: bool) -> Result<(
     Ok(())
 }
 
-/// QEMU's `qcow2_load_dirty_bitmaps` on the overlay: its errors are open errors.
+/// QEMU's `qcow2_load_dirty_bitmaps` on the overlay, opened read-write: its errors
+/// are open errors.
 pub(crate) fn load(
     dev: &mut dyn BlockDev,
     header: &Header,
 ) -> Result<Option<BitmapSet>, GuestError> {
-    BitmapSet::load(dev, header).map_err(|e| match e {
-        BitmapError::Io(_) => open_error(OVERLAY, String::from("Input/output error")),
+    let set = load_read_only(dev, header, OVERLAY)?;
+    if let Some(s) = &set {
+        s.check_in_place().map_err(|e| map_error(e, OVERLAY))?;
+    }
+    Ok(set)
+}
+
+/// The same load for an image of a backing chain (device `dev_index`), which QEMU opens
+/// read-only: it checks and reads the bitmaps, and fails the open as for the overlay,
+/// but never writes them.
+pub(crate) fn load_read_only(
+    dev: &mut dyn BlockDev,
+    header: &Header,
+    dev_index: u8,
+) -> Result<Option<BitmapSet>, GuestError> {
+    BitmapSet::load(dev, header).map_err(|e| map_error(e, dev_index))
+}
+
+fn map_error(e: BitmapError, dev_index: u8) -> GuestError {
+    match e {
+        BitmapError::Io(_) => open_error(dev_index, String::from("Input/output error")),
         e @ (BitmapError::TooLarge { .. }
         | BitmapError::Misplaced { .. }
         | BitmapError::DirectoryOutside { .. }) => plain(e.to_string()),
-        e => open_error(OVERLAY, e.to_string()),
-    })
+        e => open_error(dev_index, e.to_string()),
+    }
 }
 
 /// The guest byte ranges a safe rebase's requests write.

@@ -86,7 +86,8 @@ pub struct BitmapSet {
 }
 
 impl BitmapSet {
-    /// Load the bitmaps of the image on `dev` (`qcow2_load_dirty_bitmaps`): `None`
+    /// Load the bitmaps of the image on `dev` (`qcow2_load_dirty_bitmaps`, up to the
+    /// in-place update a read-write open adds: [`BitmapSet::check_in_place`]): `None`
     /// when the header has no (valid) bitmaps extension.
     pub fn load<D: BlockDev + ?Sized>(
         dev: &mut D,
@@ -134,18 +135,23 @@ impl BitmapSet {
             }
             tables.push(table);
         }
-        let set = BitmapSet {
+        Ok(Some(BitmapSet {
             dir_offset: ext.bitmap_directory_offset,
             dir_size: ext.bitmap_directory_size,
             entries,
             tables,
             disk_len,
             cluster_size: cs,
-        };
-        if set.needs_store() && set.in_use_directory().len() as u64 != set.dir_size {
+        }))
+    }
+
+    /// A read-write open's in-place IN_USE update needs a directory of the same size
+    /// (a name with a NUL inside may shorten it): QEMU's open fails otherwise.
+    pub fn check_in_place(&self) -> Result<(), BitmapError> {
+        if self.needs_store() && self.in_use_directory().len() as u64 != self.dir_size {
             return Err(BitmapError::InPlaceUpdate);
         }
-        Ok(Some(set))
+        Ok(())
     }
 
     /// Whether QEMU loads any bitmap (one not IN_USE), and so rewrites the bitmaps on
