@@ -746,3 +746,70 @@ fn tables_past_the_memory_bound() {
         "a file changed"
     );
 }
+
+/// A bitmaps extension without the autoclear bit (left by a program without bitmap
+/// support): QEMU warns (its hint ends without a newline), drops the extension and
+/// leaks the bitmaps' clusters. Same bytes, same stderr, in every mode.
+#[test]
+fn stale_extension_warns() {
+    let Some((refs, subject)) = setup() else {
+        return;
+    };
+    for mode in MODES {
+        let label = format!("stale-{mode:?}");
+        let scratch = Scratch::new(&label);
+        let fx = Fx::new(scratch.fixture(), &refs.v10_2);
+        chain(&fx, "64k", "");
+        bitmap(&fx, &["--add", OVERLAY, "b0"]);
+        write(&fx, &["write -P 0x49 0 64k"]);
+        fx.edit(OVERLAY, |b| {
+            let v = be64(b, 88) & !1;
+            put64(b, 88, v);
+        });
+        let argv = rebase_argv(mode);
+        let mut want: Option<(Vec<u8>, String)> = None;
+        for q in references(refs) {
+            let dir = scratch.copy(&format!("qemu-{}", q.label));
+            let out = run(&q.img, &argv, &dir);
+            assert_eq!(
+                out.status, 0,
+                "{label}: qemu-img {}: {}",
+                q.label, out.stderr
+            );
+            let err = normalise_stderr(&out.stderr, &printed_argv0(&out.stderr, &q.img));
+            let bytes = std::fs::read(dir.join(OVERLAY)).expect("read");
+            match &want {
+                None => want = Some((bytes, err)),
+                Some((b, e)) => {
+                    assert!(
+                        describe_diff(b, &bytes).is_none(),
+                        "{label}: 10.2 and {}",
+                        q.label
+                    );
+                    assert_eq!(*e, err, "{label}: 10.2 and {}", q.label);
+                }
+            }
+        }
+        let (bytes, err) = want.expect("qemu-img 10.2");
+        assert!(
+            err.contains("warning: a program lacking bitmap support"),
+            "{err}"
+        );
+        let dir = scratch.copy("subject");
+        let out = run(subject.path(), &argv, &dir);
+        assert_eq!(out.status, 0, "{label}: {}", out.stderr);
+        assert!(
+            !out.stderr.ends_with('\n'),
+            "{label}: QEMU's hint ends without a newline"
+        );
+        assert_eq!(
+            normalise_stderr(&out.stderr, subject.path()),
+            err,
+            "{label}: stderr"
+        );
+        let got = std::fs::read(dir.join(OVERLAY)).expect("read");
+        if let Some(d) = describe_diff(&bytes, &got) {
+            panic!("{label}: overlay differs from qemu-img's: {d}");
+        }
+    }
+}

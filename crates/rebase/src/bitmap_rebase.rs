@@ -7,7 +7,7 @@
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use instar_abi::{GuestError, RebaseOutcome};
+use instar_abi::{GuestError, RebaseOutcome, RepairLines};
 use instar_blockdev::BlockDev;
 use instar_qcow2::bitmaps::{BitmapError, BitmapSet, Dirt};
 use instar_qcow2::header::AUTOCLEAR_BITMAPS;
@@ -21,13 +21,13 @@ use crate::{plain, Hooks, OVERLAY};
 
 /// Images whose bitmaps instar does not handle, refused before anything is written.
 pub(crate) fn check_supported(header: &Header) -> Result<(), GuestError> {
-    if header.stale_bitmaps {
+    if header.dirty() && header.stale_bitmaps {
         return Err(open_error(
             OVERLAY,
             String::from(
-                "instar does not rebase images whose bitmaps extension a program without \
-                 bitmap support left behind (QEMU drops it and leaks the bitmaps' clusters); \
-                 run 'qemu-img check -r all' on the image first",
+                "instar does not rebase images with the dirty bit set whose bitmaps extension \
+                 a program without bitmap support left behind (QEMU drops it and repairs the \
+                 image on open); run 'qemu-img check -r all' on the image first",
             ),
         ));
     }
@@ -57,6 +57,18 @@ pub(crate) fn check_phantom_directory(header: &Header, writes: bool) -> Result<(
         ));
     }
     Ok(())
+}
+
+/// What QEMU's read-write open prints about the overlay's bitmaps: its warning for a
+/// bitmaps extension without the autoclear bit (the rewritten header drops it).
+pub(crate) fn open_lines(header: &Header) -> Vec<RepairLines> {
+    if header.stale_bitmaps {
+        alloc::vec![RepairLines::StaleBitmaps {
+            v2: header.version < 3
+        }]
+    } else {
+        Vec::new()
+    }
 }
 
 /// QEMU's `qcow2_load_dirty_bitmaps` on the overlay, opened read-write: its errors
@@ -218,6 +230,6 @@ pub(crate) fn unsafe_rebase(
     Ok(RebaseOutcome {
         stats: Default::default(),
         overlay_len: Some(len.max(end)),
-        repair_lines: Vec::new(),
+        repair_lines: open_lines(&old),
     })
 }

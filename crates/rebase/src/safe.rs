@@ -151,7 +151,7 @@ pub(crate) fn rebase(
     Ok(RebaseOutcome {
         stats: stats(&plan.ops, cluster_size),
         overlay_len: Some(overlay_len.max(written_end).max(cluster.len() as u64)),
-        repair_lines: alloc::vec::Vec::new(),
+        repair_lines: bitmap_rebase::open_lines(&opened_header),
     })
 }
 

@@ -188,7 +188,7 @@ pub(crate) fn rebase(
     if opened.bitmaps.as_ref().is_some_and(BitmapSet::needs_store) {
         return crate::bitmap_rebase::unsafe_rebase(dev, opened, hooks);
     }
-    let (header, cluster) = (opened.header, opened.cluster);
+    let (opened_old, header, cluster) = (opened.old, opened.header, opened.cluster);
     cluster0_rewrite_keeps_tables(dev, &header, &cluster)?;
 
     hooks.write_phase(crate::write_end::header_end(
@@ -198,5 +198,8 @@ pub(crate) fn rebase(
     dev.write_at(0, &cluster)
         .map_err(|_| change_error(IO_ERROR))?;
     dev.flush().map_err(|_| change_error(IO_ERROR))?;
-    Ok(RebaseOutcome::default())
+    Ok(RebaseOutcome {
+        repair_lines: crate::bitmap_rebase::open_lines(&opened_old),
+        ..RebaseOutcome::default()
+    })
 }

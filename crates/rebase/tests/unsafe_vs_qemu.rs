@@ -506,24 +506,6 @@ fn refused(make: Make, expect: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A bitmaps extension without the autoclear bit (left by a program without bitmap
-/// support): QEMU warns, drops it and leaks the bitmaps' clusters; instar refuses it.
-/// Sound bitmaps are rebased: `crates/cli/tests/diff_bitmaps.rs`.
-#[test]
-fn stale_bitmaps_refused() {
-    refused(
-        |dir, q| {
-            with_backing(dir, q, "");
-            ok(dir, q, &["bitmap", "--add", "ovl.qcow2", "b0"]);
-            let path = dir.join("ovl.qcow2");
-            let mut b = read(&path);
-            b[95] &= !1;
-            std::fs::write(&path, b).expect("write");
-        },
-        "bitmaps extension",
-    );
-}
-
 #[test]
 fn fixture_helpers_touch_what_they_claim() {
     // The hand layout really places the name where the header says.
