@@ -813,3 +813,19 @@ fn stale_extension_warns() {
         }
     }
 }
+
+/// An overlay with an external data file: the bitmaps live in the qcow2 file, and `-u`
+/// stores them there (the data file is only checked, never written).
+#[test]
+fn external_data_file_unsafe() {
+    run_mode(
+        "data_file",
+        Mode::Unsafe,
+        "64k",
+        ",data_file=ov.data",
+        &|fx| {
+            bitmap(fx, &["--add", OVERLAY, "b0"]);
+            write(fx, &["write -P 0x4a 1M 128k"]);
+        },
+    );
+}

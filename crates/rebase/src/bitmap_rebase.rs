@@ -201,7 +201,7 @@ pub(crate) fn unsafe_rebase(
         let shadow = ShadowDev::new(&mut *dev);
         let lost = shadow.lost_flag();
         let run = || -> Result<(u64, instar_qcow2::writer::WriteRecord), WriteError> {
-            let mut w = Writer::open(shadow, &old, false)?.recording(true);
+            let mut w = Writer::open_for_metadata(shadow, &old)?.recording(true);
             let mut h = header.clone();
             w.bitmaps_open(&set, &old)?;
             w.bitmaps_close(&set, &Dirt::default(), &mut h)?;
@@ -221,7 +221,7 @@ pub(crate) fn unsafe_rebase(
     };
     check_cap(end, len, None)?;
     hooks.write_phase(end.max(len));
-    let mut w = Writer::open(&mut *dev, &old, false).map_err(write_error)?;
+    let mut w = Writer::open_for_metadata(&mut *dev, &old).map_err(write_error)?;
     w.bitmaps_open(&set, &old).map_err(write_error)?;
     w.bitmaps_close(&set, &Dirt::default(), &mut header)
         .map_err(write_error)?;

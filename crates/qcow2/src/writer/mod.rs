@@ -73,7 +73,7 @@ use instar_blockdev::bytes::be64_table;
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::geometry::{Geometry, MAX_REFTABLE_BYTES};
-use crate::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
+use crate::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY};
 
 use cache::TableCache;
 
@@ -187,6 +187,8 @@ pub struct Writer<D: BlockDev, B: BackingRead = ZeroBacking> {
     dry_run: bool,
     /// What a recording session wrote, took and freed (see [`Writer::recording`]).
     record: Option<WriteRecord>,
+    /// Opened with [`Writer::open_for_metadata`]: guest requests are refused.
+    metadata_only: bool,
 }
 
 impl<D: BlockDev> Writer<D, ZeroBacking> {
@@ -196,6 +198,20 @@ impl<D: BlockDev> Writer<D, ZeroBacking> {
     /// backing content.
     pub fn open(dev: D, header: &Header, has_backing: bool) -> Result<Self, WriteError> {
         Self::open_inner(dev, header, ZeroBacking, has_backing)
+    }
+
+    /// Open for metadata that lives in the image file itself (the persistent bitmaps),
+    /// also when guest data lives in an external data file: no guest write may follow.
+    pub fn open_for_metadata(dev: D, header: &Header) -> Result<Self, WriteError> {
+        let mut h = header.clone();
+        h.data_file = None;
+        h.incompatible_features &= !INCOMPAT_DATA_FILE;
+        let mut w = Self::open_inner(dev, &h, ZeroBacking, false)?;
+        // The header the session writes keeps the image's own features.
+        w.incompat = header.incompatible_features;
+        w.incompat_at_open = header.incompatible_features;
+        w.metadata_only = true;
+        Ok(w)
     }
 }
 
@@ -272,6 +288,7 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             log: Vec::new(),
             dry_run: false,
             record: None,
+            metadata_only: false,
         })
     }
 
@@ -370,6 +387,11 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     }
 
     fn check_request(&self, offset: u64, len: u64) -> Result<(), WriteError> {
+        if self.metadata_only {
+            return Err(WriteError::Unsupported(
+                "guest writes to a metadata-only session",
+            ));
+        }
         match offset.checked_add(len) {
             Some(end) if end <= self.geometry.virtual_size() => Ok(()),
             _ => Err(WriteError::BadRequest { offset, len }),
