@@ -506,6 +506,20 @@ fn refused(make: Make, expect: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Persistent bitmaps are stored again (crates/cli/tests/diff_bitmaps.rs), but not in a
+/// dirty overlay: QEMU stores them before it repairs the image on open.
+#[test]
+fn dirty_with_bitmaps_refused() {
+    refused(
+        |dir, q| {
+            with_backing(dir, q, "");
+            ok(dir, q, &["bitmap", "--add", "ovl.qcow2", "b0"]);
+            or_be64(&dir.join("ovl.qcow2"), 72, 1);
+        },
+        "persistent bitmaps and the dirty bit set",
+    );
+}
+
 #[test]
 fn fixture_helpers_touch_what_they_claim() {
     // The hand layout really places the name where the header says.
