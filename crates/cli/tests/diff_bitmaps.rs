@@ -829,3 +829,56 @@ fn external_data_file_unsafe() {
         },
     );
 }
+
+/// Seeded random scenarios: cluster size, refcount width or lazy refcounts, one to four
+/// bitmaps of random granularity, each followed by random data and zero writes, some
+/// disabled, sometimes a merge; `-u`, safe or flatten. A failure names its seed.
+#[test]
+fn random_scenarios() {
+    for seed in 1..=12u64 {
+        let mut rng = instar_testkit::Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let cs = *rng.pick(&["512", "4k", "64k", "64k", "2M"]);
+        let opts = *rng.pick(&["", "", ",lazy_refcounts=on", ",refcount_bits=8"]);
+        let mode = *rng.pick(&MODES);
+        let plan_seed = rng.next();
+        run_mode(&format!("random-{seed}"), mode, cs, opts, &move |fx| {
+            random_bitmaps(fx, plan_seed)
+        });
+    }
+}
+
+fn random_bitmaps(fx: &Fx, seed: u64) {
+    let mut rng = instar_testkit::Rng(seed | 1);
+    let size = 8u64 << 20;
+    let mut names = Vec::new();
+    for k in 0..=rng.below(4) {
+        let name = format!("bm{k}");
+        let g = *rng.pick(&["512", "4k", "64k", "1M", "2M"]);
+        bitmap(fx, &["--add", "-g", g, OVERLAY, &name]);
+        let mut cmds = Vec::new();
+        for _ in 0..rng.below(4) {
+            let off = rng.below(size / 512) * 512;
+            let any = (rng.below(300) + 1) * 512;
+            let len = (*rng.pick(&[512, 4096, 65536, any])).min(size - off);
+            cmds.push(if rng.below(3) == 0 {
+                format!("write -z {off} {len}")
+            } else {
+                format!("write -P {} {off} {len}", rng.below(255) + 1)
+            });
+        }
+        if !cmds.is_empty() {
+            let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+            write(fx, &refs);
+        }
+        if rng.below(10) < 3 {
+            bitmap(fx, &["--disable", OVERLAY, &name]);
+        }
+        names.push(name);
+    }
+    if names.len() > 1 && rng.below(10) < 3 {
+        bitmap(
+            fx,
+            &["--merge", &names[0], OVERLAY, &names[names.len() - 1]],
+        );
+    }
+}
