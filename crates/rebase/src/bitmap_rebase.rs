@@ -36,7 +36,7 @@ pub(crate) fn check_supported(header: &Header) -> Result<(), GuestError> {
             OVERLAY,
             String::from(
                 "instar does not rebase images with persistent bitmaps and the dirty bit set \
-                 (QEMU would store the bitmaps, then repair the image on open); \
+                 (QEMU marks the bitmaps in use, then repairs the image on open); \
                  run 'qemu-img check -r all' on the image first",
             ),
         ));
@@ -98,9 +98,7 @@ pub(crate) fn load_read_only(
 fn map_error(e: BitmapError, dev_index: u8) -> GuestError {
     match e {
         BitmapError::Io(_) => open_error(dev_index, String::from("Input/output error")),
-        e @ (BitmapError::TooLarge { .. }
-        | BitmapError::Misplaced { .. }
-        | BitmapError::DirectoryOutside { .. }) => plain(e.to_string()),
+        e @ (BitmapError::TooLarge { .. } | BitmapError::Misplaced { .. }) => plain(e.to_string()),
         e => open_error(dev_index, e.to_string()),
     }
 }

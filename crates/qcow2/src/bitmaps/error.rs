@@ -52,10 +52,6 @@ pub enum BitmapError {
         offset: u64,
         why: &'static str,
     },
-    #[error(
-        "the bitmap directory at {offset:#x} lies outside the image file; nothing was written"
-    )]
-    DirectoryOutside { offset: u64 },
     #[error("error while reading the bitmaps: {0}")]
     Io(#[from] IoError),
 }

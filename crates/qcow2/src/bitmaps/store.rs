@@ -80,15 +80,17 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             return Ok(());
         }
         let mut entries: Vec<DirEntry> = set.in_use_entries();
-        for (i, e) in entries.iter_mut().enumerate() {
-            if set.entries.get(i).is_some_and(|old| !old.in_use()) {
-                let enabled = set.entries[i].flags & FLAG_AUTO != 0;
-                let dirty = if enabled { dirt.ranges() } else { &[] };
-                let (offset, size) = self.store_bitmap(set, i, dirty)?;
-                e.table_offset = offset;
-                e.table_size = size;
-                e.flags = if enabled { FLAG_AUTO } else { 0 };
+        for (i, (e, old)) in entries.iter_mut().zip(&set.entries).enumerate() {
+            if old.in_use() {
+                // Inconsistent since the open: kept as it is.
+                continue;
             }
+            let enabled = old.flags & FLAG_AUTO != 0;
+            let dirty = if enabled { dirt.ranges() } else { &[] };
+            let (offset, size) = self.store_bitmap(set, i, dirty)?;
+            e.table_offset = offset;
+            e.table_size = size;
+            e.flags = if enabled { FLAG_AUTO } else { 0 };
         }
         let dir = dir::build(&entries);
         let dir_offset = self.alloc_bytes(dir.len() as u64)?;
