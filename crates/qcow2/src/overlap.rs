@@ -4,9 +4,12 @@
 //! [`Layout::scan`] finds every structure QEMU's overlap check knows (`metadata_ol_names`
 //! in QEMU's `qcow2-refcount.c`): the header cluster, the active L1 table and its L2
 //! tables, the refcount table and its blocks, the snapshot table, each snapshot's L1 table
-//! and its L2 tables. It refuses a structure named at cluster 0, outside the file, or
-//! overlapping another structure (two L1 entries naming one L2 table is allowed here:
-//! internal snapshots share tables, and the write check below decides).
+//! and its L2 tables; and, given the image's persistent bitmaps
+//! ([`Layout::scan_with_bitmaps`]), the bitmap directory, every bitmap table and every
+//! bitmap data cluster (QEMU checks the directory only). It refuses a structure named at
+//! cluster 0, outside the file, or overlapping another structure (two L1 entries naming
+//! one L2 table is allowed here: internal snapshots share tables, and the write check
+//! below decides).
 //!
 //! [`Layout::audit`] takes the [`WriteRecord`] of a writer's dry run and reads every
 //! distinct L2 table once. It refuses an L2 entry whose data lies in a structure, and
