@@ -34,11 +34,15 @@ pub enum WriteKind {
 }
 
 impl WriteKind {
-    /// Bulk content a dry run records without writing (nothing reads it back).
+    /// Bulk content a dry run records without writing (nothing reads it back: the
+    /// session never reads guest data it wrote, nor a bitmap table or data cluster).
     pub(crate) fn is_bulk(self) -> bool {
         matches!(
             self,
-            WriteKind::Data | WriteKind::BitmapData | WriteKind::BitmapDiscard
+            WriteKind::Data
+                | WriteKind::BitmapTable
+                | WriteKind::BitmapData
+                | WriteKind::BitmapDiscard
         )
     }
 }
