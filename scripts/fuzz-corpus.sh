@@ -76,6 +76,14 @@ io qcov.qcow2 'write -P 0x99 3k 2k'; keep qcov.qcow2 qcow2-over-qed
 img create -f qcow2 -o cluster_size=512,lazy_refcounts=on dirty.qcow2 32k
 io dirty.qcow2 'write -P 0x94 0 3k' 'write -P 0x95 9k 1k' abort 2>/dev/null || true
 keep dirty.qcow2 qcow2-dirty
+# Persistent bitmaps: a fine one (several data clusters), a disabled one, an empty one.
+img create -f qcow2 -o cluster_size=512 bm.qcow2 1M
+img bitmap --add -g 512 bm.qcow2 fine
+img bitmap --add bm.qcow2 coarse
+io bm.qcow2 'write -P 1 0 3k' 'write -P 2 700k 20k'
+img bitmap --disable bm.qcow2 coarse
+img bitmap --add bm.qcow2 empty
+keep bm.qcow2 qcow2-bitmaps
 
 [ "$small" = --small ] && exit 0
 

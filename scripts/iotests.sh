@@ -2,9 +2,11 @@
 # QEMU's own iotests that exercise `qemu-img rebase`, with `rebase` routed to instar and
 # every other qemu-img subcommand (create, map, check, info, amend …) to the real qemu-img.
 #
-#   scripts/iotests.sh              # 024 031 042 043 050 061 082 252 (qcow2) and
-#                                   # 024 042 043 050 under -qed: all must pass
+#   scripts/iotests.sh              # 024 031 042 043 050 061 082 252 qemu-img-bitmaps
+#                                   # (qcow2) and 024 042 043 050 under -qed: all must pass
 #   scripts/iotests.sh 024 050      # just these (qcow2), all of which must pass
+#   scripts/iotests.sh qemu-img-bitmaps   # a test of tests/qemu-iotests/tests/, by name
+#                                   # (tests/qemu-img-bitmaps works too)
 #   IOTESTS_QED="024" scripts/iotests.sh 024   # and these under -qed
 #
 # Exit status: 0 when every test that must pass passed, 1 otherwise. The tests come from
@@ -36,7 +38,7 @@ QEMU_IMG=${QEMU_IMG:-/usr/bin/qemu-img}
 QEMU_IO=${QEMU_IO:-/usr/bin/qemu-io}
 QEMU_SRC_VERSION=${QEMU_SRC_VERSION:-1:10.2.2+ds-1}
 CACHE=${IOTESTS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/instar/iotests}
-REQUIRED=(024 031 042 043 050 061 082 252 271 314)
+REQUIRED=(024 031 042 043 050 061 082 252 271 314 qemu-img-bitmaps)
 # The same rebase tests with qed images (-qed).
 read -r -a REQUIRED_QED <<< "${IOTESTS_QED-024 042 043 050}"
 OPTIONAL=()
@@ -46,7 +48,9 @@ declare -A EXPECTED=(
     [114]="rebase -u -b X without -F must fail in qemu-img; instar probes X (-F is optional)"
 )
 if [ $# -gt 0 ]; then
-    REQUIRED=("$@"); OPTIONAL=()
+    # Named tests live in tests/qemu-iotests/tests/; check finds them by their bare name,
+    # which is also how it reports them.
+    REQUIRED=("${@#tests/}"); OPTIONAL=()
     [ -n "${IOTESTS_QED+set}" ] || REQUIRED_QED=()
 fi
 

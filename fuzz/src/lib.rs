@@ -11,6 +11,7 @@
 
 extern crate alloc;
 
+pub mod bitmaps_target;
 pub mod campaign;
 pub mod case;
 pub mod compressor;

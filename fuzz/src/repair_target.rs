@@ -230,7 +230,7 @@ fn apply(p: &RepairPlan, image: &mut Vec<u8>) {
 }
 
 /// The guest-visible content of a small qcow2 image, if it opens and reads.
-fn content(image: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn content(image: &[u8]) -> Option<Vec<u8>> {
     let mut dev = FuzzDev::new(image.to_vec(), true);
     let header = Header::read(&mut dev, OpenMode::ReadOnly).ok()?;
     let mut img = Qcow2Image::open(&mut dev, &header).ok()?;

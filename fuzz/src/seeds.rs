@@ -53,7 +53,9 @@ pub fn for_target(target: Target, files: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
         Target::Qcow2Header | Target::Qcow2Read | Target::Refcount => {
             images.filter(|d| is_qcow2(d)).cloned().collect()
         }
-        Target::Qcow2Repair => images.filter(|d| is_qcow2(d)).cloned().collect(),
+        Target::Qcow2Repair | Target::Qcow2Bitmaps => {
+            images.filter(|d| is_qcow2(d)).cloned().collect()
+        }
         Target::QedRead => images.filter(|d| is_qed(d)).cloned().collect(),
         Target::VmdkRead => images.filter(|d| is_vmdk(d)).cloned().collect(),
         Target::VmdkDescriptor => images.filter_map(|d| descriptor_text(d)).collect(),

@@ -26,6 +26,7 @@ use instar_qed::QedImage;
 use instar_rebase::{handle, Hooks};
 use instar_vmdk::{Descriptor, SparseWriter, VmdkImage};
 
+use crate::bitmaps_target::qcow2_bitmaps;
 use crate::case::Case;
 use crate::consistency::consistent;
 use crate::dev::FuzzDev;
@@ -51,10 +52,11 @@ pub enum Target {
     RebaseSafe,
     QedRead,
     Qcow2Repair,
+    Qcow2Bitmaps,
 }
 
 impl Target {
-    pub const ALL: [Target; 12] = [
+    pub const ALL: [Target; 13] = [
         Target::Qcow2Header,
         Target::Qcow2Read,
         Target::Refcount,
@@ -67,6 +69,7 @@ impl Target {
         Target::RebaseSafe,
         Target::QedRead,
         Target::Qcow2Repair,
+        Target::Qcow2Bitmaps,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +86,7 @@ impl Target {
             Target::RebaseSafe => "rebase_safe",
             Target::QedRead => "qed_read",
             Target::Qcow2Repair => "qcow2_repair",
+            Target::Qcow2Bitmaps => "qcow2_bitmaps",
         }
     }
 
@@ -112,6 +116,7 @@ impl Target {
             Target::RebaseSafe => rebase(data, false),
             Target::QedRead => qed_read(data),
             Target::Qcow2Repair => qcow2_repair(data),
+            Target::Qcow2Bitmaps => qcow2_bitmaps(data),
         }
     }
 }

@@ -15,8 +15,10 @@ fn seed(name: &str) -> Vec<u8> {
 #[test]
 fn qemu_made_images_are_consistent() {
     for (name, data) in committed() {
-        // qcow2-dirty was left with its refcounts behind (qemu-img check: 16 errors).
-        if data.starts_with(b"QFI\xfb") && name != "qcow2-datafile" && name != "qcow2-dirty" {
+        // qcow2-dirty was left with its refcounts behind (qemu-img check: 16 errors);
+        // the check does not cover data files or bitmaps (qcow2-bitmaps).
+        let uncovered = ["qcow2-datafile", "qcow2-dirty", "qcow2-bitmaps"];
+        if data.starts_with(b"QFI\xfb") && !uncovered.contains(&name.as_str()) {
             assert!(consistent(&data), "{name} judged inconsistent");
         }
     }

@@ -139,3 +139,8 @@ fn qed_read() {
 fn qcow2_repair() {
     run(Target::Qcow2Repair);
 }
+
+#[test]
+fn qcow2_bitmaps() {
+    run(Target::Qcow2Bitmaps);
+}

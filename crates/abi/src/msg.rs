@@ -247,6 +247,11 @@ pub enum RepairLines {
     },
     /// `Repairing OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}`
     CopiedData { l2_entry: u64, refcount: u64 },
+    /// QEMU's warning for a bitmaps extension without the bitmaps autoclear bit (the
+    /// extension is dropped and the bitmaps' clusters leak): `warning: a program lacking
+    /// bitmap support modified this file, …` (its v2 wording when `v2`), then `Some
+    /// clusters may be leaked, …` without a newline.
+    StaleBitmaps { v2: bool },
 }
 
 /// Counters of a finished rebase.

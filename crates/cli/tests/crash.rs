@@ -604,3 +604,73 @@ fn crash_compressed_lazy_refcounts() {
         )
     });
 }
+// ---------------------------------------------------------------------------------------
+// Persistent bitmaps (docs/bitmaps.md): the open's in-place IN_USE update between two
+// header writes, the rebase's own writes, then the store into new clusters, the header
+// naming the new directory, and the old clusters freed (data clusters zeroed).
+
+/// The overlay of [`clusters_64k`] (or [`clusters_512`]) with bitmaps added before its
+/// data is written: an enabled one at the default granularity, a fine one, a disabled
+/// one and one left empty.
+fn with_bitmaps(fx: &Fx, small: bool, opts: &str) {
+    let bitmap = |args: &[&str]| {
+        let mut v = vec!["bitmap"];
+        v.extend_from_slice(args);
+        fx.img(&v);
+    };
+    if small {
+        clusters_512_with(fx, true, opts, &[]);
+    } else {
+        backings(fx);
+        overlay(fx, true, &format!("cluster_size=64k{opts}"));
+    }
+    bitmap(&["--add", "ovl.qcow2", "auto"]);
+    bitmap(&["--add", "-g", "512", "ovl.qcow2", "fine"]);
+    bitmap(&["--add", "ovl.qcow2", "off"]);
+    if !small {
+        overlay_data(fx);
+    } else {
+        fx.io("qcow2", "ovl.qcow2", &["write -P 0x64 2M 3k"]);
+    }
+    bitmap(&["--disable", "ovl.qcow2", "off"]);
+    bitmap(&["--add", "ovl.qcow2", "empty"]);
+}
+
+#[test]
+fn crash_bitmaps_safe() {
+    let Some(sum) = run_scenario("bitmaps", |fx| with_bitmaps(fx, false, "")) else {
+        return;
+    };
+    // Open (3 header/directory writes), data, store (data clusters, tables, directory),
+    // header, discards: far more than a plain rebase.
+    assert!(sum.writes >= 15, "only {} writes", sum.writes);
+}
+
+#[test]
+fn crash_bitmaps_512_byte_clusters() {
+    run_scenario("bitmaps-512", |fx| with_bitmaps(fx, true, ""));
+}
+
+#[test]
+fn crash_bitmaps_lazy_refcounts() {
+    run_scenario("bitmaps-lazy", |fx| {
+        with_bitmaps(fx, false, ",lazy_refcounts=on")
+    });
+}
+
+/// `-u` no longer writes the header alone: QEMU stores the bitmaps again.
+#[test]
+fn crash_bitmaps_unsafe() {
+    let case = Case {
+        name: "bitmaps-unsafe",
+        fmt: "qcow2",
+        args: &["-u", "-b", "new.qcow2", "-F", "qcow2"],
+    };
+    let sum = crash_every_write(&case, &|fx| {
+        with_bitmaps(fx, false, "");
+        fx.write("new.qcow2", &fx.read("old.qcow2"));
+    });
+    if let Some(sum) = sum {
+        assert!(sum.writes > 1, "only {} writes", sum.writes);
+    }
+}

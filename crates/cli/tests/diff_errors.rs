@@ -817,38 +817,6 @@ fn dirty_image_with_snapshots_refused() {
 }
 
 #[test]
-fn persistent_bitmaps_refused() {
-    // Deliberate difference: qemu-img re-stores persistent bitmaps into new clusters on
-    // close; instar refuses such images (README).
-    let build = |fx: &Fx| {
-        ovl(fx);
-        fx.img(&["bitmap", "--add", "ovl.qcow2", "b0"]);
-    };
-    instar_refuses(
-        "bitmaps",
-        &build,
-        &["-u", "-b", "base.qcow2", "-F", "qcow2", "ovl.qcow2"],
-        "bitmap",
-    );
-    // A stale bitmaps extension (autoclear bit 0 clear, as left by a program without
-    // bitmap support): qemu-img warns, drops the extension and leaks the bitmap clusters;
-    // instar refuses it like any image with a bitmaps extension.
-    let stale = move |fx: &Fx| {
-        build(fx);
-        fx.edit("ovl.qcow2", |b| {
-            let v = be64(b, off::AUTOCLEAR) & !1;
-            put64(b, off::AUTOCLEAR, v);
-        });
-    };
-    instar_refuses(
-        "stale-bitmaps",
-        &stale,
-        &["-u", "-b", "base.qcow2", "-F", "qcow2", "ovl.qcow2"],
-        "bitmap",
-    );
-}
-
-#[test]
 fn raw_file_forced_as_qcow2() {
     same_error(
         "raw-as-qcow2",

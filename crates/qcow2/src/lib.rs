@@ -20,6 +20,7 @@
 
 extern crate alloc;
 
+pub mod bitmaps;
 pub mod compress;
 pub mod compressor;
 pub mod entry;

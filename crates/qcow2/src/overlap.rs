@@ -4,9 +4,12 @@
 //! [`Layout::scan`] finds every structure QEMU's overlap check knows (`metadata_ol_names`
 //! in QEMU's `qcow2-refcount.c`): the header cluster, the active L1 table and its L2
 //! tables, the refcount table and its blocks, the snapshot table, each snapshot's L1 table
-//! and its L2 tables. It refuses a structure named at cluster 0, outside the file, or
-//! overlapping another structure (two L1 entries naming one L2 table is allowed here:
-//! internal snapshots share tables, and the write check below decides).
+//! and its L2 tables; and, given the image's persistent bitmaps
+//! ([`Layout::scan_with_bitmaps`]), the bitmap directory, every bitmap table and every
+//! bitmap data cluster (QEMU checks the directory only). It refuses a structure named at
+//! cluster 0, outside the file, or overlapping another structure (two L1 entries naming
+//! one L2 table is allowed here: internal snapshots share tables, and the write check
+//! below decides).
 //!
 //! [`Layout::audit`] takes the [`WriteRecord`] of a writer's dry run and reads every
 //! distinct L2 table once. It refuses an L2 entry whose data lies in a structure, and
@@ -29,6 +32,7 @@ use alloc::vec::Vec;
 use instar_blockdev::bytes::be64;
 use instar_blockdev::BlockDev;
 
+use crate::bitmaps::BitmapSet;
 use crate::entry::{l2_entry_size, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
 use crate::map::{compressed_extent, EntryFormat};
 use crate::writer::{WriteKind, WriteRecord};
@@ -53,12 +57,20 @@ impl Layout {
     /// Find every structure of the image on `dev` described by `header` (already
     /// parsed with QEMU's open checks) and refuse misplaced or overlapping ones.
     pub fn scan<D: BlockDev + ?Sized>(dev: &mut D, header: &Header) -> Result<Self, OverlapError> {
-        if header.has_bitmaps() {
-            // Hook: the bitmap directory and bitmap tables go here once instar writes
-            // images with bitmaps; until then such images are refused before this point.
+        Self::scan_with_bitmaps(dev, header, None)
+    }
+
+    /// [`Layout::scan`], with the bitmap directory, every bitmap table and every
+    /// bitmap data cluster of `bitmaps` (loaded from the same image) as structures.
+    pub fn scan_with_bitmaps<D: BlockDev + ?Sized>(
+        dev: &mut D,
+        header: &Header,
+        bitmaps: Option<&BitmapSet>,
+    ) -> Result<Self, OverlapError> {
+        if header.bitmaps.is_some() && bitmaps.is_none() {
             return Err(OverlapError::Bitmaps);
         }
-        let extents = scan::structures(dev, header)?;
+        let extents = scan::structures(dev, header, bitmaps)?;
         Ok(Layout {
             cluster_bits: header.cluster_bits(),
             fmt: header.entry_format(),
@@ -223,6 +235,14 @@ fn fits(kind: WriteKind, target: Target) -> bool {
                 Target::Structure(Structure::RefcountBlock)
             )
             | (WriteKind::Data, Target::Data)
+            | (
+                WriteKind::BitmapDirectory,
+                Target::Structure(Structure::BitmapDirectory)
+            )
+            | (
+                WriteKind::BitmapDiscard,
+                Target::Structure(Structure::BitmapData)
+            )
     )
 }
 

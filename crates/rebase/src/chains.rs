@@ -167,6 +167,8 @@ fn open_chain<'a>(
             Format::Raw => Box::new(RawImage::new(dev)),
             Format::Qcow2 => {
                 let (header, _) = qcow2_info(dev, OpenMode::ReadOnly, img.dev)?;
+                // Checked as QEMU's read-only open checks them; never written.
+                crate::bitmap_rebase::load_read_only(dev, &header, img.dev)?;
                 if header.has_data_file() {
                     return Err(open_error(
                         img.dev,

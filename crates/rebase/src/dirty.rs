@@ -203,8 +203,9 @@ pub(crate) fn prepare<'a>(
     let Ok(header) = Header::read(&mut *dev, OpenMode::ReadWrite) else {
         return Ok(None);
     };
-    // Bitmaps are refused by the rebase with their own message.
-    if !header.dirty() || header.has_bitmaps() {
+    // Bitmaps (an extension QEMU would act on) are refused by the rebase with their own
+    // message; the autoclear bit alone changes nothing.
+    if !header.dirty() || header.bitmaps.is_some() || header.stale_bitmaps {
         return Ok(None);
     }
     let plan = match repair::plan(&mut *dev, &header) {

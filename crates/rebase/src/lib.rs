@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+mod bitmap_rebase;
 mod chains;
 mod compress_cache;
 pub mod copy;

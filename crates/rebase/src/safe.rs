@@ -15,18 +15,19 @@
 //! an image that still points at its old backing with content unchanged (QEMU itself
 //! may write the header before its caches are flushed).
 
-use alloc::format;
 use alloc::string::{String, ToString};
 use core::cell::RefCell;
 
 use instar_abi::{Format, GuestError, RebaseOutcome, RebaseRequest};
 use instar_blockdev::{BlockDev, IoError};
+use instar_qcow2::bitmaps::{BitmapSet, Dirt};
 use instar_qcow2::compressor::Compressor;
 use instar_qcow2::image::Qcow2Image;
-use instar_qcow2::overlap::{Layout, OverlapError};
+use instar_qcow2::overlap::Layout;
 use instar_qcow2::writer::{Below, Finish, IoOp, ShadowDev, WriteError, WriteKind, Writer};
 use instar_qcow2::Header;
 
+use crate::bitmap_rebase::{self, overlap_error, store_error, write_error};
 use crate::chains::{
     check_request, copy_error, open_chains, plan_over, read_zero_padded, slots, stats, take,
     Chains, OldContent, Opened, Shared,
@@ -34,7 +35,7 @@ use crate::chains::{
 use crate::compress_cache::{Kept, Recorder, Replayer};
 use crate::copy::{self, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
 use crate::probe::open_error;
-use crate::unsafe_rebase::{change_error, map_change_error, open_for_change};
+use crate::unsafe_rebase::{change_error, map_change_error, open_for_change, ForChange};
 use crate::{plain, Hooks, IO_ERROR, OVERLAY};
 
 pub(crate) fn rebase(
@@ -54,7 +55,12 @@ pub(crate) fn rebase(
     let overlay = take(&mut slots, OVERLAY)?;
 
     // 1. Everything that can fail before a write.
-    let (mut header, _) = open_for_change(overlay, req, name, format)?;
+    let ForChange {
+        old: opened_header,
+        mut header,
+        bitmaps,
+        ..
+    } = open_for_change(overlay, req, name, format)?;
 
     let Opened {
         mut old_view,
@@ -101,7 +107,10 @@ pub(crate) fn rebase(
     // No write onto metadata: proved before the first write. Compressed writes are
     // proved with the real data: where each one lands depends on how well the clusters
     // before it compressed.
+    bitmap_rebase::check_phantom_directory(&header, !plan.ops.is_empty())?;
     let has_backing = old_len > 0 || header.version < 3;
+    let dirt = bitmap_rebase::dirt(&plan.ops);
+    let stored = stored_bitmaps(bitmaps.as_ref(), &opened_header, &dirt);
     let proof_content = (req.compress && old_len > 0).then_some(OldContent(&old));
     // The dry run's compressed clusters are kept for the real run (compress_cache).
     let mut kept = Kept::default();
@@ -112,10 +121,14 @@ pub(crate) fn rebase(
             &header,
             &plan.ops,
             has_backing,
+            (bitmaps.as_ref(), stored),
             proof_content,
             recorder.as_mut().map(|r| r as &mut dyn Compressor),
         )?
     };
+    if bitmaps.as_ref().is_some_and(BitmapSet::needs_store) {
+        bitmap_rebase::check_cap(proved_end, overlay_len, Some(header.virtual_size()))?;
+    }
 
     // 3. Write. The dry run knows exactly where the writes end (a refcount block that
     // claims clusters past the end of the file pushes allocations further out than
@@ -129,17 +142,25 @@ pub(crate) fn rebase(
     // writing zero data. A v2 overlay without a backing file would lose content in
     // QEMU (its zero write becomes a no-op discard): instar writes zero data there too.
     let old_content = (old_len > 0).then_some(OldContent(&old));
+    let stored = stored_bitmaps(bitmaps.as_ref(), &opened_header, &dirt);
     let mut replayer = compressor_of(req, hooks)?.map(|c| Replayer::new(c, kept));
     let compressor = replayer.as_mut().map(|r| r as &mut dyn Compressor);
     let (written_end, finish) = if old_len > 0 || header.version < 3 {
         let writer = Writer::open_with_backing(&mut *overlay, &header, CowBacking(&old));
-        write_plan(writer, &plan.ops, old_content, compressor)?
+        write_plan(
+            writer,
+            &plan.ops,
+            (old_content, compressor),
+            stored,
+            &mut header,
+        )?
     } else {
         write_plan(
             Writer::open(&mut *overlay, &header, false),
             &plan.ops,
-            old_content,
-            compressor,
+            (old_content, compressor),
+            stored,
+            &mut header,
         )?
     };
 
@@ -158,7 +179,7 @@ pub(crate) fn rebase(
     Ok(RebaseOutcome {
         stats: stats(&plan.ops, cluster_size),
         overlay_len: Some(overlay_len.max(written_end).max(cluster.len() as u64)),
-        repair_lines: alloc::vec::Vec::new(),
+        repair_lines: bitmap_rebase::open_lines(&opened_header),
     })
 }
 
@@ -208,10 +229,12 @@ fn prove_writes(
     header: &Header,
     ops: &[Op],
     has_backing: bool,
+    (bitmaps, stored): (Option<&BitmapSet>, Option<Stored<'_>>),
     mut old: Option<OldContent<'_, '_>>,
     compressor: Option<&mut dyn Compressor>,
 ) -> Result<u64, GuestError> {
-    let layout = Layout::scan(&mut *overlay, header).map_err(overlap_error)?;
+    let layout =
+        Layout::scan_with_bitmaps(&mut *overlay, header, bitmaps).map_err(overlap_error)?;
     let shadow = ShadowDev::new(&mut *overlay);
     let lost = shadow.lost_flag();
     // A dry run that needed metadata the shadow did not keep proves nothing.
@@ -227,6 +250,12 @@ fn prove_writes(
     let mut writer = Writer::open(shadow, header, has_backing)
         .map_err(write_error)?
         .recording(true);
+    if let Some(s) = &stored {
+        writer
+            .bitmaps_open(s.set, s.opened)
+            .map_err(store_error)
+            .map_err(unproved)?;
+    }
     let mut sink = WriterSink {
         writer: &mut writer,
         compressor,
@@ -234,6 +263,13 @@ fn prove_writes(
     copy::execute(ops, old.as_mut().map(|c| c as &mut dyn Content), &mut sink)
         .map_err(copy_error)
         .map_err(unproved)?;
+    if let Some(s) = &stored {
+        writer
+            .bitmaps_close(s.set, s.dirt, &mut header.clone())
+            .map_err(store_error)
+            .map_err(unproved)?;
+    }
+    let bitmap_end = bitmap_rebase::log_end(writer.io_log());
     let (_, _, mut record) = writer
         .finish_recorded()
         .map_err(write_error)
@@ -245,24 +281,42 @@ fn prove_writes(
         .iter()
         .map(|w| w.offset.saturating_add(w.len))
         .max()
-        .unwrap_or(0))
+        .unwrap_or(0)
+        .max(bitmap_end))
 }
 
-fn overlap_error(e: OverlapError) -> GuestError {
-    match e {
-        OverlapError::Io(_) => plain(String::from("error while reading image metadata")),
-        e => plain(e.to_string()),
-    }
+/// The bitmaps QEMU stores again at close, if any (none when every one is IN_USE).
+fn stored_bitmaps<'a>(
+    set: Option<&'a BitmapSet>,
+    opened: &'a Header,
+    dirt: &'a Dirt,
+) -> Option<Stored<'a>> {
+    set.filter(|s| s.needs_store())
+        .map(|set| Stored { set, opened, dirt })
 }
 
-/// Replay the plan through `writer` and finish it; returns where the last write ended.
+/// Bitmaps QEMU stores again: the set, the header as the overlay was opened (the
+/// open's in-place update rewrites it) and what the rebase's writes dirty.
+struct Stored<'a> {
+    set: &'a BitmapSet,
+    opened: &'a Header,
+    dirt: &'a Dirt,
+}
+
+/// Replay the plan through `writer` (between the bitmaps' open and close writes, when
+/// QEMU stores them again) and finish it; returns where the last write ended. Guest
+/// data comes from the old chain, through the compressor with `-c`.
 fn write_plan<D: BlockDev, B: Below>(
     writer: Result<Writer<D, B>, WriteError>,
     ops: &[Op],
-    mut old: Option<OldContent<'_, '_>>,
-    compressor: Option<&mut dyn Compressor>,
+    (mut old, compressor): (Option<OldContent<'_, '_>>, Option<&mut dyn Compressor>),
+    stored: Option<Stored<'_>>,
+    header: &mut Header,
 ) -> Result<(u64, Finish), GuestError> {
     let mut writer = writer.map_err(write_error)?;
+    if let Some(s) = &stored {
+        writer.bitmaps_open(s.set, s.opened).map_err(write_error)?;
+    }
     copy::execute(
         ops,
         old.as_mut().map(|c| c as &mut dyn Content),
@@ -272,6 +326,11 @@ fn write_plan<D: BlockDev, B: Below>(
         },
     )
     .map_err(copy_error)?;
+    if let Some(s) = &stored {
+        writer
+            .bitmaps_close(s.set, s.dirt, header)
+            .map_err(write_error)?;
+    }
     let written_end = writer
         .io_log()
         .iter()
@@ -283,10 +342,6 @@ fn write_plan<D: BlockDev, B: Below>(
         .unwrap_or(0);
     let (_, finish) = writer.finish().map_err(write_error)?;
     Ok((written_end, finish))
-}
-
-fn write_error(e: WriteError) -> GuestError {
-    plain(format!("Error while writing to COW image: {e}"))
 }
 
 /// QEMU's errno text for a failed write, where instar knows it.

@@ -5,6 +5,7 @@ use alloc::string::{String, ToString};
 use instar_abi::{ErrorKind, Format, GuestError, RebaseOutcome, RebaseRequest};
 use instar_blockdev::BlockDev;
 use instar_chain::probe::check_format;
+use instar_qcow2::bitmaps::BitmapSet;
 use instar_qcow2::overlap::Structure;
 use instar_qcow2::{ChangeBackingError, Header, OpenMode};
 
@@ -32,17 +33,9 @@ pub(crate) fn map_change_error(err: ChangeBackingError, has_format: bool) -> Gue
     }
 }
 
-/// Refuse images that a read-write open by QEMU would change beyond cluster 0.
+/// Refuse images whose read-write open by QEMU instar does not reproduce.
 fn check_rewritable(header: &Header) -> Result<(), GuestError> {
-    // A read-write open by QEMU would rewrite more than cluster 0 for these.
-    if header.has_bitmaps() {
-        return Err(open_error(
-            OVERLAY,
-            String::from(
-                "instar does not rebase images with persistent bitmaps (QEMU would rewrite them)",
-            ),
-        ));
-    }
+    crate::bitmap_rebase::check_supported(header)?;
     if header.dirty() {
         return Err(open_error(
             OVERLAY,
@@ -55,17 +48,31 @@ fn check_rewritable(header: &Header) -> Result<(), GuestError> {
     Ok(())
 }
 
-/// Open the qcow2 overlay as QEMU's read-write open does, point its header at `name`
-/// (`None` detaches) and rebuild cluster 0: every refusal of a backing-file change,
-/// before anything is written. Returns the changed header and the new cluster 0.
+/// The overlay opened for a backing-file change.
+pub(crate) struct ForChange {
+    /// The header as opened (QEMU's open rewrites it in this state).
+    pub old: Header,
+    /// The header pointing at the new backing.
+    pub header: Header,
+    /// Cluster 0 rebuilt from `header`.
+    pub cluster: alloc::vec::Vec<u8>,
+    /// The persistent bitmaps, as QEMU's open loads them.
+    pub bitmaps: Option<BitmapSet>,
+}
+
+/// Open the qcow2 overlay as QEMU's read-write open does (its bitmaps loaded), point
+/// its header at `name` (`None` detaches) and rebuild cluster 0: every refusal of a
+/// backing-file change, before anything is written.
 pub(crate) fn open_for_change(
     dev: &mut dyn BlockDev,
     req: &RebaseRequest,
     name: Option<&[u8]>,
     format: Option<&[u8]>,
-) -> Result<(Header, alloc::vec::Vec<u8>), GuestError> {
+) -> Result<ForChange, GuestError> {
     let (mut header, _) = qcow2_info(dev, OpenMode::ReadWrite, OVERLAY)?;
     check_rewritable(&header)?;
+    let bitmaps = crate::bitmap_rebase::load(dev, &header)?;
+    let old = header.clone();
     if header.has_data_file() && !req.data_file_checked {
         return Err(GuestError {
             kind: ErrorKind::Plain,
@@ -81,7 +88,12 @@ pub(crate) fn open_for_change(
     let cluster = header
         .rebuild()
         .map_err(|e| map_change_error(e, format.is_some()))?;
-    Ok((header, cluster))
+    Ok(ForChange {
+        old,
+        header,
+        cluster,
+        bitmaps,
+    })
 }
 
 /// The header rewrite replaces all of cluster 0. QEMU's open accepts a table at the
@@ -172,7 +184,11 @@ pub(crate) fn rebase(
         });
     }
 
-    let (header, cluster) = open_for_change(dev, req, name, format)?;
+    let opened = open_for_change(dev, req, name, format)?;
+    if opened.bitmaps.as_ref().is_some_and(BitmapSet::needs_store) {
+        return crate::bitmap_rebase::unsafe_rebase(dev, opened, hooks);
+    }
+    let (opened_old, header, cluster) = (opened.old, opened.header, opened.cluster);
     cluster0_rewrite_keeps_tables(dev, &header, &cluster)?;
 
     hooks.write_phase(crate::write_end::header_end(
@@ -182,5 +198,8 @@ pub(crate) fn rebase(
     dev.write_at(0, &cluster)
         .map_err(|_| change_error(IO_ERROR))?;
     dev.flush().map_err(|_| change_error(IO_ERROR))?;
-    Ok(RebaseOutcome::default())
+    Ok(RebaseOutcome {
+        repair_lines: crate::bitmap_rebase::open_lines(&opened_old),
+        ..RebaseOutcome::default()
+    })
 }

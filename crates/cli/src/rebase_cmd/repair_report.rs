@@ -49,10 +49,29 @@ pub fn lines(runs: &[RepairLines], overlay_len: u64) -> Vec<String> {
             RepairLines::CopiedData { l2_entry, refcount } => out.push(format!(
                 "Repairing OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}"
             )),
+            RepairLines::StaleBitmaps { v2 } => {
+                out.push(format!("instar: warning: {}", stale_bitmaps_warning(v2)));
+                out.push(String::from(STALE_BITMAPS_HINT));
+            }
         }
     }
     out
 }
+
+/// QEMU's `warn_report` when a bitmaps extension lacks the autoclear bit.
+fn stale_bitmaps_warning(v2: bool) -> &'static str {
+    if v2 {
+        "This qcow2 v2 image contains bitmaps, but they may have been modified by a program \
+         without persistent bitmap support; so now they must all be considered inconsistent"
+    } else {
+        "a program lacking bitmap support modified this file, so all bitmaps are now \
+         considered inconsistent"
+    }
+}
+
+/// QEMU's `error_printf` after that warning; it prints no newline after it.
+const STALE_BITMAPS_HINT: &str =
+    "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.";
 
 /// Print the lines of `runs` to stderr.
 pub fn print(runs: &[RepairLines], overlay_len: u64) {
@@ -64,12 +83,32 @@ pub fn print(runs: &[RepairLines], overlay_len: u64) {
         text.push_str(&line);
         text.push('\n');
     }
+    // QEMU ends the stale-bitmaps hint without a newline.
+    if matches!(runs.last(), Some(RepairLines::StaleBitmaps { .. })) {
+        text.pop();
+    }
     let _ = std::io::stderr().write_all(text.as_bytes());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_bitmaps_warning_in_both_wordings() {
+        let v3 = lines(&[RepairLines::StaleBitmaps { v2: false }], 0);
+        assert_eq!(
+            v3,
+            [
+                "instar: warning: a program lacking bitmap support modified this file, so all \
+                 bitmaps are now considered inconsistent",
+                "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
+            ]
+        );
+        let v2 = lines(&[RepairLines::StaleBitmaps { v2: true }], 0);
+        assert!(v2[0].starts_with("instar: warning: This qcow2 v2 image contains bitmaps, but"));
+        assert!(v2[0].ends_with("so now they must all be considered inconsistent"));
+    }
 
     #[test]
     fn runs_expand_with_qemus_wording_and_a_bound() {

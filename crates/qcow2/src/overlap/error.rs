@@ -19,9 +19,10 @@ pub enum Structure {
     SnapshotTable,
     InactiveL1,
     InactiveL2,
-    /// Not scanned yet: images with persistent bitmaps are refused before any write
-    /// (see [`Layout::scan`]). Bitmap tables belong here once they are supported.
     BitmapDirectory,
+    /// A bitmap's table, and a cluster of a bitmap's data (`crate::bitmaps`).
+    BitmapTable,
+    BitmapData,
 }
 
 impl Structure {
@@ -37,6 +38,8 @@ impl Structure {
             Structure::InactiveL1 => "inactive L1 table",
             Structure::InactiveL2 => "inactive L2 table",
             Structure::BitmapDirectory => "bitmap directory",
+            Structure::BitmapTable => "bitmap table",
+            Structure::BitmapData => "bitmap data cluster",
         }
     }
 
@@ -50,7 +53,8 @@ impl Structure {
             | Structure::RefcountTable
             | Structure::SnapshotTable
             | Structure::BitmapDirectory => 1,
-            Structure::RefcountBlock => 2,
+            Structure::RefcountBlock | Structure::BitmapTable => 2,
+            Structure::BitmapData => 3,
             Structure::ActiveL2 => 3,
             Structure::InactiveL1 => 4,
             Structure::InactiveL2 => 5,
@@ -101,6 +105,15 @@ pub enum Referrer {
         table: u64,
         index: u64,
     },
+    /// Entry `index` of the bitmap directory.
+    BitmapDirectory {
+        index: u32,
+    },
+    /// Entry `index` of the bitmap table at `table`.
+    BitmapTable {
+        table: u64,
+        index: u64,
+    },
 }
 
 impl fmt::Display for Referrer {
@@ -119,6 +132,15 @@ impl fmt::Display for Referrer {
             Referrer::Snapshot { index } => write!(f, "named by snapshot {index}"),
             Referrer::L2 { table, index } => {
                 write!(f, "named by L2 entry {index:#x} of the table at {table:#x}")
+            }
+            Referrer::BitmapDirectory { index } => {
+                write!(f, "named by bitmap directory entry {index}")
+            }
+            Referrer::BitmapTable { table, index } => {
+                write!(
+                    f,
+                    "named by entry {index:#x} of the bitmap table at {table:#x}"
+                )
             }
         }
     }
@@ -146,6 +168,10 @@ fn write_what(kind: WriteKind) -> &'static str {
         WriteKind::RefcountTable => "a refcount table",
         WriteKind::RefcountBlock => "a refcount block",
         WriteKind::Data => "a data",
+        WriteKind::BitmapDirectory => "a bitmap directory",
+        WriteKind::BitmapTable => "a bitmap table",
+        WriteKind::BitmapData => "a bitmap data",
+        WriteKind::BitmapDiscard => "a bitmap discard",
     }
 }
 
@@ -182,7 +208,8 @@ pub enum OverlapError {
     /// A metadata write in place on a cluster that nothing names.
     #[error("Preventing invalid write: {} write at {at:#x} would land on a cluster that nothing in the image names; nothing was written", write_what(*kind))]
     Unnamed { kind: WriteKind, at: u64 },
-    #[error("images with persistent bitmaps are not supported")]
+    /// The bitmaps were not loaded ([`crate::bitmaps::BitmapSet`]) for an image that has them.
+    #[error("the image's persistent bitmaps were not loaded")]
     Bitmaps,
     #[error(transparent)]
     Io(#[from] IoError),

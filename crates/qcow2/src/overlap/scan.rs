@@ -8,6 +8,7 @@ use instar_blockdev::bytes::{be64_table, Fixed};
 use instar_blockdev::{BlockDev, IoError};
 
 use super::error::{Found, OverlapError, Referrer, Structure, Target};
+use crate::bitmaps::{BitmapSet, TABLE_OFFSET_MASK};
 use crate::entry::L1E_OFFSET_MASK;
 use crate::geometry::{MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 use crate::refcount::REFT_OFFSET_MASK;
@@ -46,6 +47,7 @@ fn read_u64s<D: BlockDev + ?Sized>(dev: &mut D, offset: u64, n: u64) -> Result<V
 pub(super) fn structures<D: BlockDev + ?Sized>(
     dev: &mut D,
     header: &Header,
+    bitmaps: Option<&BitmapSet>,
 ) -> Result<Vec<Extent>, OverlapError> {
     let cs = header.cluster_size();
     let mut s = Scan {
@@ -87,6 +89,9 @@ pub(super) fn structures<D: BlockDev + ?Sized>(
         for (k, &(off, size)) in snaps.l1s.iter().enumerate() {
             s.l1(dev, off, size, Some(k as u32))?;
         }
+    }
+    if let Some(b) = bitmaps {
+        s.bitmaps(b)?;
     }
     let mut extents = s.extents;
     extents.sort_by_key(|e| (e.offset, e.len, e.what));
@@ -191,6 +196,29 @@ impl Scan {
             what,
             by,
         });
+        Ok(())
+    }
+
+    /// The bitmap directory, each bitmap's table and its data clusters.
+    fn bitmaps(&mut self, b: &BitmapSet) -> Result<(), OverlapError> {
+        self.place(
+            b.dir_offset,
+            b.dir_size,
+            Structure::BitmapDirectory,
+            Referrer::Header,
+        )?;
+        for (i, (e, table)) in b.entries.iter().zip(&b.tables).enumerate() {
+            let by = Referrer::BitmapDirectory { index: i as u32 };
+            let len = u64::from(e.table_size) * 8;
+            self.place(e.table_offset, len, Structure::BitmapTable, by)?;
+            for (j, &t) in table.iter().enumerate() {
+                let by = Referrer::BitmapTable {
+                    table: e.table_offset,
+                    index: j as u64,
+                };
+                self.cluster(t & TABLE_OFFSET_MASK, Structure::BitmapData, by)?;
+            }
+        }
         Ok(())
     }
 

@@ -88,7 +88,7 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
             // QEMU fails the write with EIO: compression never overwrites a cluster.
             return Err(WriteError::CompressedOverwrite(guest));
         }
-        let host = self.alloc_bytes(size)?;
+        let host = self.alloc_compressed_bytes(size)?;
         let fmt = self.geometry.entry_format(false);
         let nb_csectors = (host + size - 1) / SECTOR - host / SECTOR;
         if host & fmt.cluster_offset_mask() != host || nb_csectors & fmt.csize_mask() != nb_csectors
@@ -107,7 +107,7 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
     /// they fit in its host cluster (or run on into the adjacent free one), else at the
     /// start of a newly allocated cluster. Raises the refcount of every host cluster the
     /// bytes touch.
-    fn alloc_bytes(&mut self, size: u64) -> Result<u64, WriteError> {
+    fn alloc_compressed_bytes(&mut self, size: u64) -> Result<u64, WriteError> {
         let cs = self.geometry.cluster_size();
         let bits = self.geometry.cluster_bits();
         let mut offset = self.free_byte_offset;

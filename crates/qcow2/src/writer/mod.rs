@@ -60,6 +60,7 @@
 mod alloc_path;
 mod cache;
 mod compressed;
+mod external;
 mod record;
 mod refcount;
 mod shadow;
@@ -77,7 +78,7 @@ use instar_blockdev::{BlockDev, IoError};
 
 use crate::compress::CompressionType;
 use crate::geometry::{Geometry, MAX_REFTABLE_BYTES};
-use crate::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
+use crate::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY};
 
 use cache::TableCache;
 
@@ -196,6 +197,8 @@ pub struct Writer<D: BlockDev, B: Below = ZeroBacking> {
     dry_run: bool,
     /// What a recording session wrote, took and freed (see [`Writer::recording`]).
     record: Option<WriteRecord>,
+    /// Opened with [`Writer::open_for_metadata`]: guest requests are refused.
+    metadata_only: bool,
 }
 
 impl<D: BlockDev> Writer<D, ZeroBacking> {
@@ -205,6 +208,20 @@ impl<D: BlockDev> Writer<D, ZeroBacking> {
     /// backing content.
     pub fn open(dev: D, header: &Header, has_backing: bool) -> Result<Self, WriteError> {
         Self::open_inner(dev, header, ZeroBacking, has_backing)
+    }
+
+    /// Open for metadata that lives in the image file itself (the persistent bitmaps),
+    /// also when guest data lives in an external data file: no guest write may follow.
+    pub fn open_for_metadata(dev: D, header: &Header) -> Result<Self, WriteError> {
+        let mut h = header.clone();
+        h.data_file = None;
+        h.incompatible_features &= !INCOMPAT_DATA_FILE;
+        let mut w = Self::open_inner(dev, &h, ZeroBacking, false)?;
+        // The header the session writes keeps the image's own features.
+        w.incompat = header.incompatible_features;
+        w.incompat_at_open = header.incompatible_features;
+        w.metadata_only = true;
+        Ok(w)
     }
 }
 
@@ -284,6 +301,7 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
             log: Vec::new(),
             dry_run: false,
             record: None,
+            metadata_only: false,
         })
     }
 
@@ -382,6 +400,11 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
     }
 
     fn check_request(&self, offset: u64, len: u64) -> Result<(), WriteError> {
+        if self.metadata_only {
+            return Err(WriteError::Unsupported(
+                "guest writes to a metadata-only session",
+            ));
+        }
         match offset.checked_add(len) {
             Some(end) if end <= self.geometry.virtual_size() => Ok(()),
             _ => Err(WriteError::BadRequest { offset, len }),
@@ -397,7 +420,7 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
         if let Some(r) = self.record.as_mut() {
             r.note_write(offset, buf.len() as u64, kind);
         }
-        if !(self.dry_run && kind == WriteKind::Data) {
+        if !(self.dry_run && kind.is_bulk()) {
             self.dev.write_at(offset, buf)?;
         }
         self.log.push(IoOp::Write {

@@ -23,6 +23,28 @@ pub enum WriteKind {
     RefcountBlock,
     /// Guest data or copy-on-write padding.
     Data,
+    /// The bitmap directory (in place on open, new on close).
+    BitmapDirectory,
+    /// A new bitmap table.
+    BitmapTable,
+    /// A new bitmap data cluster.
+    BitmapData,
+    /// Zeros over a freed bitmap data cluster (QEMU discards it: a hole).
+    BitmapDiscard,
+}
+
+impl WriteKind {
+    /// Bulk content a dry run records without writing (nothing reads it back: the
+    /// session never reads guest data it wrote, nor a bitmap table or data cluster).
+    pub(crate) fn is_bulk(self) -> bool {
+        matches!(
+            self,
+            WriteKind::Data
+                | WriteKind::BitmapTable
+                | WriteKind::BitmapData
+                | WriteKind::BitmapDiscard
+        )
+    }
 }
 
 /// One contiguous write of one kind.
