@@ -101,7 +101,7 @@ impl LuksHeader {
         h.check()?;
         let spec = CipherSpec::parse(&h.cipher_name, &h.cipher_mode, &h.hash_spec, h.key_bytes)?;
         h.check_bounds()?;
-        if h.material_len() % SECTOR_SIZE != 0 {
+        if !h.material_len().is_multiple_of(SECTOR_SIZE) {
             return Err(LuksError::MaterialNotSectors(h.material_len()));
         }
         Ok((h, spec))

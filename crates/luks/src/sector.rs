@@ -1,6 +1,8 @@
 //! The payload (and key material) ciphers: AES in XTS or CBC mode over 512-byte
 //! sectors, each with the IV its sector number gives.
 
+use alloc::boxed::Box;
+
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::{
     BlockDecrypt, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, InnerIvInit, KeyInit,
@@ -40,11 +42,12 @@ impl Aes {
     }
 }
 
+/// Boxed: the expanded keys are up to 2 KiB, held once per open image.
 enum Engine {
-    Xts128(Xts128<Aes128>),
-    Xts192(Xts128<Aes192>),
-    Xts256(Xts128<Aes256>),
-    Cbc(Aes),
+    Xts128(Box<Xts128<Aes128>>),
+    Xts192(Box<Xts128<Aes192>>),
+    Xts256(Box<Xts128<Aes256>>),
+    Cbc(Box<Aes>),
 }
 
 /// The cipher of one key (a slot key or the master key) with its IV generator.
@@ -62,13 +65,13 @@ impl SectorCipher {
             return None;
         }
         let engine = match spec.mode {
-            Mode::Cbc => Engine::Cbc(Aes::new(key)?),
+            Mode::Cbc => Engine::Cbc(Box::new(Aes::new(key)?)),
             Mode::Xts => {
                 let (k1, k2) = key.split_at(spec.aes_key_bytes);
                 match (Aes::new(k1)?, Aes::new(k2)?) {
-                    (Aes::A128(a), Aes::A128(b)) => Engine::Xts128(Xts128::new(a, b)),
-                    (Aes::A192(a), Aes::A192(b)) => Engine::Xts192(Xts128::new(a, b)),
-                    (Aes::A256(a), Aes::A256(b)) => Engine::Xts256(Xts128::new(a, b)),
+                    (Aes::A128(a), Aes::A128(b)) => Engine::Xts128(Box::new(Xts128::new(a, b))),
+                    (Aes::A192(a), Aes::A192(b)) => Engine::Xts192(Box::new(Xts128::new(a, b))),
+                    (Aes::A256(a), Aes::A256(b)) => Engine::Xts256(Box::new(Xts128::new(a, b))),
                     _ => return None,
                 }
             }
