@@ -326,6 +326,7 @@ fn probe_target(data: &[u8]) -> Result<u64, String> {
                 dev: 0,
                 format,
                 writable,
+                key: None,
             });
             s ^= response_sig(40 + i as u64, &call(&mut devs, req));
             if devs[0].data != data || !devs[0].writes.is_empty() {
@@ -468,6 +469,7 @@ fn rebase_request(case: &Case, formats: &[Format], unsafe_mode: bool) -> RebaseR
         in_chain: (in_chain && !unsafe_mode).then_some(0),
         data_file_checked: case.flag(flag::DATA_FILE_CHECKED),
         progress: case.flag(flag::PROGRESS),
+        keys: Vec::new(),
     }
 }
 

@@ -140,6 +140,7 @@ pub fn probe(
             dev: 0,
             format,
             writable,
+            key: None,
         }),
     };
     let devices = [Device {

@@ -53,6 +53,9 @@ pub enum LuksError {
     MaterialNotSectors(usize),
     #[error("Invalid password, cannot unlock any keyslot")]
     InvalidPassword,
-    #[error("Could not read LUKS key material: {0}")]
+    /// QEMU's `qcow2_crypto_hdr_read_func`: a read past the extension's length.
+    #[error("Request for data outside of extension header")]
+    OutsideExtension,
+    #[error("Could not read encryption header")]
     Io(instar_blockdev::IoError),
 }

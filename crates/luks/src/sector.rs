@@ -51,6 +51,7 @@ enum Engine {
 }
 
 /// The cipher of one key (a slot key or the master key) with its IV generator.
+/// Its Debug shows no key material.
 pub struct SectorCipher {
     engine: Engine,
     ivgen: IvGen,
@@ -58,7 +59,29 @@ pub struct SectorCipher {
     essiv: Option<Aes>,
 }
 
+impl core::fmt::Debug for SectorCipher {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("SectorCipher(<redacted>)")
+    }
+}
+
 impl SectorCipher {
+    /// QEMU's legacy qcow2 AES (crypt_method 1, `encrypt.format=aes`): AES-128-CBC
+    /// with plain64 IVs, keyed with the passphrase's first 16 bytes, zero-padded; no
+    /// key derivation and nothing to check a passphrase against.
+    pub fn legacy_qcow_aes(password: &[u8]) -> SectorCipher {
+        let mut key = Zeroizing::new([0u8; 16]);
+        let n = password.len().min(16);
+        key[..n].copy_from_slice(&password[..n]);
+        SectorCipher {
+            engine: Engine::Cbc(Box::new(Aes::A128(Aes128::new(GenericArray::from_slice(
+                &key[..],
+            ))))),
+            ivgen: IvGen::Plain64,
+            essiv: None,
+        }
+    }
+
     /// A cipher for `key` (of `spec.key_len()` bytes).
     pub fn new(spec: &CipherSpec, key: &[u8]) -> Option<SectorCipher> {
         if key.len() != spec.key_len() {

@@ -27,6 +27,10 @@ impl MasterKey {
     pub fn cipher(&self) -> &SectorCipher {
         &self.cipher
     }
+
+    pub fn into_cipher(self) -> SectorCipher {
+        self.cipher
+    }
 }
 
 /// Unlock with `password`, reading key material through `read(offset, buf)` (offsets

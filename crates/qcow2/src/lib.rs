@@ -20,6 +20,7 @@
 extern crate alloc;
 
 pub mod compress;
+pub mod crypt;
 pub mod entry;
 pub mod geometry;
 pub mod header;

@@ -10,6 +10,7 @@ extern crate alloc;
 mod chains;
 pub mod copy;
 mod dirty;
+mod keyed_open;
 mod other_formats;
 mod probe;
 mod qed_rebase;

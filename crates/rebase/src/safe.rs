@@ -52,7 +52,7 @@ pub(crate) fn rebase(
     let overlay = take(&mut slots, OVERLAY)?;
 
     // 1. Everything that can fail before a write.
-    let (mut header, _) = open_for_change(overlay, req, name, format)?;
+    let (mut header, _, crypt) = open_for_change(overlay, req, name, format)?;
 
     let Opened {
         mut old_view,
@@ -105,11 +105,12 @@ pub(crate) fn rebase(
     // QEMU (its zero write becomes a no-op discard): instar writes zero data there too.
     let old_content = (old_len > 0).then_some(OldContent(&old));
     let (written_end, finish) = if old_len > 0 || header.version < 3 {
-        let writer = Writer::open_with_backing(&mut *overlay, &header, CowBacking(&old));
+        let writer = Writer::open_with_backing(&mut *overlay, &header, CowBacking(&old))
+            .map(|w| w.with_crypt(crypt));
         write_plan(writer, &plan.ops, old_content)?
     } else {
         write_plan(
-            Writer::open(&mut *overlay, &header, false),
+            Writer::open(&mut *overlay, &header, false).map(|w| w.with_crypt(crypt)),
             &plan.ops,
             old_content,
         )?

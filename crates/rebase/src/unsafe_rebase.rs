@@ -8,8 +8,10 @@ use instar_chain::probe::check_format;
 use instar_qcow2::overlap::Structure;
 use instar_qcow2::{ChangeBackingError, Header, OpenMode};
 
-use crate::probe::{open_error, qcow2_info};
+use crate::keyed_open::qcow2_open;
+use crate::probe::open_error;
 use crate::{device, Hooks, IO_ERROR, OVERLAY};
+use instar_qcow2::crypt::DataCrypt;
 
 pub(crate) fn change_error(message: &str) -> GuestError {
     GuestError {
@@ -57,14 +59,17 @@ fn check_rewritable(header: &Header) -> Result<(), GuestError> {
 
 /// Open the qcow2 overlay as QEMU's read-write open does, point its header at `name`
 /// (`None` detaches) and rebuild cluster 0: every refusal of a backing-file change,
-/// before anything is written. Returns the changed header and the new cluster 0.
+/// before anything is written. Returns the changed header, the new cluster 0 and, for
+/// an encrypted overlay, its unlocked payload cipher (QEMU's open unlocks the key even
+/// for `-u`, so a wrong passphrase fails it).
 pub(crate) fn open_for_change(
     dev: &mut dyn BlockDev,
     req: &RebaseRequest,
     name: Option<&[u8]>,
     format: Option<&[u8]>,
-) -> Result<(Header, alloc::vec::Vec<u8>), GuestError> {
-    let (mut header, _) = qcow2_info(dev, OpenMode::ReadWrite, OVERLAY)?;
+) -> Result<(Header, alloc::vec::Vec<u8>, Option<DataCrypt>), GuestError> {
+    let key = req.keys.iter().find(|k| k.dev == OVERLAY);
+    let (mut header, _, crypt) = qcow2_open(dev, OpenMode::ReadWrite, OVERLAY, key)?;
     check_rewritable(&header)?;
     if header.has_data_file() && !req.data_file_checked {
         return Err(GuestError {
@@ -81,7 +86,7 @@ pub(crate) fn open_for_change(
     let cluster = header
         .rebuild()
         .map_err(|e| map_change_error(e, format.is_some()))?;
-    Ok((header, cluster))
+    Ok((header, cluster, crypt))
 }
 
 /// The header rewrite replaces all of cluster 0. QEMU's open accepts a table at the
@@ -172,7 +177,7 @@ pub(crate) fn rebase(
         });
     }
 
-    let (header, cluster) = open_for_change(dev, req, name, format)?;
+    let (header, cluster, _) = open_for_change(dev, req, name, format)?;
     cluster0_rewrite_keeps_tables(dev, &header, &cluster)?;
 
     hooks.write_phase(crate::write_end::header_end(

@@ -207,6 +207,7 @@ fn run_case(c: &Case) {
             in_chain: None,
             data_file_checked: true,
             progress: false,
+            keys: Vec::new(),
         });
         let resp = run_guest(&dir.join("i.qcow2"), request);
         let who = format!("{} with {}", c.name, q.display());
@@ -498,6 +499,7 @@ fn refused(make: Make, expect: &str) {
         in_chain: None,
         data_file_checked: true,
         progress: false,
+        keys: Vec::new(),
     });
     match run_guest(&path, request) {
         Response::Error(e) => assert!(e.message.contains(expect), "{e:?}"),

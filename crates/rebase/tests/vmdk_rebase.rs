@@ -171,6 +171,7 @@ fn request(unsafe_mode: bool, name: &str, format: Option<&str>) -> RebaseRequest
         in_chain: None,
         data_file_checked: true,
         progress: false,
+        keys: Vec::new(),
     }
 }
 

@@ -322,6 +322,7 @@ mod write_cap_tests {
                 in_chain: None,
                 data_file_checked: true,
                 progress: false,
+                keys: Vec::new(),
             }),
         }
     }

@@ -484,6 +484,7 @@ fn safe_rebase_call() -> Call {
             in_chain: None,
             data_file_checked: true,
             progress: false,
+            keys: Vec::new(),
         }),
     }
 }

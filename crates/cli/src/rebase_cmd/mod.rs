@@ -81,6 +81,7 @@ pub fn rebase(
         // overlay::probe checked the data file.
         data_file_checked: true,
         progress: args.progress && mode == Mode::Safe,
+        keys: Vec::new(),
     };
     let outcome = rebase_vm::run(&cmd, guest, progress, request, &table, info.virtual_size)?;
     repair_report::print(&outcome.repair_lines, overlay.image.len);

@@ -49,6 +49,7 @@ pub fn try_unsafe(
         new_chain: Vec::new(),
         in_chain: None,
         progress: false,
+        keys: Vec::new(),
         data_file_checked: false,
     };
     let call = Call {

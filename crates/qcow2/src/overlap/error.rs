@@ -22,6 +22,9 @@ pub enum Structure {
     /// Not scanned yet: images with persistent bitmaps are refused before any write
     /// (see [`Layout::scan`]). Bitmap tables belong here once they are supported.
     BitmapDirectory,
+    /// The encryption (LUKS) header and key material, named by the crypto header
+    /// extension. QEMU's overlap check does not know it; instar's does.
+    CryptoHeader,
 }
 
 impl Structure {
@@ -37,6 +40,7 @@ impl Structure {
             Structure::InactiveL1 => "inactive L1 table",
             Structure::InactiveL2 => "inactive L2 table",
             Structure::BitmapDirectory => "bitmap directory",
+            Structure::CryptoHeader => "encryption header",
         }
     }
 
@@ -49,7 +53,8 @@ impl Structure {
             Structure::ActiveL1
             | Structure::RefcountTable
             | Structure::SnapshotTable
-            | Structure::BitmapDirectory => 1,
+            | Structure::BitmapDirectory
+            | Structure::CryptoHeader => 1,
             Structure::RefcountBlock => 2,
             Structure::ActiveL2 => 3,
             Structure::InactiveL1 => 4,

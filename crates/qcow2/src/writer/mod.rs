@@ -71,6 +71,7 @@ use alloc::vec::Vec;
 use instar_blockdev::bytes::be64_table;
 use instar_blockdev::{BlockDev, IoError};
 
+use crate::crypt::DataCrypt;
 use crate::geometry::{Geometry, MAX_REFTABLE_BYTES};
 use crate::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 
@@ -184,6 +185,10 @@ pub struct Writer<D: BlockDev, B: BackingRead = ZeroBacking> {
     log: Vec<IoOp>,
     /// A dry run: data writes are recorded but never reach the device.
     dry_run: bool,
+    /// The image's data clusters are encrypted; `crypt` is its unlocked cipher (a dry
+    /// run may go without: its data never reaches the device).
+    encrypted: bool,
+    crypt: Option<DataCrypt>,
     /// What a recording session wrote, took and freed (see [`Writer::recording`]).
     record: Option<WriteRecord>,
 }
@@ -212,9 +217,6 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
     ) -> Result<Self, WriteError> {
         // Header::read checked the geometry and the tables' sizes and alignment; what
         // is left are the images this writer does not handle.
-        if h.crypt_method != 0 {
-            return Err(WriteError::Unsupported("encrypted image"));
-        }
         if h.data_file.is_some() || h.has_data_file() {
             return Err(WriteError::Unsupported("external data file"));
         }
@@ -270,6 +272,8 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             rb_cache: TableCache::new(cs as usize),
             log: Vec::new(),
             dry_run: false,
+            encrypted: h.crypt_method != 0,
+            crypt: None,
             record: None,
         })
     }
@@ -334,6 +338,12 @@ impl<D: BlockDev, B: BackingRead> Writer<D, B> {
             *record_out = r;
         }
         Ok((self.dev, fin))
+    }
+
+    /// Encrypt data clusters with `crypt` (an encrypted image opened with its key).
+    pub fn with_crypt(mut self, crypt: Option<DataCrypt>) -> Self {
+        self.crypt = crypt;
+        self
     }
 
     /// Record every write (with what it holds), every cluster taken by the allocator
