@@ -81,7 +81,16 @@ pub fn rebase(
         // overlay::probe checked the data file.
         data_file_checked: true,
         progress: args.progress && mode == Mode::Safe,
-        keys: Vec::new(),
+        keys: std::iter::once(cmd.key(0, 0))
+            .chain(
+                table
+                    .old_chain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, img)| cmd.key(i + 1, img.dev)),
+            )
+            .flatten()
+            .collect(),
     };
     let outcome = rebase_vm::run(&cmd, guest, progress, request, &table, info.virtual_size)?;
     repair_report::print(&outcome.repair_lines, overlay.image.len);

@@ -49,7 +49,7 @@ pub fn try_unsafe(
         new_chain: Vec::new(),
         in_chain: None,
         progress: false,
-        keys: Vec::new(),
+        keys: cmd.key(0, 0).into_iter().collect(),
         data_file_checked: false,
     };
     let call = Call {
