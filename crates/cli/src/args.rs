@@ -653,9 +653,26 @@ mod tests {
             "instar: --output expects 'human' or 'json', not 'xml'\n\
              Try 'instar rebase --help' for more information"
         );
-        assert!(
-            err(&["--object", "secret,id=s", "a"]).starts_with("instar: --object is not supported")
+        assert_eq!(
+            err(&["--object", "secret,id=s", "a"]),
+            "instar: Either 'file' or 'data' must be provided"
         );
+        assert!(err(&["--object", "iothread,id=x", "-b", "", "a"]).contains("only 'secret'"));
+        assert_eq!(
+            err(&["--image-opts", "-f", "qcow2", "-b", "", "file.filename=a"]),
+            "instar: --image-opts and --format are mutually exclusive"
+        );
+        let a = run(&[
+            "--object",
+            "secret,id=s,data=x",
+            "--image-opts",
+            "-b",
+            "",
+            "driver=qcow2,file.filename=o.qcow2,encrypt.key-secret=s",
+        ]);
+        assert_eq!(a.file, "o.qcow2");
+        assert_eq!(a.format.as_deref(), Some(std::ffi::OsStr::new("qcow2")));
+        assert!(a.image_opts.is_some());
         assert!(err(&["-c", "a"]).starts_with("instar: -c (--compress) is not supported"));
     }
 

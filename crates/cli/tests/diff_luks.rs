@@ -240,7 +240,7 @@ fn unsafe_rebase_and_detach() {
         ] {
             let (_, i, out) = compare(b, &fx.0, name, &args);
             assert_eq!(out.status, 0, "{name}: {}", out.stderr);
-            check(b, &i.0, &[obj.clone()], &spec);
+            check(b, &i.0, std::slice::from_ref(&obj), &spec);
         }
     }
 }
