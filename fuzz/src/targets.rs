@@ -29,6 +29,7 @@ use instar_vmdk::{Descriptor, SparseWriter, VmdkImage};
 use crate::case::Case;
 use crate::consistency::consistent;
 use crate::dev::FuzzDev;
+use crate::luks_target::luks_unlock;
 use crate::qed_target::qed_read;
 use crate::repair_target::qcow2_repair;
 
@@ -51,10 +52,11 @@ pub enum Target {
     RebaseSafe,
     QedRead,
     Qcow2Repair,
+    LuksUnlock,
 }
 
 impl Target {
-    pub const ALL: [Target; 12] = [
+    pub const ALL: [Target; 13] = [
         Target::Qcow2Header,
         Target::Qcow2Read,
         Target::Refcount,
@@ -67,6 +69,7 @@ impl Target {
         Target::RebaseSafe,
         Target::QedRead,
         Target::Qcow2Repair,
+        Target::LuksUnlock,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +86,7 @@ impl Target {
             Target::RebaseSafe => "rebase_safe",
             Target::QedRead => "qed_read",
             Target::Qcow2Repair => "qcow2_repair",
+            Target::LuksUnlock => "luks_unlock",
         }
     }
 
@@ -112,6 +116,7 @@ impl Target {
             Target::RebaseSafe => rebase(data, false),
             Target::QedRead => qed_read(data),
             Target::Qcow2Repair => qcow2_repair(data),
+            Target::LuksUnlock => luks_unlock(data),
         }
     }
 }

@@ -22,3 +22,20 @@ fn replay(target: Target, name: &str) {
 fn qcow2_repair_l1_shared_with_data() {
     replay(Target::Qcow2Repair, "qcow2_repair-l1-shared-with-data");
 }
+
+/// The LUKS seed unlocks with its passphrase (so the campaign's mutants start from a
+/// header the whole unlock path accepts), and a wrong passphrase does not.
+#[test]
+fn luks_seed_unlocks() {
+    use instar_fuzz::targets::signature;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/luks-header");
+    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(Target::LuksUnlock.run(&data), Ok(signature(3, "unlocked")));
+    let mut wrong = data.clone();
+    // The master-key digest no longer matches: every slot's unlock fails.
+    wrong[112] ^= 1;
+    assert_eq!(
+        Target::LuksUnlock.run(&wrong),
+        Ok(signature(4, "Invalid password, cannot unlock any keyslot"))
+    );
+}

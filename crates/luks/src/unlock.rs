@@ -34,18 +34,22 @@ impl MasterKey {
 }
 
 /// Unlock with `password`, reading key material through `read(offset, buf)` (offsets
-/// from the start of the LUKS header).
+/// from the start of the LUKS header). `tick` runs before every PBKDF2 derivation: in
+/// the sandbox it makes a VM exit, so that the watchdog sees each bounded derivation
+/// ([`crate::bounds`]) as its own stretch of work.
 pub fn unlock(
     header: &LuksHeader,
     spec: &CipherSpec,
     password: &[u8],
     mut read: impl FnMut(u64, &mut [u8]) -> Result<(), LuksError>,
+    mut tick: impl FnMut(),
 ) -> Result<MasterKey, LuksError> {
     let key_len = spec.key_len();
     let mut material = Zeroizing::new(vec![0u8; header.material_len()]);
     let mut candidate = Zeroizing::new(vec![0u8; key_len]);
     for slot in header.slots.iter().filter(|s| s.enabled()) {
         let mut slot_key = Zeroizing::new(vec![0u8; key_len]);
+        tick();
         spec.hash
             .pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
         read(
@@ -56,6 +60,7 @@ pub fn unlock(
         cipher.decrypt(0, &mut material);
         afsplit::merge(spec.hash, &material, slot.stripes as usize, &mut candidate);
         let mut digest = Zeroizing::new([0u8; 20]);
+        tick();
         spec.hash.pbkdf2(
             &candidate,
             &header.mk_salt,

@@ -66,12 +66,12 @@ fn check(file: &Path) {
         buf.copy_from_slice(&f[s..s + buf.len()]);
         Ok::<(), LuksError>(())
     };
-    let wrong = unlock(&header, &spec, b"wrong", read).unwrap_err();
+    let wrong = unlock(&header, &spec, b"wrong", read, || {}).unwrap_err();
     assert_eq!(
         wrong.to_string(),
         "Invalid password, cannot unlock any keyslot"
     );
-    let key = unlock(&header, &spec, PASS.as_bytes(), read).unwrap();
+    let key = unlock(&header, &spec, PASS.as_bytes(), read, || {}).unwrap();
     let host = host_of_cluster0(&f);
     let stored = &f[host as usize..host as usize + 65536];
     let mut data = stored.to_vec();

@@ -7,6 +7,7 @@
 use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::{String, ToString};
+use core::cell::RefCell;
 
 use instar_abi::{GuestError, ImageInfo, ImageKey, KeySecret};
 use instar_blockdev::BlockDev;
@@ -96,17 +97,24 @@ fn unlock_image(
     }
     // Header::read_keyed refused a LUKS image without the extension.
     let (offset, length) = header.crypto_header.unwrap_or((0, 0));
-    let mut read = |at: u64, buf: &mut [u8]| -> Result<(), LuksError> {
+    let dev = RefCell::new(dev);
+    let read = |at: u64, buf: &mut [u8]| -> Result<(), LuksError> {
         let len = buf.len() as u64;
         if at.checked_add(len).is_none_or(|end| end > length) {
             return Err(LuksError::OutsideExtension);
         }
-        dev.read_zero_padded(offset + at, buf)
+        dev.borrow_mut()
+            .read_zero_padded(offset + at, buf)
             .map_err(LuksError::Io)
+    };
+    // A one-sector read is a VM exit: the watchdog then times each derivation alone.
+    let tick = || {
+        let mut sector = [0u8; 512];
+        let _ = dev.borrow_mut().read_zero_padded(offset, &mut sector);
     };
     let mut raw = [0u8; HEADER_LEN];
     read(0, &mut raw).map_err(|e| e.to_string())?;
     let (luks, spec) = LuksHeader::parse(&raw).map_err(|e| e.to_string())?;
-    let master = unlock(&luks, &spec, password, read).map_err(|e| e.to_string())?;
+    let master = unlock(&luks, &spec, password, read, tick).map_err(|e| e.to_string())?;
     Ok(DataCrypt::new(Rc::new(master.into_cipher()), true))
 }
