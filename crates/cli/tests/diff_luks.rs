@@ -198,6 +198,7 @@ fn safe_rebase_of_encrypted_overlays() {
         ("cbc-essiv-aes128-c4k", "4M", ",cluster_size=4096,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256"),
         ("xts-plain-aes192-sha1", "4M", ",encrypt.cipher-alg=aes-192,encrypt.ivgen-alg=plain,encrypt.hash-alg=sha1"),
         ("odd-size-c512", "3147264", ",cluster_size=512"),
+        ("extended-l2", "4M", ",extended_l2=on,cluster_size=32768"),
     ];
     for b in &builds {
         for (name, size, extra) in variants {
