@@ -121,7 +121,8 @@ impl Secrets {
     pub fn lookup(&self, id: &str) -> KeySecret {
         match self.0.iter().find(|s| s.id == id) {
             None => KeySecret::Unknown(id.as_bytes().to_vec()),
-            Some(s) if std::str::from_utf8(&s.data.0).is_err() => {
+            // glib's g_utf8_validate with a length refuses an embedded NUL too.
+            Some(s) if s.data.0.contains(&0) || std::str::from_utf8(&s.data.0).is_err() => {
                 KeySecret::NotUtf8(id.as_bytes().to_vec())
             }
             Some(s) => KeySecret::Data(Passphrase::new(s.data.0.to_vec())),

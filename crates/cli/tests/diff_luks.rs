@@ -492,6 +492,28 @@ fn refusals_match_qemu() {
                 "image-opts-and-f",
                 vec!["--image-opts", "-f", "qcow2", "-b", "", &spec],
             ),
+            (
+                "secret-not-utf8",
+                vec![
+                    "--object",
+                    "secret,id=s,data=/w==,format=base64",
+                    "--image-opts",
+                    "-b",
+                    "",
+                    &spec,
+                ],
+            ),
+            (
+                "secret-nul",
+                vec![
+                    "--object",
+                    "secret,id=s,data=AA==,format=base64",
+                    "--image-opts",
+                    "-b",
+                    "",
+                    &spec,
+                ],
+            ),
         ];
         for (name, args) in cases {
             let (_, _, out) = compare(b, &fx.0, name, &args);
