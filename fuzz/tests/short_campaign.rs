@@ -28,7 +28,7 @@ fn execs(target: Target) -> u64 {
         Target::Qcow2Header | Target::Refcount | Target::Qcow2Repair => 20_000,
         Target::RebaseSafe | Target::RebaseUnsafe | Target::VmdkRead | Target::Chain => 4_000,
         // Mutants that keep the seed's small work factors run two PBKDF2 derivations.
-        Target::LuksUnlock => 150,
+        Target::LuksUnlock => 300,
         _ => 8_000,
     }
 }
