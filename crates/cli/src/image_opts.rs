@@ -95,6 +95,22 @@ impl ImageOpts {
         Ok(o)
     }
 
+    /// The `encrypt.` keys given for the image `level` levels below FILE, as that
+    /// image's own options name them.
+    pub fn keys_at(&self, level: usize) -> Vec<&'static str> {
+        let Some(l) = self.levels.get(level) else {
+            return Vec::new();
+        };
+        let mut v = Vec::new();
+        if l.format.is_some() {
+            v.push("encrypt.format");
+        }
+        if l.key_secret.is_some() {
+            v.push("encrypt.key-secret");
+        }
+        v
+    }
+
     /// Whether QEMU names the overlay by a `json:` filename: it does when any image of
     /// the chain got runtime options here (QEMU's "strong" options: `encrypt.key-secret`,
     /// and any backing override).
@@ -130,6 +146,11 @@ fn unsupported(key: &str) -> String {
         "--image-opts: option '{key}' is not supported by instar (only driver, file.filename, \
          file.driver=file, encrypt.key-secret, encrypt.format, and encrypt options under backing.)"
     )
+}
+
+/// The key QEMU's `qdict_first` returns among `keys`: the lowest QDict bucket.
+pub fn qdict_first(keys: &[String]) -> Option<&String> {
+    keys.iter().min_by_key(|k| qdict_bucket(k))
 }
 
 /// QEMU's `tdb_hash`, which orders a QDict's keys (bucket = hash % 512).

@@ -349,11 +349,15 @@ fn refusals_match_qemu() {
         let fx = fixture(b, "refuse", |b, d| {
             encrypted_overlay(b, d, "4M", "");
             create(b, d, "encb.qcow2", "4M", "nb", "", &[]);
+            let out = run_in(&b.img, &["create", "-q", "-f", "qed", "q.qed", "1M"], d);
+            assert_eq!(out.status, 0, "{}", out.stderr);
         });
         let good = secret("s", PASS);
         let wrong = secret("s", "not-it");
         let encb = fx.path("encb.qcow2").to_str().unwrap().to_string();
         let spec = opts("");
+        let with_backing_key = opts(",backing.encrypt.key-secret=s");
+        let beyond_chain = opts(",backing.backing.encrypt.format=luks");
         let cases: Vec<(&str, Vec<&str>)> = vec![
             (
                 "wrong-pass-safe",
@@ -514,11 +518,53 @@ fn refusals_match_qemu() {
                     &spec,
                 ],
             ),
+            (
+                "unsafe-backing-opts",
+                vec![
+                    "--object",
+                    &good,
+                    "--image-opts",
+                    "-u",
+                    "-b",
+                    "x",
+                    "-F",
+                    "qcow2",
+                    &with_backing_key,
+                ],
+            ),
+            (
+                "beyond-chain",
+                vec!["--object", &good, "--image-opts", "-b", "", &beyond_chain],
+            ),
+            (
+                "qed-encrypt-opts",
+                vec![
+                    "--image-opts",
+                    "-b",
+                    "",
+                    "file.filename=q.qed,encrypt.format=luks,encrypt.key-secret=s",
+                ],
+            ),
         ];
         for (name, args) in cases {
             let (_, _, out) = compare(b, &fx.0, name, &args);
             assert_eq!(out.status, 1, "{name}");
         }
+        // Options for a plain backing are consumed by its open: no error.
+        let (_, _, out) = compare(
+            b,
+            &fx.0,
+            "plain-backing-opts",
+            &[
+                "--object",
+                &good,
+                "--image-opts",
+                "-b",
+                "",
+                &with_backing_key,
+            ],
+        );
+        assert_eq!(out.status, 0, "{}", out.stderr);
     }
 }
 

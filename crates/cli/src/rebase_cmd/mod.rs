@@ -31,6 +31,7 @@ mod new_backing;
 mod new_chain;
 mod old_chain;
 mod one_vm;
+mod open_options;
 mod options;
 mod overlay;
 mod probe_rule;
@@ -65,6 +66,7 @@ pub fn rebase(
         Mode::Safe => Some(old_chain::discover(&cmd, guest, dirs, &overlay, &info)?),
         Mode::Unsafe => None,
     };
+    open_options::check(&cmd, info.format, old.as_ref())?;
     let backing_format = options.backing_format.checked()?;
     overlay::check_format(&cmd, info.format)?;
     let new = new_backing::decide(&cmd, guest, backing_format, old.as_ref(), info.format)?;
