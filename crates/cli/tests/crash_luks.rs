@@ -239,8 +239,9 @@ fn encrypted_safe_rebase_survives_every_stop_and_power_loss() {
         }
     }
     eprintln!(
-        "encrypted safe rebase: {n} writes, {} epochs, {states} power-loss states",
-        epochs.len()
+        "encrypted safe rebase: {n} writes, {} epochs (largest {} writes), {states} power-loss states",
+        epochs.len(),
+        epochs.iter().map(|e| e.len()).max().unwrap_or(0)
     );
     assert!(
         failures.is_empty(),
