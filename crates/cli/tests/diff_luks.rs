@@ -759,3 +759,66 @@ fn find_crypto_header(f: &[u8]) -> usize {
     }
     u64::from_be_bytes(f[at + 8..at + 16].try_into().unwrap()) as usize
 }
+
+/// The overlap proof knows the LUKS header: an overlay whose refcounts call one of its
+/// clusters free (so QEMU's allocator would take it and overwrite key material) is
+/// refused before anything is written.
+#[test]
+fn luks_header_clusters_are_metadata() {
+    let Some(builds) = setup() else { return };
+    let b = &builds[0];
+    // No data in the overlay yet: its first L2 table is a one-cluster allocation, which
+    // first fit places in the freed cluster.
+    let fx = fixture(b, "overlap", |b, d| {
+        plain_backings(b, d, "4M");
+        create(
+            b,
+            d,
+            "ov.qcow2",
+            "4M",
+            PASS,
+            "",
+            &["-b", "b1.qcow2", "-F", "qcow2"],
+        );
+    });
+    let f = fx.path("ov.qcow2");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let cluster = 65536usize;
+    let luks = find_crypto_header(&bytes);
+    let refblock = be64(&bytes, be64(&bytes, 48) as usize) as usize;
+    // A cluster of key material, its 16-bit refcount set to 0.
+    let victim = luks / cluster + 3;
+    bytes[refblock + 2 * victim..refblock + 2 * victim + 2].copy_from_slice(&[0, 0]);
+    std::fs::write(&f, &bytes).unwrap();
+    let dir = Scratch::new("luks-overlap");
+    copy_tree(&fx.0, &dir.0);
+    let before = snapshot(&dir.0);
+    let target = dir.path("b2.qcow2").to_str().unwrap().to_string();
+    let sec = secret("s", PASS);
+    let out = run_in(
+        &instar(),
+        &argv(&[
+            "--object",
+            &sec,
+            "--image-opts",
+            "-b",
+            &target,
+            "-F",
+            "qcow2",
+            &opts(""),
+        ]),
+        &dir.0,
+    );
+    assert_eq!(out.status, 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("Preventing invalid write on metadata (overlaps with encryption header)"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        snapshot(&dir.0) == before,
+        "a refused rebase changed a file"
+    );
+}
