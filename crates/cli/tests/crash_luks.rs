@@ -28,18 +28,15 @@ use stopping_guest::{rebase, stopping_at, StoppingGuest};
 const PASS: &str = "crash-test-pass";
 
 /// The fixture: old and new plain backings that differ, and an encrypted overlay over
-/// the old one with a few clusters of its own.
-fn fixture(b: &Build, dir: &Path) {
-    for (n, cmds) in [
-        (
-            "old.qcow2",
-            &["write -P 0x11 0 1M", "write -P 0x12 2M 512k"][..],
-        ),
-        (
-            "new.qcow2",
-            &["write -P 0x11 0 512k", "write -P 0x21 768k 1M"][..],
-        ),
-    ] {
+/// the old one with a few clusters of its own; `extra` creation options for the
+/// overlay, and `scale` (a power of two) divides every offset and length.
+fn fixture(b: &Build, dir: &Path, extra: &str, scale: u64) {
+    let w = |p: u8, off_k: u64, len_k: u64| {
+        format!("write -P {p:#x} {}k {}k", off_k / scale, len_k / scale)
+    };
+    let old = [w(0x11, 0, 1024), w(0x12, 2048, 512)];
+    let new = [w(0x11, 0, 512), w(0x21, 768, 1024)];
+    for (n, cmds) in [("old.qcow2", &old), ("new.qcow2", &new)] {
         let out = run_in(&b.img, &["create", "-q", "-f", "qcow2", n, "4M"], dir);
         assert_eq!(out.status, 0, "{}", out.stderr);
         for c in cmds {
@@ -53,17 +50,13 @@ fn fixture(b: &Build, dir: &Path) {
         "ovl.qcow2",
         "4M",
         PASS,
-        "",
+        extra,
         &["-b", "old.qcow2", "-F", "qcow2"],
     );
     let spec = image_opts("ovl.qcow2", "");
-    qio(
-        b,
-        dir,
-        &[secret("s", PASS)],
-        &spec,
-        &["write -P 0x33 64k 64k", "write -P 0x34 2304k 128k"],
-    );
+    let own = [w(0x33, 64, 64), w(0x34, 2304, 128)];
+    let own: Vec<&str> = own.iter().map(String::as_str).collect();
+    qio(b, dir, &[secret("s", PASS)], &spec, &own);
 }
 
 fn spec_of(path: &Path) -> String {
@@ -128,30 +121,32 @@ fn run_rebase(dir: &Path, work: &Path, guest: StoppingGuest) -> (i32, StoppingGu
     rebase(&args, Path::new(&spec_of(work)), guest)
 }
 
-#[test]
-fn encrypted_safe_rebase_survives_every_stop_and_power_loss() {
-    let _serial = serial();
-    let Some(builds) = crypto_builds() else {
-        return;
-    };
-    if !require_kvm() {
-        return;
-    }
-    let b = &builds[0];
-    let scratch = Scratch::new("crash-luks");
-    let dir = scratch.0.clone();
-    fixture(b, &dir);
-    let orig = dir.join("orig.qcow2");
-    fs::copy(dir.join("ovl.qcow2"), &orig).unwrap();
-    let original = fs::read(&orig).unwrap();
-    let work = dir.join("ovl.qcow2");
+/// One scenario's fixed parts.
+struct Run<'a> {
+    b: &'a Build,
+    dir: &'a Path,
+    orig: &'a Path,
+    work: &'a Path,
+    original: &'a [u8],
+}
 
-    // The full run, recorded: one VM writes, to one device.
+impl Run<'_> {
+    /// `qemu-img check` and `compare` of the work image, as one verdict.
+    fn judge(&self) -> Result<(), String> {
+        check(self.b, self.work)
+            .map(drop)
+            .and_then(|_| same_content(self.b, self.orig, self.work))
+    }
+}
+
+/// The full run, recorded: one VM writes, to one device. Returns its log, the device
+/// and the file it left.
+fn full_run(r: &Run<'_>) -> (Vec<BlockOp>, usize, Vec<u8>) {
     let recording = StoppingGuest {
         record: true,
         ..StoppingGuest::default()
     };
-    let (status, guest) = run_rebase(&dir, &work, recording);
+    let (status, guest) = run_rebase(r.dir, r.work, recording);
     assert_eq!(status, 0, "the full rebase failed");
     let writing: Vec<usize> = (0..guest.writes.len())
         .filter(|&i| guest.writes[i] > 0)
@@ -165,57 +160,47 @@ fn encrypted_safe_rebase_survives_every_stop_and_power_loss() {
             BlockOp::Flush { .. } => None,
         })
         .expect("the full run wrote");
-    assert_eq!(check(b, &work), Ok("clean"));
-    same_content(b, &orig, &work).unwrap();
-    let full = fs::read(&work).unwrap();
+    assert_eq!(check(r.b, r.work), Ok("clean"));
+    same_content(r.b, r.orig, r.work).unwrap();
+    (log, device, fs::read(r.work).unwrap())
+}
 
-    let extents = power_loss::write_extents(&log, device);
-    let n = extents.len() as u64;
-    assert!(n > 4, "too few writes to test: {n}");
-    let mut failures = Vec::new();
+/// Stop after every write k; returns each write's bytes.
+fn stops(
+    r: &Run<'_>,
+    extents: &[(u64, u64)],
+    failures: &mut Vec<String>,
+) -> Vec<power_loss::Write> {
     let mut writes = Vec::new();
-    for k in 0..=n {
-        fs::write(&work, &original).unwrap();
-        let (status, guest) = run_rebase(&dir, &work, stopping_at(k));
+    for k in 0..=extents.len() as u64 {
+        fs::write(r.work, r.original).unwrap();
+        let (status, guest) = run_rebase(r.dir, r.work, stopping_at(k));
         if status != 1 || guest.stopped != Some(k) {
             failures.push(format!("k={k}: exit {status}, stopped {:?}", guest.stopped));
             continue;
         }
-        let now = fs::read(&work).unwrap();
+        let now = fs::read(r.work).unwrap();
         if k > 0 {
             let (offset, len) = extents[k as usize - 1];
             let bytes = now[offset as usize..(offset + len) as usize].to_vec();
             writes.push(power_loss::Write { offset, bytes });
         }
-        if let Err(e) = check(b, &work)
-            .map(drop)
-            .and_then(|_| same_content(b, &orig, &work))
-        {
+        if let Err(e) = r.judge() {
             failures.push(format!("k={k}: {e}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} stops fail:\n{}",
-        failures.len(),
-        n + 1,
-        failures.join("\n")
-    );
+    writes
+}
 
-    // The recorded writes replayed on the original give the full run's file.
-    let mut replay = original.clone();
-    for w in &writes {
-        power_loss::apply(&mut replay, w);
-    }
-    assert!(
-        replay.len() >= full.len() && replay[..full.len()] == full[..],
-        "replay differs"
-    );
-
-    let epochs = power_loss::epochs(&log, device);
+/// Every power-loss state; returns how many distinct images were judged.
+fn power_losses(
+    r: &Run<'_>,
+    writes: &[power_loss::Write],
+    epochs: &[std::ops::Range<usize>],
+    failures: &mut Vec<String>,
+) -> usize {
     let mut seen = HashSet::new();
-    let mut base = original.clone();
-    let mut states = 0;
+    let mut base = r.original.to_vec();
     for (e, epoch) in epochs.iter().enumerate() {
         for subset in power_loss::subsets(epoch.len(), 0x1c5_0000 + e as u64) {
             let mut image = base.clone();
@@ -225,12 +210,8 @@ fn encrypted_safe_rebase_survives_every_stop_and_power_loss() {
             if !seen.insert(power_loss::digest(&image)) {
                 continue;
             }
-            states += 1;
-            fs::write(&work, &image).unwrap();
-            if let Err(err) = check(b, &work)
-                .map(drop)
-                .and_then(|_| same_content(b, &orig, &work))
-            {
+            fs::write(r.work, &image).unwrap();
+            if let Err(err) = r.judge() {
                 failures.push(format!("epoch {e}, writes {subset:?} of {epoch:?}: {err}"));
             }
         }
@@ -238,15 +219,77 @@ fn encrypted_safe_rebase_survives_every_stop_and_power_loss() {
             power_loss::apply(&mut base, w);
         }
     }
+    seen.len()
+}
+
+fn scenario(name: &str, extra: &str, scale: u64) {
+    let _serial = serial();
+    let Some(builds) = crypto_builds() else {
+        return;
+    };
+    if !require_kvm() {
+        return;
+    }
+    let b = &builds[0];
+    let scratch = Scratch::new(&format!("crash-luks-{name}"));
+    let dir = scratch.0.clone();
+    fixture(b, &dir, extra, scale);
+    let orig = dir.join("orig.qcow2");
+    fs::copy(dir.join("ovl.qcow2"), &orig).unwrap();
+    let original = fs::read(&orig).unwrap();
+    let work = dir.join("ovl.qcow2");
+    let r = Run {
+        b,
+        dir: &dir,
+        orig: &orig,
+        work: &work,
+        original: &original,
+    };
+    let (log, device, full) = full_run(&r);
+    let extents = power_loss::write_extents(&log, device);
+    let n = extents.len();
+    assert!(n > 4, "{name}: too few writes to test: {n}");
+    let mut failures = Vec::new();
+    let writes = stops(&r, &extents, &mut failures);
+    assert!(
+        failures.is_empty(),
+        "{name}: {} of {} stops fail:\n{}",
+        failures.len(),
+        n + 1,
+        failures.join("\n")
+    );
+    // The recorded writes replayed on the original give the full run's file.
+    let mut replay = original.clone();
+    for w in &writes {
+        power_loss::apply(&mut replay, w);
+    }
+    assert!(
+        replay.len() >= full.len() && replay[..full.len()] == full[..],
+        "{name}: replay differs"
+    );
+    let epochs = power_loss::epochs(&log, device);
+    let states = power_losses(&r, &writes, &epochs, &mut failures);
     eprintln!(
-        "encrypted safe rebase: {n} writes, {} epochs (largest {} writes), {states} power-loss states",
+        "{name}: {n} writes, {} epochs (largest {} writes), {states} power-loss states",
         epochs.len(),
         epochs.iter().map(|e| e.len()).max().unwrap_or(0)
     );
     assert!(
         failures.is_empty(),
-        "{} power-loss states fail:\n{}",
+        "{name}: {} power-loss states fail:\n{}",
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn encrypted_safe_rebase_64k_clusters() {
+    scenario("luks-64k", "", 1);
+}
+
+/// 512-byte clusters: new L2 tables and refcount blocks among the encrypted data (the
+/// data scaled down 16 times to keep the stops few).
+#[test]
+fn encrypted_safe_rebase_512_byte_clusters() {
+    scenario("luks-512", ",cluster_size=512", 16);
 }
