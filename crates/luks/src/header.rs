@@ -186,3 +186,116 @@ impl LuksHeader {
         self.key_bytes as usize * STRIPES as usize
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    /// A well-formed header: AES-256-XTS-plain64, SHA-256, slot 0 active.
+    fn header() -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[..6].copy_from_slice(MAGIC);
+        b[6..8].copy_from_slice(&1u16.to_be_bytes());
+        b[8..11].copy_from_slice(b"aes");
+        b[40..51].copy_from_slice(b"xts-plain64");
+        b[72..78].copy_from_slice(b"sha256");
+        b[104..108].copy_from_slice(&4096u32.to_be_bytes());
+        b[108..112].copy_from_slice(&64u32.to_be_bytes());
+        b[164..168].copy_from_slice(&1000u32.to_be_bytes());
+        for i in 0..SLOTS {
+            let at = 208 + 48 * i;
+            let active = if i == 0 { SLOT_ENABLED } else { SLOT_DISABLED };
+            b[at..at + 4].copy_from_slice(&active.to_be_bytes());
+            b[at + 4..at + 8].copy_from_slice(&2000u32.to_be_bytes());
+            b[at + 40..at + 44].copy_from_slice(&(8 + 504 * i as u32).to_be_bytes());
+            b[at + 44..at + 48].copy_from_slice(&STRIPES.to_be_bytes());
+        }
+        b
+    }
+
+    fn err(f: impl FnOnce(&mut [u8; HEADER_LEN])) -> String {
+        let mut b = header();
+        f(&mut b);
+        LuksHeader::parse(&b).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn well_formed_header_parses() {
+        let (h, spec) = LuksHeader::parse(&header()).unwrap();
+        assert_eq!(spec.key_len(), 64);
+        assert_eq!(h.material_len(), 256_000);
+        assert!(h.slots[0].enabled() && !h.slots[1].enabled());
+    }
+
+    #[test]
+    fn qemu_checks_and_messages() {
+        assert_eq!(err(|b| b[0] = b'X'), "Volume is not in LUKS format");
+        assert_eq!(err(|b| b[7] = 2), "LUKS version 2 is not supported");
+        assert_eq!(
+            err(|b| b[40..72].fill(b'x')),
+            "LUKS header cipher mode is not NUL terminated"
+        );
+        assert_eq!(
+            err(|b| b[104..108].copy_from_slice(&7u32.to_be_bytes())),
+            "LUKS payload is overlapping with the header"
+        );
+        assert_eq!(
+            err(|b| b[208 + 48 + 44..208 + 96].copy_from_slice(&1u32.to_be_bytes())),
+            "Keyslot 1 is corrupted (stripes 1 != 4000)"
+        );
+        assert_eq!(
+            err(|b| b[208 + 40..208 + 44].copy_from_slice(&512u32.to_be_bytes())),
+            "Keyslots 0 and 1 are overlapping in the header"
+        );
+        assert_eq!(
+            err(|b| b[40..51].copy_from_slice(b"xts:plain64")),
+            "Unexpected cipher mode string format 'xts:plain64'"
+        );
+        assert_eq!(
+            err(|b| b[108..112].copy_from_slice(&40u32.to_be_bytes())),
+            "Algorithm 'aes' with key size 20 bytes not supported"
+        );
+        assert!(err(|b| b[8..15].copy_from_slice(b"serpent")).contains("not supported by instar"));
+        let cbc = |b: &mut [u8; HEADER_LEN], mode: &[u8]| {
+            b[40..72].fill(0);
+            b[40..40 + mode.len()].copy_from_slice(mode);
+            b[108..112].copy_from_slice(&32u32.to_be_bytes());
+        };
+        assert_eq!(
+            err(|b| cbc(b, b"cbc-essiv")),
+            "Missing IV generator hash specification"
+        );
+        assert_eq!(
+            err(|b| cbc(b, b"cbc-essiv:sha1")),
+            "No AES cipher with key size 20 available"
+        );
+        assert_eq!(
+            err(|b| cbc(b, b"cbc-lmk")),
+            "IV generator 'lmk' not supported"
+        );
+        // Key material of 24 x 4000 bytes is not whole sectors (QEMU asserts).
+        assert!(err(|b| {
+            cbc(b, b"cbc-plain64");
+            b[108..112].copy_from_slice(&24u32.to_be_bytes());
+        })
+        .contains("not a whole number of 512-byte sectors"));
+    }
+
+    #[test]
+    fn work_bounds_are_enforced() {
+        let too_many = (MAX_ITERATIONS + 1).to_be_bytes();
+        assert_eq!(
+            err(|b| b[212..216].copy_from_slice(&too_many)),
+            "LUKS key slot iterations 33554433 exceeds instar's limit of 33554432"
+        );
+        assert_eq!(
+            err(|b| b[164..168].copy_from_slice(&too_many)),
+            "LUKS master key iterations 33554433 exceeds instar's limit of 33554432"
+        );
+        // A disabled slot's iterations are never used: no bound.
+        let mut b = header();
+        b[208 + 48 + 4..208 + 48 + 8].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(LuksHeader::parse(&b).is_ok());
+    }
+}
