@@ -822,3 +822,61 @@ fn luks_header_clusters_are_metadata() {
         "a refused rebase changed a file"
     );
 }
+
+/// Crafted encryption headers: QEMU's message for each, word for word, nothing written.
+#[test]
+fn crafted_luks_headers_match_qemu() {
+    let Some(builds) = setup() else { return };
+    let patch = |d: &Path, name: &str, f: &dyn Fn(&mut Vec<u8>, usize, usize)| {
+        let mut bytes = std::fs::read(d.join("ov.qcow2")).unwrap();
+        let be32 = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+        let mut ext = be32(100) as usize;
+        while be32(ext) != 0x0537_be77 {
+            ext += 8 + (be32(ext + 4) as usize).div_ceil(8) * 8;
+        }
+        let luks = find_crypto_header(&bytes);
+        f(&mut bytes, ext, luks);
+        std::fs::write(d.join(name), bytes).unwrap();
+    };
+    for b in &builds {
+        let fx = fixture(b, "crafted", |b, d| {
+            encrypted_overlay(b, d, "4M", "");
+            // The extension's length too short for the LUKS header.
+            patch(d, "short.qcow2", &|f, ext, _| {
+                f[ext + 16..ext + 24].copy_from_slice(&100u64.to_be_bytes())
+            });
+            // The LUKS header past the end of the file (reads as zeros).
+            patch(d, "far.qcow2", &|f, ext, _| {
+                f[ext + 8..ext + 16].copy_from_slice(&(1u64 << 28).to_be_bytes())
+            });
+            // Slot 0 active with no iterations.
+            patch(d, "iter0.qcow2", &|f, _, l| {
+                f[l + 212..l + 216].copy_from_slice(&[0; 4])
+            });
+            // An IV hash QEMU does not know.
+            patch(d, "hash.qcow2", &|f, _, l| {
+                f[l + 40..l + 72].fill(0);
+                f[l + 40..l + 56].copy_from_slice(b"xts-plain64:sha9");
+            });
+            // The master-key digest changed: no slot unlocks.
+            patch(d, "digest.qcow2", &|f, _, l| f[l + 112] ^= 1);
+        });
+        let sec = secret("s", PASS);
+        for name in ["short", "far", "iter0", "hash", "digest"] {
+            let spec = image_opts(&format!("{name}.qcow2"), "");
+            let args = [
+                "--object",
+                &sec,
+                "--image-opts",
+                "-u",
+                "-b",
+                "x",
+                "-F",
+                "qcow2",
+                &spec,
+            ];
+            let (_, _, out) = compare(b, &fx.0, name, &args);
+            assert_eq!(out.status, 1, "{name}");
+        }
+    }
+}
