@@ -84,6 +84,18 @@ io bm.qcow2 'write -P 1 0 3k' 'write -P 2 700k 20k'
 img bitmap --disable bm.qcow2 coarse
 img bitmap --add bm.qcow2 empty
 keep bm.qcow2 qcow2-bitmaps
+# A LUKS header and slot 0's key material (passphrase "fuzz"; the luks_unlock target),
+# cut out of an encrypted qcow2. Needs a qemu-img with a crypto library (not 10.2.2's);
+# the fewest iterations QEMU writes (iter-time=1, SHA-512), AES-128-CBC-ESSIV keys.
+if img create -f qcow2 --object secret,id=s,data=fuzz -o encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=1,encrypt.hash-alg=sha512,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256,cluster_size=512 luks.qcow2 64k 2>/dev/null; then
+    off=$(python3 -c 'import struct,sys
+f=open("luks.qcow2","rb").read(); at=struct.unpack(">I",f[100:104])[0]
+while struct.unpack(">I",f[at:at+4])[0]!=0x0537be77: at+=8+(struct.unpack(">I",f[at+4:at+8])[0]+7)//8*8
+print(struct.unpack(">Q",f[at+8:at+16])[0])')
+    dd if=luks.qcow2 of="$out/luks-header" bs=1 skip="$off" count=68096 status=none
+else
+    echo "fuzz-corpus.sh: $QEMU_IMG has no crypto library: no luks-header seed" >&2
+fi
 
 [ "$small" = --small ] && exit 0
 

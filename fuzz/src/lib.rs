@@ -1,6 +1,6 @@
 //! Fuzzing the guest's parsers and planners on the stable toolchain.
 //!
-//! - [`targets`] (with [`qed_target`] and [`repair_target`]): one function per parser
+//! - [`targets`] (with [`qed_target`], [`repair_target`] and [`luks_target`]): one function per parser
 //!   or planner the guest runs, over in-memory devices ([`dev::FuzzDev`]), with the
 //!   invariants that hold for every input.
 //! - [`mutate`] and [`layout`]: structure-aware mutations of qcow2, qed, vmdk and
@@ -18,6 +18,7 @@ pub mod compressor;
 pub mod consistency;
 pub mod dev;
 pub mod layout;
+pub mod luks_target;
 pub mod memory;
 pub mod mutate;
 pub mod qed_target;

@@ -62,6 +62,10 @@ pub fn for_target(target: Target, files: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
         Target::Probe => images.cloned().collect(),
         Target::Compressed => images.flat_map(|d| compressed_streams(d)).collect(),
         Target::Chain | Target::RebaseUnsafe | Target::RebaseSafe => cases(files),
+        Target::LuksUnlock => images
+            .filter(|d| d.starts_with(b"LUKS\xba\xbe"))
+            .cloned()
+            .collect(),
     }
 }
 

@@ -30,6 +30,7 @@ use crate::bitmaps_target::qcow2_bitmaps;
 use crate::case::Case;
 use crate::consistency::consistent;
 use crate::dev::FuzzDev;
+use crate::luks_target::luks_unlock;
 use crate::qed_target::qed_read;
 use crate::repair_target::qcow2_repair;
 
@@ -53,10 +54,11 @@ pub enum Target {
     QedRead,
     Qcow2Repair,
     Qcow2Bitmaps,
+    LuksUnlock,
 }
 
 impl Target {
-    pub const ALL: [Target; 13] = [
+    pub const ALL: [Target; 14] = [
         Target::Qcow2Header,
         Target::Qcow2Read,
         Target::Refcount,
@@ -70,6 +72,7 @@ impl Target {
         Target::QedRead,
         Target::Qcow2Repair,
         Target::Qcow2Bitmaps,
+        Target::LuksUnlock,
     ];
 
     pub fn name(self) -> &'static str {
@@ -87,6 +90,7 @@ impl Target {
             Target::QedRead => "qed_read",
             Target::Qcow2Repair => "qcow2_repair",
             Target::Qcow2Bitmaps => "qcow2_bitmaps",
+            Target::LuksUnlock => "luks_unlock",
         }
     }
 
@@ -117,6 +121,7 @@ impl Target {
             Target::QedRead => qed_read(data),
             Target::Qcow2Repair => qcow2_repair(data),
             Target::Qcow2Bitmaps => qcow2_bitmaps(data),
+            Target::LuksUnlock => luks_unlock(data),
         }
     }
 }
@@ -340,6 +345,7 @@ fn probe_target(data: &[u8]) -> Result<u64, String> {
                 dev: 0,
                 format,
                 writable,
+                key: None,
             });
             s ^= response_sig(40 + i as u64, &call(&mut devs, req));
             if devs[0].data != data || !devs[0].writes.is_empty() {
@@ -485,6 +491,7 @@ fn rebase_request(case: &Case, formats: &[Format], unsafe_mode: bool) -> RebaseR
         data_file_checked: case.flag(flag::DATA_FILE_CHECKED),
         progress: case.flag(flag::PROGRESS),
         compress: case.flag(flag::COMPRESS) && !unsafe_mode,
+        keys: Vec::new(),
     }
 }
 

@@ -40,3 +40,20 @@ fn probe_descriptor_blank_lines() {
         }
     }
 }
+
+/// The LUKS seed unlocks with its passphrase (so the campaign's mutants start from a
+/// header the whole unlock path accepts), and a wrong passphrase does not.
+#[test]
+fn luks_seed_unlocks() {
+    use instar_fuzz::targets::signature;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/luks-header");
+    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(Target::LuksUnlock.run(&data), Ok(signature(3, "unlocked")));
+    let mut wrong = data.clone();
+    // The master-key digest no longer matches: every slot's unlock fails.
+    wrong[112] ^= 1;
+    assert_eq!(
+        Target::LuksUnlock.run(&wrong),
+        Ok(signature(4, "Invalid password, cannot unlock any keyslot"))
+    );
+}

@@ -27,6 +27,8 @@ fn execs(target: Target) -> u64 {
     match target {
         Target::Qcow2Header | Target::Refcount | Target::Qcow2Repair => 20_000,
         Target::RebaseSafe | Target::RebaseUnsafe | Target::VmdkRead | Target::Chain => 4_000,
+        // Mutants that keep the seed's small work factors run two PBKDF2 derivations.
+        Target::LuksUnlock => 300,
         _ => 8_000,
     }
 }
@@ -143,4 +145,9 @@ fn qcow2_repair() {
 #[test]
 fn qcow2_bitmaps() {
     run(Target::Qcow2Bitmaps);
+}
+
+#[test]
+fn luks_unlock() {
+    run(Target::LuksUnlock);
 }

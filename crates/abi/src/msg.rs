@@ -121,6 +121,8 @@ pub struct ProbeRequest {
     pub format: Option<Format>,
     /// Validate as a read-write open (the overlay): e.g. the corrupt bit is refused.
     pub writable: bool,
+    /// The image's `encrypt.*` options (`--image-opts`), if any.
+    pub key: Option<ImageKey>,
 }
 
 /// Change the backing file of the overlay on device 0.
@@ -146,6 +148,59 @@ pub struct RebaseRequest {
     pub progress: bool,
     /// `-c`: safe mode writes the copied clusters compressed (qcow2 overlays).
     pub compress: bool,
+    /// The `encrypt.*` options of the overlay and of old-chain images (`--image-opts`,
+    /// `backing.` prefixes), by device.
+    pub keys: Vec<ImageKey>,
+}
+
+/// A passphrase for an encrypted image. It never prints (Debug is redacted, there is
+/// no Display) and its bytes are wiped when dropped; only the guest reads it.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct Passphrase(Vec<u8>);
+
+impl Passphrase {
+    pub fn new(bytes: Vec<u8>) -> Passphrase {
+        Passphrase(bytes)
+    }
+    /// The bytes, for the key derivation.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl core::fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Passphrase(<redacted>)")
+    }
+}
+
+impl Drop for Passphrase {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+/// `encrypt.key-secret`, resolved by the host from the `--object secret` definitions.
+/// QEMU looks the secret up only when it opens an encrypted image, so a missing or
+/// unusable secret is reported by the guest at that point, in QEMU's words.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum KeySecret {
+    Data(Passphrase),
+    /// `No secret with id '…'`.
+    Unknown(Vec<u8>),
+    /// `Data from secret … is not valid UTF-8`.
+    NotUtf8(Vec<u8>),
+}
+
+/// The `encrypt.*` options of one image.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ImageKey {
+    pub dev: u8,
+    /// `encrypt.format` as given (`luks`, `aes`, or anything, which QEMU compares
+    /// with the header's method).
+    pub format: Option<Vec<u8>>,
+    /// `encrypt.key-secret`; `None` when not given.
+    pub secret: Option<KeySecret>,
 }
 
 /// The name (and format) written into the overlay's header, verbatim.
@@ -364,7 +419,13 @@ mod tests {
             data_file_checked: false,
             progress: false,
             compress: false,
+            keys: vec![ImageKey {
+                dev: 0,
+                format: None,
+                secret: Some(KeySecret::Data(Passphrase::new(b"hunter2".to_vec()))),
+            }],
         });
+        assert!(!alloc::format!("{req:?}").contains("hunter2"));
         let mut area = [0u8; 256];
         let n = encode(&req, &mut area).unwrap();
         assert!(n > 4);

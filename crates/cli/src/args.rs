@@ -11,6 +11,8 @@ use std::ffi::OsString;
 use clap::{Arg, ArgAction, Command};
 
 use crate::getopt::{self, Item, Mode, OptSpec};
+use crate::image_opts::ImageOpts;
+use crate::secrets::Secrets;
 
 /// The name shown in usage and getopt messages, in place of qemu-img's `argv[0]`.
 pub const PROG: &str = "instar";
@@ -58,7 +60,10 @@ const REBASE_OPTIONS: &[OptDoc] = &[
         &[],
         "image-opts",
         "",
-        "Not supported: FILE is always a plain file name",
+        "FILE is QEMU block options, for encrypted images: driver=FMT, file.filename=PATH \
+         (required), file.driver=file, encrypt.key-secret=ID, encrypt.format=luks|aes, and \
+         the same encrypt options of backing files under backing. (backing.backing. …). \
+         Other options are refused (docs/luks.md)",
     ),
     opt(
         "cache",
@@ -139,7 +144,10 @@ const REBASE_OPTIONS: &[OptDoc] = &[
         &[],
         "object",
         "OBJDEF",
-        "Not supported: instar has no QEMU objects",
+        "Define a secret for --image-opts' encrypt.key-secret: secret,id=ID,data=TEXT or \
+         secret,id=ID,file=PATH, with format=raw (default) or format=base64. Repeatable. \
+         The secret reaches only the sandbox and is never printed; other object types, \
+         and keyid/iv (encrypted secrets), are refused",
     ),
     opt(
         "output",
@@ -214,7 +222,9 @@ const REBASE_AFTER: &str = "Where instar differs from qemu-img:
      after symlinks), without a protocol prefix, loops, or more than 16 images per chain
      (docs/path-policy.md). FILE's external data file must pass the same rules in both
      modes (its name is resolved against the current directory, as QEMU does).
-  -c, --object and --image-opts are refused.
+  -c is refused. --object defines secrets only (secret,id=…,data=…|file=…[,format=
+     raw|base64]); --image-opts takes only driver, file.filename, file.driver=file
+     and encrypt.key-secret/encrypt.format (also under backing.): docs/luks.md.
   Output: \"Image rebased.\" or \"Image detached.\" on stdout (qemu-img prints nothing),
      or with --output json one object: {\"overlay\", \"overlay_format\", \"mode\"
      (\"unsafe\"|\"safe\"), \"clusters_copied\", \"bytes_copied\", and \"new_backing\":
@@ -230,7 +240,8 @@ pub fn rebase_command() -> Command {
         .long_about(REBASE_ABOUT)
         .override_usage(
             "instar rebase [-f FMT] -b BACKING [-F FMT] [-u] [-q] [-p] [-U] [-t CACHE] [-T CACHE]\n       \
-             [--output human|json] [--allow-dir DIR]... FILE",
+             [--output human|json] [--allow-dir DIR]...\n       \
+             [--object secret,id=ID,data=…|file=…]... [--image-opts] FILE",
         )
         .after_help(REBASE_AFTER)
         .disable_help_flag(true)
@@ -328,6 +339,11 @@ pub struct RebaseArgs {
     pub allow_dirs: Vec<OsString>,
     /// `-c`: copied clusters are written compressed.
     pub compress: bool,
+    /// `--object secret,…` definitions.
+    pub secrets: Secrets,
+    /// `--image-opts`: FILE's options (`file` above is then its `file.filename`, and
+    /// `format` its `driver`).
+    pub image_opts: Option<ImageOpts>,
 }
 
 /// What the command line asks for.
@@ -347,6 +363,9 @@ pub enum UsageError {
     /// qemu-img's `error_exit`: `instar: …` and the "Try" line.
     #[error("{PROG}: {msg}\nTry '{cmd} --help' for more information")]
     Usage { cmd: String, msg: String },
+    /// qemu-img's `error_report` during argument handling (`--object`): no "Try" line.
+    #[error("{PROG}: {msg}")]
+    Plain { msg: String },
 }
 
 fn usage(cmd: &str, msg: impl Into<String>) -> UsageError {
@@ -408,6 +427,8 @@ pub fn parse_rebase(args: &[OsString]) -> Result<Parsed<RebaseArgs>, UsageError>
     // Act on options in command-line order, as qemu-img's getopt loop does.
     let mut canonical: Vec<OsString> = vec![OsString::from(cmd.clone())];
     let mut files: Vec<OsString> = Vec::new();
+    let mut secrets = Secrets::default();
+    let mut image_opts = false;
     for item in &items {
         match item {
             Item::Opt { id: "help", .. } => {
@@ -415,20 +436,16 @@ pub fn parse_rebase(args: &[OsString]) -> Result<Parsed<RebaseArgs>, UsageError>
                     rebase_command().render_long_help().to_string(),
                 ))
             }
-            Item::Opt { id: "object", .. } => {
-                return Err(usage(
-                    &cmd,
-                    "--object is not supported: instar has no QEMU objects",
-                ))
-            }
+            // qemu-img defines each object when its getopt loop meets it.
+            Item::Opt {
+                id: "object",
+                value: Some(v),
+            } => secrets
+                .define(&v.to_string_lossy())
+                .map_err(|msg| UsageError::Plain { msg })?,
             Item::Opt {
                 id: "image-opts", ..
-            } => {
-                return Err(usage(
-                    &cmd,
-                    "--image-opts is not supported: FILE must be a plain file name",
-                ))
-            }
+            } => image_opts = true,
             Item::Opt {
                 id: "output",
                 value: Some(v),
@@ -478,9 +495,25 @@ pub fn parse_rebase(args: &[OsString]) -> Result<Parsed<RebaseArgs>, UsageError>
         ));
     };
     let quiet = flag("quiet");
+    let (file, format, image_opts) = if image_opts {
+        let o =
+            ImageOpts::parse(&file.to_string_lossy()).map_err(|msg| UsageError::Plain { msg })?;
+        if value("format").is_some() {
+            return Err(UsageError::Plain {
+                msg: "--image-opts and --format are mutually exclusive".into(),
+            });
+        }
+        (
+            OsString::from(&o.filename),
+            o.driver.clone().map(OsString::from),
+            Some(o),
+        )
+    } else {
+        (file.clone(), value("format"), None)
+    };
     Ok(Parsed::Run(RebaseArgs {
-        file: file.clone(),
-        format: value("format"),
+        file,
+        format,
         backing,
         backing_format: value("backing-format"),
         unsafe_mode,
@@ -498,6 +531,8 @@ pub fn parse_rebase(args: &[OsString]) -> Result<Parsed<RebaseArgs>, UsageError>
             .map(|v| v.cloned().collect())
             .unwrap_or_default(),
         compress: flag("compress"),
+        secrets,
+        image_opts,
     }))
 }
 
@@ -618,12 +653,29 @@ mod tests {
             "instar: --output expects 'human' or 'json', not 'xml'\n\
              Try 'instar rebase --help' for more information"
         );
-        assert!(
-            err(&["--object", "secret,id=s", "a"]).starts_with("instar: --object is not supported")
+        assert_eq!(
+            err(&["--object", "secret,id=s", "a"]),
+            "instar: Either 'file' or 'data' must be provided"
         );
         assert!(run(&["-c", "-b", "x", "a"]).compress);
         assert!(run(&["--compress", "-b", "x", "a"]).compress);
         assert!(!run(&["-b", "x", "a"]).compress);
+        assert!(err(&["--object", "iothread,id=x", "-b", "", "a"]).contains("only 'secret'"));
+        assert_eq!(
+            err(&["--image-opts", "-f", "qcow2", "-b", "", "file.filename=a"]),
+            "instar: --image-opts and --format are mutually exclusive"
+        );
+        let a = run(&[
+            "--object",
+            "secret,id=s,data=x",
+            "--image-opts",
+            "-b",
+            "",
+            "driver=qcow2,file.filename=o.qcow2,encrypt.key-secret=s",
+        ]);
+        assert_eq!(a.file, "o.qcow2");
+        assert_eq!(a.format.as_deref(), Some(std::ffi::OsStr::new("qcow2")));
+        assert!(a.image_opts.is_some());
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub struct Walk<'a> {
     pub prefix: String,
     /// Images already counted against [`MAX_CHAIN`] (1 for the new chain: `-b` itself).
     pub already: usize,
+    /// The `encrypt.` options of the image at each level below the top (`keys[0]`:
+    /// level 1), for device 0 of its probe; none for the new chain (qemu-img opens the
+    /// new backing without options).
+    pub keys: Vec<Option<instar_abi::ImageKey>>,
 }
 
 /// How QEMU's messages about an image `level` levels below a top begin, when the top's
@@ -126,7 +130,8 @@ pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Op
             locks::lock_image(&image.file, locks::READER)
                 .map_err(|e| Failure::lock(&prefix, &shown_path, &e))?;
         }
-        let info = match guest::probe(w.guest, &image, format, false)? {
+        let key = w.keys.get(level - 1).cloned().flatten();
+        let info = match guest::probe_keyed(w.guest, &image, format, false, key)? {
             Answer::Ok(info) => info,
             Answer::Refused(r) => return Err(Failure::refused(&prefix, &r)),
         };

@@ -134,12 +134,25 @@ pub fn probe(
     format: Option<Format>,
     writable: bool,
 ) -> Result<Answer<ImageInfo>, RunError> {
+    probe_keyed(guest, image, format, writable, None)
+}
+
+/// [`probe`] with the image's `encrypt.` options (for device 0): an encrypted image
+/// is opened as QEMU opens it with them, its key unlocked in the guest.
+pub fn probe_keyed(
+    guest: &mut dyn Guest,
+    image: &ImageFile,
+    format: Option<Format>,
+    writable: bool,
+    key: Option<instar_abi::ImageKey>,
+) -> Result<Answer<ImageInfo>, RunError> {
     let call = Call {
         device_sizes: vec![image.len],
         request: Request::Probe(ProbeRequest {
             dev: 0,
             format,
             writable,
+            key,
         }),
     };
     let devices = [Device {

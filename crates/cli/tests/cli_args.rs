@@ -126,13 +126,11 @@ fn instar_specific_usage_errors() {
             "",
             "o.qcow2",
         ],
-        "instar: --object is not supported: instar has no QEMU objects\n\
-         Try 'instar rebase --help' for more information\n",
+        "instar: Either 'file' or 'data' must be provided\n",
     );
     expect_error(
         &["rebase", "--image-opts", "-u", "-b", "", "driver=qcow2"],
-        "instar: --image-opts is not supported: FILE must be a plain file name\n\
-         Try 'instar rebase --help' for more information\n",
+        "instar: Could not open 'driver=qcow2': A block device must be specified for \"file\"\n",
     );
     // -c is accepted: the next check (FILE opens) speaks.
     expect_error(

@@ -11,6 +11,7 @@ use instar_blockdev::bytes::{be64, be64_table};
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::compress::{decompress_cluster, CompressionType, DecompressError};
+use crate::crypt::{DataCrypt, CRYPT_SECTOR};
 use crate::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK};
 use crate::geometry::Geometry;
 use crate::map::{
@@ -81,6 +82,8 @@ pub struct Qcow2Image<D> {
     l1: Vec<u64>,
     compression: CompressionType,
     encrypted: bool,
+    /// The payload cipher of an encrypted image opened with its key.
+    crypt: Option<DataCrypt>,
     /// The last decompressed cluster: (where its compressed data lies, data).
     decompressed: Option<(CompressedExtent, Vec<u8>)>,
     /// The last L2 slice read: (its file offset, its bytes). Every status call inside
@@ -115,9 +118,16 @@ impl<D: BlockDev> Qcow2Image<D> {
             l1: be64_table(&raw),
             compression,
             encrypted: header.crypt_method != 0,
+            crypt: None,
             decompressed: None,
             slice: None,
         })
+    }
+
+    /// Read an encrypted image's data clusters through its unlocked cipher.
+    pub fn with_crypt(mut self, crypt: Option<DataCrypt>) -> Self {
+        self.crypt = crypt;
+        self
     }
 
     /// Virtual size as the block layer sees it (the header's size rounded down to 512).
@@ -390,16 +400,17 @@ impl<D: BlockDev> Qcow2Image<D> {
             let out = &mut buf[done..done + n];
             match m.kind {
                 ClusterKind::Normal => {
-                    if self.encrypted {
-                        return Err(ImageError::Encrypted);
-                    }
                     if self.fmt.has_data_file {
                         return Err(ImageError::ExternalDataFile);
                     }
                     // host_offset is set for Normal; past the end of the file the block
                     // layer reads zeros, and so do we.
                     let host = m.host_offset.unwrap_or(0);
-                    self.dev.read_zero_padded(host, out)?;
+                    if self.encrypted {
+                        self.read_encrypted(host, pos, out)?;
+                    } else {
+                        self.dev.read_zero_padded(host, out)?;
+                    }
                 }
                 ClusterKind::Compressed => {
                     let ext = m
@@ -411,6 +422,22 @@ impl<D: BlockDev> Qcow2Image<D> {
             }
             done += n;
         }
+        Ok(())
+    }
+
+    /// Read and decrypt the whole sectors around `out` (host and guest offsets share
+    /// their offset into the cluster, so one alignment serves both).
+    fn read_encrypted(&mut self, host: u64, guest: u64, out: &mut [u8]) -> Result<(), ImageError> {
+        let Some(crypt) = self.crypt.clone() else {
+            return Err(ImageError::Encrypted);
+        };
+        let head = host % CRYPT_SECTOR;
+        let len = (head + out.len() as u64).next_multiple_of(CRYPT_SECTOR);
+        let mut buf = vec![0u8; len as usize];
+        self.dev.read_zero_padded(host - head, &mut buf)?;
+        crypt.decrypt(host - head, guest - head, &mut buf);
+        let h = head as usize;
+        out.copy_from_slice(&buf[h..h + out.len()]);
         Ok(())
     }
 

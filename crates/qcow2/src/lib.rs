@@ -23,6 +23,7 @@ extern crate alloc;
 pub mod bitmaps;
 pub mod compress;
 pub mod compressor;
+pub mod crypt;
 pub mod entry;
 pub mod geometry;
 pub mod header;

@@ -9,7 +9,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
-use instar_abi::{ChainImage, Format, GuestError, RebaseRequest, RebaseStats};
+use instar_abi::{ChainImage, Format, GuestError, ImageKey, RebaseRequest, RebaseStats};
 use instar_blockdev::{Below, BlockDev, IoError};
 use instar_chain::layer::Layer;
 use instar_chain::raw::RawImage;
@@ -20,7 +20,8 @@ use instar_qed::QedImage;
 use instar_vmdk::VmdkImage;
 
 use crate::copy::{self, ChainStatus, Content, CopyError, Geometry, Op, OverlayStatus, Sink};
-use crate::probe::{open_error, qcow2_info};
+use crate::keyed_open::qcow2_open;
+use crate::probe::open_error;
 use crate::{plain, Hooks};
 
 /// One exclusive borrow per device, handed out by index ([`take`]).
@@ -63,8 +64,8 @@ pub(crate) fn open_chains<'a>(
     in_chain: Option<u8>,
     slots: &mut [Option<&'a mut dyn BlockDev>],
 ) -> Result<Opened<'a>, GuestError> {
-    let old_layers = open_chain(&req.old_chain, slots, "old")?;
-    let new_layers = open_chain(&req.new_chain, slots, "new")?;
+    let old_layers = open_chain(&req.old_chain, slots, "old", &req.keys)?;
+    let new_layers = open_chain(&req.new_chain, slots, "new", &req.keys)?;
     let old_len = old_layers.len();
     let new_from = match in_chain {
         Some(i) if usize::from(i) < old_len => Some(usize::from(i)),
@@ -156,6 +157,7 @@ fn open_chain<'a>(
     chain: &[ChainImage],
     slots: &mut [Option<&'a mut dyn BlockDev>],
     which: &str,
+    keys: &[ImageKey],
 ) -> Result<Vec<Box<dyn Layer + 'a>>, GuestError> {
     let read_error = || plain(format!("error while reading from {which} backing file"));
     let mut layers: Vec<Box<dyn Layer + 'a>> = Vec::with_capacity(chain.len());
@@ -166,7 +168,8 @@ fn open_chain<'a>(
         let layer: Box<dyn Layer + 'a> = match img.format {
             Format::Raw => Box::new(RawImage::new(dev)),
             Format::Qcow2 => {
-                let (header, _) = qcow2_info(dev, OpenMode::ReadOnly, img.dev)?;
+                let key = keys.iter().find(|k| k.dev == img.dev);
+                let (header, _, crypt) = qcow2_open(dev, OpenMode::ReadOnly, img.dev, key)?;
                 // Checked as QEMU's read-only open checks them; never written.
                 crate::bitmap_rebase::load_read_only(dev, &header, img.dev)?;
                 if header.has_data_file() {
@@ -179,7 +182,8 @@ fn open_chain<'a>(
                 }
                 Box::new(
                     Qcow2Image::open(dev, &header)
-                        .map_err(|e| open_error(img.dev, e.to_string()))?,
+                        .map_err(|e| open_error(img.dev, e.to_string()))?
+                        .with_crypt(crypt),
                 )
             }
             Format::Qed => {

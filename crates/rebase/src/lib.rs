@@ -12,6 +12,7 @@ mod chains;
 mod compress_cache;
 pub mod copy;
 mod dirty;
+mod keyed_open;
 mod other_formats;
 mod probe;
 mod qed_rebase;

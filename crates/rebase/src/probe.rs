@@ -16,7 +16,13 @@ pub(crate) fn qcow2_info(
     index: u8,
 ) -> Result<(Header, ImageInfo), GuestError> {
     let header = Header::read(dev, mode).map_err(|e| open_error(index, e.to_string()))?;
-    let info = ImageInfo {
+    let info = info_of(&header);
+    Ok((header, info))
+}
+
+/// What a probe reports of an opened qcow2 image.
+pub(crate) fn info_of(header: &Header) -> ImageInfo {
+    ImageInfo {
         format: Format::Qcow2,
         virtual_size: header.virtual_size(),
         cluster_size: header.cluster_size() as u32,
@@ -26,8 +32,7 @@ pub(crate) fn qcow2_info(
         backing_format: header.backing_format.clone().filter(|n| !n.is_empty()),
         data_file: header.data_file.clone().filter(|_| header.has_data_file()),
         extent_file: None,
-    };
-    Ok((header, info))
+    }
 }
 
 pub(crate) fn open_error(dev: u8, message: alloc::string::String) -> GuestError {
@@ -56,7 +61,9 @@ pub(crate) fn probe(
         None => probe_format(dev).map_err(|e| open_error(req.dev, e.to_string()))?,
     };
     match format {
-        Format::Qcow2 => qcow2_info(dev, mode, req.dev).map(|(_, info)| info),
+        Format::Qcow2 => {
+            crate::keyed_open::qcow2_open(dev, mode, req.dev, req.key.as_ref()).map(|(_, i, _)| i)
+        }
         Format::Raw => Ok(ImageInfo {
             format,
             // QEMU sizes a raw image in whole sectors.

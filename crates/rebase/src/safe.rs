@@ -59,6 +59,7 @@ pub(crate) fn rebase(
         old: opened_header,
         mut header,
         bitmaps,
+        crypt,
         ..
     } = open_for_change(overlay, req, name, format)?;
 
@@ -146,7 +147,8 @@ pub(crate) fn rebase(
     let mut replayer = compressor_of(req, hooks)?.map(|c| Replayer::new(c, kept));
     let compressor = replayer.as_mut().map(|r| r as &mut dyn Compressor);
     let (written_end, finish) = if old_len > 0 || header.version < 3 {
-        let writer = Writer::open_with_backing(&mut *overlay, &header, CowBacking(&old));
+        let writer = Writer::open_with_backing(&mut *overlay, &header, CowBacking(&old))
+            .map(|w| w.with_crypt(crypt));
         write_plan(
             writer,
             &plan.ops,
@@ -156,7 +158,7 @@ pub(crate) fn rebase(
         )?
     } else {
         write_plan(
-            Writer::open(&mut *overlay, &header, false),
+            Writer::open(&mut *overlay, &header, false).map(|w| w.with_crypt(crypt)),
             &plan.ops,
             (old_content, compressor),
             stored,

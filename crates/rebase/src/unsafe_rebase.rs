@@ -9,8 +9,10 @@ use instar_qcow2::bitmaps::BitmapSet;
 use instar_qcow2::overlap::Structure;
 use instar_qcow2::{ChangeBackingError, Header, OpenMode};
 
-use crate::probe::{open_error, qcow2_info};
+use crate::keyed_open::qcow2_open;
+use crate::probe::open_error;
 use crate::{device, Hooks, IO_ERROR, OVERLAY};
+use instar_qcow2::crypt::DataCrypt;
 
 pub(crate) fn change_error(message: &str) -> GuestError {
     GuestError {
@@ -58,18 +60,22 @@ pub(crate) struct ForChange {
     pub cluster: alloc::vec::Vec<u8>,
     /// The persistent bitmaps, as QEMU's open loads them.
     pub bitmaps: Option<BitmapSet>,
+    /// An encrypted overlay's unlocked payload cipher (QEMU's open unlocks the key even
+    /// for `-u`, so a wrong passphrase fails it).
+    pub crypt: Option<DataCrypt>,
 }
 
-/// Open the qcow2 overlay as QEMU's read-write open does (its bitmaps loaded), point
-/// its header at `name` (`None` detaches) and rebuild cluster 0: every refusal of a
-/// backing-file change, before anything is written.
+/// Open the qcow2 overlay as QEMU's read-write open does (its key unlocked, its
+/// bitmaps loaded), point its header at `name` (`None` detaches) and rebuild cluster 0:
+/// every refusal of a backing-file change, before anything is written.
 pub(crate) fn open_for_change(
     dev: &mut dyn BlockDev,
     req: &RebaseRequest,
     name: Option<&[u8]>,
     format: Option<&[u8]>,
 ) -> Result<ForChange, GuestError> {
-    let (mut header, _) = qcow2_info(dev, OpenMode::ReadWrite, OVERLAY)?;
+    let key = req.keys.iter().find(|k| k.dev == OVERLAY);
+    let (mut header, _, crypt) = qcow2_open(dev, OpenMode::ReadWrite, OVERLAY, key)?;
     check_rewritable(&header)?;
     let bitmaps = crate::bitmap_rebase::load(dev, &header)?;
     let old = header.clone();
@@ -93,6 +99,7 @@ pub(crate) fn open_for_change(
         header,
         cluster,
         bitmaps,
+        crypt,
     })
 }
 

@@ -15,6 +15,7 @@ fn probe(path: &Path, format: Option<Format>) -> Response {
             dev: 0,
             format,
             writable: false,
+            key: None,
         }),
     )
 }

@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
 pub mod lock_holder;
+pub mod luks;
 pub mod qemu_ref;
 pub mod rng;
 pub mod scratch;

@@ -235,8 +235,10 @@ pub fn run_on_this_thread(
     let mut request = vec![0u8; REQUEST_SIZE];
     instar_abi::encode(&call, &mut request)
         .map_err(|e| Error::Config(format!("the request does not fit the sandbox: {e}")))?;
-    mem.write_slice(&request, GuestAddress(REQUEST_ADDR))
-        .map_err(|e| Error::Config(format!("cannot write the request: {e}")))?;
+    let written = mem.write_slice(&request, GuestAddress(REQUEST_ADDR));
+    // The request may carry a passphrase: no host copy outlives this point.
+    zeroize::Zeroize::zeroize(&mut request);
+    written.map_err(|e| Error::Config(format!("cannot write the request: {e}")))?;
 
     let ram = mem
         .get_host_address(GuestAddress(0))

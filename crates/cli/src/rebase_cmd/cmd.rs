@@ -35,7 +35,11 @@ impl<'a> Cmd<'a> {
     pub fn new(args: &'a RebaseArgs) -> Cmd<'a> {
         Cmd {
             args,
-            file: lossy(&args.file),
+            // With --image-opts QEMU names FILE by the options as typed.
+            file: args
+                .image_opts
+                .as_ref()
+                .map_or_else(|| lossy(&args.file), |o| o.text.clone()),
             backing: lossy(&args.backing),
         }
     }
@@ -46,6 +50,13 @@ impl<'a> Cmd<'a> {
             Role::Overlay => format!("Could not open '{}': ", self.file),
             Role::NewBacking => format!("Could not open new backing file '{}': ", self.backing),
         }
+    }
+
+    /// The `encrypt.` options of the image `level` levels below FILE (0: FILE) for
+    /// device `dev`, as the guest gets them.
+    pub fn key(&self, level: usize, dev: u8) -> Option<instar_abi::ImageKey> {
+        let o = self.args.image_opts.as_ref()?;
+        o.levels.get(level)?.key(dev, &self.args.secrets)
     }
 
     /// An error of the backing-file change itself.

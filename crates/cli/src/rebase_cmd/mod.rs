@@ -31,6 +31,7 @@ mod new_backing;
 mod new_chain;
 mod old_chain;
 mod one_vm;
+mod open_options;
 mod options;
 mod overlay;
 mod probe_rule;
@@ -66,6 +67,7 @@ pub fn rebase(
         Mode::Unsafe => None,
     };
     overlay::check_compress(args.compress, info.format)?;
+    open_options::check(&cmd, info.format, old.as_ref())?;
     let backing_format = options.backing_format.checked()?;
     overlay::check_format(&cmd, info.format)?;
     let new = new_backing::decide(&cmd, guest, backing_format, old.as_ref(), info.format)?;
@@ -84,6 +86,16 @@ pub fn rebase(
         progress: args.progress && mode == Mode::Safe,
         // With -u nothing is copied, so nothing is compressed.
         compress: args.compress && mode == Mode::Safe,
+        keys: std::iter::once(cmd.key(0, 0))
+            .chain(
+                table
+                    .old_chain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, img)| cmd.key(i + 1, img.dev)),
+            )
+            .flatten()
+            .collect(),
     };
     let outcome = rebase_vm::run(&cmd, guest, progress, request, &table, info.virtual_size)?;
     repair_report::print(&outcome.repair_lines, overlay.image.len);

@@ -95,6 +95,9 @@ pub fn decide(
         // Unsafe mode with -F: the new backing is never opened.
         return Ok(NewBacking::Named(record(f)));
     }
+    if let Some(old) = old {
+        json_name_check(cmd, old, overlay_format)?;
+    }
     let path = paths::resolve_backing(&args.file, &args.backing)
         .map_err(|e| Failure::about(&cmd.prefix(Role::NewBacking), e))?;
     if let Some(old) = old {
@@ -154,4 +157,33 @@ fn open_probed(
         Answer::Ok(info) => Ok((image, info)),
         Answer::Refused(r) => Err(cmd.refusal(Role::NewBacking, &r)),
     }
+}
+
+/// `bdrv_get_full_backing_filename_from_filename` in safe mode: with `--image-opts`
+/// runtime options QEMU names the overlay `json:{…}`, against which a relative `-b`
+/// cannot be resolved.
+fn json_name_check(cmd: &Cmd, old: &OldChain, overlay_format: Format) -> Result<(), Failure> {
+    let Some(o) = cmd.args.image_opts.as_ref().filter(|o| o.has_json_name()) else {
+        return Ok(());
+    };
+    let b = std::os::unix::ffi::OsStrExt::as_bytes(cmd.args.backing.as_os_str());
+    if b.is_empty() || b.starts_with(b"/") || paths::has_protocol(b) {
+        return Ok(());
+    }
+    let overlay_driver = o
+        .driver
+        .clone()
+        .unwrap_or_else(|| overlay_format.name().into());
+    let chain: Vec<(String, String)> = std::iter::once((overlay_driver, o.filename.clone()))
+        .chain(old.images.iter().map(|i| {
+            (
+                i.format.name().to_string(),
+                String::from_utf8_lossy(&i.filename).into_owned(),
+            )
+        }))
+        .collect();
+    Err(Failure::plain(format!(
+        "Could not resolve backing filename: Cannot use relative backing file names for '{}'",
+        o.json_name(&chain)
+    )))
 }

@@ -48,6 +48,7 @@ pub fn open(
         lock: !cmd.args.force_share,
         prefix,
         already: 1,
+        keys: Vec::new(),
     };
     let top = Top {
         filename: path.as_os_str().as_bytes(),

@@ -45,6 +45,9 @@ pub fn discover(
         lock: true,
         prefix: cmd.prefix(Role::Overlay),
         already: 0,
+        keys: (1..=crate::policy::MAX_CHAIN)
+            .map(|l| cmd.key(l, 0))
+            .collect(),
     };
     let top = Top {
         filename: args.file.as_bytes(),

@@ -27,7 +27,10 @@ pub fn try_unsafe(
     overlay: &Overlay,
 ) -> Result<Option<Done>, Failure> {
     let args = cmd.args;
+    // backing. options are refused after the overlay's open: the full path says so.
+    let backing_opts = args.image_opts.as_ref().is_some_and(|o| o.levels.len() > 1);
     if !args.unsafe_mode
+        || backing_opts
         || !matches!(options.overlay_format, None | Some(Format::Qcow2))
         || args.backing.len() > MAX_BACKING_NAME
     {
@@ -50,6 +53,7 @@ pub fn try_unsafe(
         in_chain: None,
         progress: false,
         compress: false,
+        keys: cmd.key(0, 0).into_iter().collect(),
         data_file_checked: false,
     };
     let call = Call {

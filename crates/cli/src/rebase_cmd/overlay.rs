@@ -44,7 +44,7 @@ pub fn probe(
     overlay: &Overlay,
     wanted: Option<Format>,
 ) -> Result<ImageInfo, Failure> {
-    let info = match guest::probe(guest, &overlay.image, wanted, true)? {
+    let info = match guest::probe_keyed(guest, &overlay.image, wanted, true, cmd.key(0, 0))? {
         Answer::Ok(info) => info,
         Answer::Refused(r) => return Err(cmd.refusal(Role::Overlay, &r)),
     };

@@ -41,6 +41,9 @@ pub(crate) struct Context {
     /// the feature table, which runs before QEMU records the method).
     pub crypt_method: u32,
     pub autoclear_features: u64,
+    /// The caller opens the LUKS header itself with a passphrase (QEMU's open with
+    /// `encrypt.key-secret`); without one the walk fails as QEMU's does.
+    pub keyed: bool,
 }
 
 /// Walk `[start, end)` of cluster 0 (`buf`, one full cluster). Stops at the end
@@ -95,7 +98,9 @@ pub(crate) fn walk(
                     });
                 }
                 // QEMU opens the LUKS header here; without a secret that fails.
-                return Err(OpenError::SecretRequired);
+                if !ctx.keyed {
+                    return Err(OpenError::SecretRequired);
+                }
             }
             EXT_BITMAPS => {
                 let Some(data) = data.first_chunk::<24>().filter(|_| len == 24) else {

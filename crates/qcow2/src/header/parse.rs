@@ -172,6 +172,7 @@ impl Fields {
             let ctx = Context {
                 cluster_size: self.cluster_size(),
                 crypt_method: 0,
+                keyed: false,
                 autoclear_features: self.autoclear_features,
             };
             let start = u64::from(self.header_length);
@@ -252,12 +253,18 @@ impl Fields {
     }
 
     /// The extensions, then the checks QEMU makes on what they hold.
-    fn read_extensions(&self, cluster0: &[u8], ext_end: u64) -> Result<Extensions, OpenError> {
+    fn read_extensions(
+        &self,
+        cluster0: &[u8],
+        ext_end: u64,
+        keyed: bool,
+    ) -> Result<Extensions, OpenError> {
         let mut ext = Extensions::default();
         let ctx = Context {
             cluster_size: self.cluster_size(),
             crypt_method: self.crypt_method,
             autoclear_features: self.autoclear_features,
+            keyed,
         };
         extensions::walk(
             cluster0,
@@ -273,11 +280,11 @@ impl Fields {
         } else if self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
             return Err(OpenError::DataFileRawWithoutDataFile);
         }
-        if self.crypt_method == CRYPT_AES {
+        if self.crypt_method == CRYPT_AES && !keyed {
             return Err(OpenError::SecretRequired);
         }
-        if self.crypt_method == CRYPT_LUKS {
-            // A valid crypto extension already ended the walk with SecretRequired.
+        if self.crypt_method == CRYPT_LUKS && ext.crypto_header.is_none() {
+            // Without a key, a valid crypto extension already ended the walk.
             return Err(OpenError::MissingCryptoHeader(self.crypt_method));
         }
         Ok(ext)
@@ -304,6 +311,18 @@ impl Header {
     ///
     /// Every allocation is bounded by the validated cluster size (at most 2 MiB).
     pub fn read(dev: &mut dyn BlockDev, mode: OpenMode) -> Result<Header, OpenError> {
+        Self::read_keyed(dev, mode, false)
+    }
+
+    /// [`Header::read`] for a caller that has a passphrase for an encrypted image
+    /// (`keyed`): the encryption checks pass here, and the caller opens the
+    /// encryption header and unlocks the key itself (`instar_luks`), as QEMU's open
+    /// does at the crypto header extension.
+    pub fn read_keyed(
+        dev: &mut dyn BlockDev,
+        mode: OpenMode,
+        keyed: bool,
+    ) -> Result<Header, OpenError> {
         let mut fixed = [0u8; V3_HEADER_SIZE as usize];
         pread(dev, 0, &mut fixed).map_err(|_| OpenError::ReadHeader)?;
         let f = Fields::read(&fixed)?;
@@ -318,7 +337,7 @@ impl Header {
         let ext_end = f.extensions_end()?;
         f.check_features(&cluster0, ext_end, mode)?;
         let geometry = f.check_geometry()?;
-        let ext = f.read_extensions(&cluster0, ext_end)?;
+        let ext = f.read_extensions(&cluster0, ext_end, keyed)?;
         let backing_file = f.backing_file(&cluster0)?;
         snapshots::check(dev, f.snapshots_offset, f.nb_snapshots)?;
 

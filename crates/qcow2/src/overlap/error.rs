@@ -23,6 +23,9 @@ pub enum Structure {
     /// A bitmap's table, and a cluster of a bitmap's data (`crate::bitmaps`).
     BitmapTable,
     BitmapData,
+    /// The encryption (LUKS) header and key material, named by the crypto header
+    /// extension. QEMU's overlap check does not know it; instar's does.
+    CryptoHeader,
 }
 
 impl Structure {
@@ -40,6 +43,7 @@ impl Structure {
             Structure::BitmapDirectory => "bitmap directory",
             Structure::BitmapTable => "bitmap table",
             Structure::BitmapData => "bitmap data cluster",
+            Structure::CryptoHeader => "encryption header",
         }
     }
 
@@ -52,7 +56,8 @@ impl Structure {
             Structure::ActiveL1
             | Structure::RefcountTable
             | Structure::SnapshotTable
-            | Structure::BitmapDirectory => 1,
+            | Structure::BitmapDirectory
+            | Structure::CryptoHeader => 1,
             Structure::RefcountBlock | Structure::BitmapTable => 2,
             Structure::BitmapData => 3,
             Structure::ActiveL2 => 3,

@@ -75,6 +75,11 @@ pub(super) fn structures<D: BlockDev + ?Sized>(
         let by = Referrer::Reftable { index: i as u64 };
         s.cluster(e & REFT_OFFSET_MASK, Structure::RefcountBlock, by)?;
     }
+    // The encryption header's clusters (LUKS header and key material).
+    if let Some((offset, len)) = header.crypto_header.filter(|&(_, l)| l > 0) {
+        let len = len.checked_next_multiple_of(cs).unwrap_or(u64::MAX);
+        s.place(offset, len, Structure::CryptoHeader, Referrer::Header)?;
+    }
     // Active L1 and its L2 tables.
     s.l1(dev, header.l1_table_offset, header.l1_size, None)?;
     // Snapshots: the table, each L1 and its L2 tables.

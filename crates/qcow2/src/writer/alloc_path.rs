@@ -14,6 +14,9 @@ use super::table::{
 use super::{corrupt, Below, WriteError, WriteKind, Writer, REQUEST_MAX_BYTES};
 use crate::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED};
 
+/// `QCOW_MAX_CRYPT_CLUSTERS`: the most clusters one encrypted write step covers.
+const MAX_CRYPT_CLUSTERS: u64 = 32;
+
 /// One allocation (or in-place overwrite) of a chunk and its copy-on-write regions
 /// (QEMU's `QCowL2Meta`). Region offsets are relative to `guest`.
 #[derive(Debug, Clone, Copy)]
@@ -53,12 +56,29 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
 
     /// One driver-level write request (`qcow2_co_pwritev_part`).
     pub(crate) fn pwritev(&mut self, offset: u64, data: &[u8]) -> Result<(), WriteError> {
+        if self.encrypted && self.crypt.is_none() && !self.dry_run {
+            return Err(WriteError::Unsupported("encrypted image without its key"));
+        }
         let mut off = offset;
         let mut done = 0usize;
         while done < data.len() {
-            let (host, n, metas) = self.alloc_host_offset(off, (data.len() - done) as u64)?;
+            let mut want = (data.len() - done) as u64;
+            if self.encrypted {
+                // QEMU encrypts at most QCOW_MAX_CRYPT_CLUSTERS clusters per step.
+                let cs = self.geometry.cluster_size();
+                want = want.min(MAX_CRYPT_CLUSTERS * cs - self.offset_into_cluster(off));
+            }
+            let (host, n, metas) = self.alloc_host_offset(off, want)?;
             let n = n as usize;
-            self.write_chunk(host, off, &data[done..done + n], metas)?;
+            let chunk = &data[done..done + n];
+            match self.crypt.clone() {
+                Some(c) => {
+                    let mut sealed = chunk.to_vec();
+                    c.encrypt(host, off, &mut sealed);
+                    self.write_chunk(host, off, &sealed, metas)?;
+                }
+                None => self.write_chunk(host, off, chunk, metas)?,
+            }
             off += n as u64;
             done += n;
         }
@@ -309,7 +329,9 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
             if !m.has_cow() {
                 continue;
             }
-            if self.cow_reads_zero(m)? {
+            // QEMU never zero-fills an encrypted image's padding (zeros on disk would
+            // not read back as zeros): it encrypts the padding's content instead.
+            if !self.encrypted && self.cow_reads_zero(m)? {
                 let start = m.alloc + m.cow_start.0;
                 let len = m.cow_end.0 + m.cow_end.1 - m.cow_start.0;
                 self.dev_zero_range(start, len)?;
@@ -408,6 +430,9 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
                 ScType::Normal => {
                     let host = (e & L2E_OFFSET_MASK) + self.offset_into_cluster(p);
                     self.dev.read_at(host, part)?;
+                    if let Some(c) = &self.crypt {
+                        c.decrypt(host, p, part);
+                    }
                 }
                 ScType::ZeroPlain | ScType::ZeroAlloc => part.fill(0),
                 ScType::UnallocatedPlain | ScType::UnallocatedAlloc => {
@@ -435,6 +460,10 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
             let mut end = vec![0u8; m.cow_end.1 as usize];
             self.read_guest(m.guest + m.cow_start.0, &mut start)?;
             self.read_guest(m.guest + m.cow_end.0, &mut end)?;
+            if let Some(c) = &self.crypt {
+                c.encrypt(m.alloc + m.cow_start.0, m.guest + m.cow_start.0, &mut start);
+                c.encrypt(m.alloc + m.cow_end.0, m.guest + m.cow_end.0, &mut end);
+            }
             if let Some(d) = merged_data {
                 let mut all = start;
                 all.extend_from_slice(d);

@@ -77,6 +77,7 @@ use instar_blockdev::bytes::be64_table;
 use instar_blockdev::{BlockDev, IoError};
 
 use crate::compress::CompressionType;
+use crate::crypt::DataCrypt;
 use crate::geometry::{Geometry, MAX_REFTABLE_BYTES};
 use crate::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY};
 
@@ -195,6 +196,10 @@ pub struct Writer<D: BlockDev, B: Below = ZeroBacking> {
     log: Vec<IoOp>,
     /// A dry run: data writes are recorded but never reach the device.
     dry_run: bool,
+    /// The image's data clusters are encrypted; `crypt` is its unlocked cipher (a dry
+    /// run may go without: its data never reaches the device).
+    encrypted: bool,
+    crypt: Option<DataCrypt>,
     /// What a recording session wrote, took and freed (see [`Writer::recording`]).
     record: Option<WriteRecord>,
     /// Opened with [`Writer::open_for_metadata`]: guest requests are refused.
@@ -239,9 +244,6 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
     ) -> Result<Self, WriteError> {
         // Header::read checked the geometry and the tables' sizes and alignment; what
         // is left are the images this writer does not handle.
-        if h.crypt_method != 0 {
-            return Err(WriteError::Unsupported("encrypted image"));
-        }
         if h.data_file.is_some() || h.has_data_file() {
             return Err(WriteError::Unsupported("external data file"));
         }
@@ -300,6 +302,8 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
             rb_cache: TableCache::new(cs as usize),
             log: Vec::new(),
             dry_run: false,
+            encrypted: h.crypt_method != 0,
+            crypt: None,
             record: None,
             metadata_only: false,
         })
@@ -365,6 +369,12 @@ impl<D: BlockDev, B: Below> Writer<D, B> {
             *record_out = r;
         }
         Ok((self.dev, fin))
+    }
+
+    /// Encrypt data clusters with `crypt` (an encrypted image opened with its key).
+    pub fn with_crypt(mut self, crypt: Option<DataCrypt>) -> Self {
+        self.crypt = crypt;
+        self
     }
 
     /// Record every write (with what it holds), every cluster taken by the allocator
