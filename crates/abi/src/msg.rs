@@ -146,6 +146,8 @@ pub struct RebaseRequest {
     pub progress: bool,
     /// `-c`: safe mode writes the copied clusters compressed (qcow2 overlays).
     pub compress: bool,
+    /// The zstd release that compresses clusters of zstd images (`INSTAR_ZSTD`).
+    pub zstd: crate::ZstdVersion,
 }
 
 /// The name (and format) written into the overlay's header, verbatim.
@@ -168,6 +170,11 @@ pub enum SelfTest {
     Write { dev: u8 },
     /// Read `len` bytes at `offset` of `dev`; answer with a checksum (FNV-1a 64).
     Read { dev: u8, offset: u64, len: u32 },
+    /// Answer with the `ZSTD_versionString()` of the library the compressor selects for
+    /// this release, packed with [`crate::zstd::pack_version`].
+    ZstdVersion(crate::ZstdVersion),
+    /// Answer with the guest zlib's `zlibVersion()`, packed the same way.
+    ZlibVersion,
 }
 
 /// What the guest answers.
@@ -359,6 +366,7 @@ mod tests {
             data_file_checked: false,
             progress: false,
             compress: false,
+            zstd: crate::ZstdVersion::V1_5_4,
         });
         let mut area = [0u8; 256];
         let n = encode(&req, &mut area).unwrap();

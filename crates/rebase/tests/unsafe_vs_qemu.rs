@@ -208,6 +208,7 @@ fn run_case(c: &Case) {
             data_file_checked: true,
             progress: false,
             compress: false,
+            zstd: Default::default(),
         });
         let resp = run_guest(&dir.join("i.qcow2"), request);
         let who = format!("{} with {}", c.name, q.display());
@@ -500,6 +501,7 @@ fn refused(make: Make, expect: &str) {
         data_file_checked: true,
         progress: false,
         compress: false,
+        zstd: Default::default(),
     });
     match run_guest(&path, request) {
         Response::Error(e) => assert!(e.message.contains(expect), "{e:?}"),

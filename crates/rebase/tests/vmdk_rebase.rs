@@ -172,6 +172,7 @@ fn request(unsafe_mode: bool, name: &str, format: Option<&str>) -> RebaseRequest
         data_file_checked: true,
         progress: false,
         compress: false,
+        zstd: Default::default(),
     }
 }
 

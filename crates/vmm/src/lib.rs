@@ -323,6 +323,7 @@ mod write_cap_tests {
                 data_file_checked: true,
                 progress: false,
                 compress: false,
+                zstd: Default::default(),
             }),
         }
     }

@@ -485,6 +485,7 @@ fn safe_rebase_call() -> Call {
             data_file_checked: true,
             progress: false,
             compress: false,
+            zstd: Default::default(),
         }),
     }
 }

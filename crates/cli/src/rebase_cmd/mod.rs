@@ -52,6 +52,7 @@ pub fn rebase(
     guest: &mut dyn Guest,
     progress: &mut Progress,
 ) -> Result<Done, Failure> {
+    let zstd = crate::compress_libs::zstd_from_env().map_err(Failure::plain)?;
     let cmd = cmd::Cmd::new(args);
     let options = options::Options::parse(&cmd)?;
     let dirs = dirs::Dirs::from_args(args)?;
@@ -84,6 +85,7 @@ pub fn rebase(
         progress: args.progress && mode == Mode::Safe,
         // With -u nothing is copied, so nothing is compressed.
         compress: args.compress && mode == Mode::Safe,
+        zstd,
     };
     let outcome = rebase_vm::run(&cmd, guest, progress, request, &table, info.virtual_size)?;
     repair_report::print(&outcome.repair_lines, overlay.image.len);

@@ -50,6 +50,7 @@ pub fn try_unsafe(
         in_chain: None,
         progress: false,
         compress: false,
+        zstd: Default::default(),
         data_file_checked: false,
     };
     let call = Call {
