@@ -179,7 +179,9 @@ fn build_zstd(csrc: &Path, out: &Path, z: &Zstd) {
     for o in &objects {
         let mut redefine = std::ffi::OsString::from("--redefine-syms=");
         redefine.push(&map);
-        run(Command::new(tool("OBJCOPY", "objcopy")).arg(redefine).arg(o));
+        run(Command::new(tool("OBJCOPY", "objcopy"))
+            .arg(redefine)
+            .arg(o));
     }
 
     // Nothing left that another version (or anything else) could satisfy.
