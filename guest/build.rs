@@ -18,8 +18,8 @@ use std::process::Command;
 
 /// zlib: only the deflate side and what it links against.
 const ZLIB: &[&str] = &["adler32.c", "crc32.c", "deflate.c", "trees.c", "zutil.c"];
-/// zstd 1.5.4: the single-threaded compressor and the common code it uses.
-const ZSTD_1_5_4: &[&str] = &[
+/// zstd: the single-threaded compressor and the common code it uses.
+const ZSTD_FILES: &[&str] = &[
     "common/debug.c",
     "common/entropy_common.c",
     "common/error_private.c",
@@ -38,28 +38,6 @@ const ZSTD_1_5_4: &[&str] = &[
     "compress/zstd_lazy.c",
     "compress/zstd_ldm.c",
     "compress/zstd_opt.c",
-];
-/// zstd 1.5.7: the same files, and the block splitter that came with 1.5.7.
-const ZSTD_1_5_7: &[&str] = &[
-    "common/debug.c",
-    "common/entropy_common.c",
-    "common/error_private.c",
-    "common/fse_decompress.c",
-    "common/xxhash.c",
-    "common/zstd_common.c",
-    "compress/fse_compress.c",
-    "compress/hist.c",
-    "compress/huf_compress.c",
-    "compress/zstd_compress.c",
-    "compress/zstd_compress_literals.c",
-    "compress/zstd_compress_sequences.c",
-    "compress/zstd_compress_superblock.c",
-    "compress/zstd_double_fast.c",
-    "compress/zstd_fast.c",
-    "compress/zstd_lazy.c",
-    "compress/zstd_ldm.c",
-    "compress/zstd_opt.c",
-    "compress/zstd_preSplit.c",
 ];
 
 /// One zstd version built into the guest.
@@ -68,19 +46,21 @@ struct Zstd {
     version: &'static str,
     /// Given to every global symbol of its objects (`src/compressor.rs` calls them so).
     prefix: &'static str,
-    files: &'static [&'static str],
+    /// Files besides [`ZSTD_FILES`].
+    extra: &'static [&'static str],
 }
 
 const ZSTD: &[Zstd] = &[
     Zstd {
         version: "1.5.4",
         prefix: "zstd154_",
-        files: ZSTD_1_5_4,
+        extra: &[],
     },
     Zstd {
         version: "1.5.7",
         prefix: "zstd157_",
-        files: ZSTD_1_5_7,
+        // The block splitter that came with 1.5.7.
+        extra: &["compress/zstd_preSplit.c"],
     },
 ];
 
@@ -158,7 +138,7 @@ fn build_zstd(csrc: &Path, out: &Path, z: &Zstd) {
         .define("XXH_NAMESPACE", Some("ZSTD_"))
         .include(&lib)
         .out_dir(out.join(format!("zstd-{}", z.version)));
-    for f in z.files {
+    for f in ZSTD_FILES.iter().chain(z.extra) {
         b.file(lib.join(f));
     }
     b.file(csrc.join("qcow2_zstd.c"));
