@@ -53,8 +53,8 @@ CHAIN_DEPTH = 3
 FORMATS = ("qcow2", "vmdk", "qed")
 
 
-def run(args, cwd, timeout=TIMEOUT):
-    return subprocess.run(args, cwd=cwd, capture_output=True, timeout=timeout)
+def run(args, cwd, timeout=TIMEOUT, env=None):
+    return subprocess.run(args, cwd=cwd, capture_output=True, timeout=timeout, env=env)
 
 
 def qemu(args, cwd):
@@ -206,8 +206,13 @@ class Campaign:
         args = [str(self.instar), "rebase", "-f", ov_fmt]
         if unsafe:
             args.append("-u")
+        # Every other -c case with the guest's other zstd release (INSTAR_ZSTD=1.5.4),
+        # chosen by case number so the random stream stays what it was.
+        env = None
         if compress:
             args.append("-c")
+            if k % 2:
+                env = dict(os.environ, INSTAR_ZSTD="1.5.4")
         if detach:
             args += ["-b", ""]
         else:
@@ -223,7 +228,7 @@ class Campaign:
         shutil.rmtree(pristine, ignore_errors=True)
         shutil.copytree(d, pristine)
         try:
-            r = run(args, d)
+            r = run(args, d, env=env)
             code = r.returncode
             stderr = r.stderr.decode(errors="replace")
         except subprocess.TimeoutExpired:
@@ -249,17 +254,19 @@ class Campaign:
         if problems and lying and not fatal and not self.args.strict:
             s["lying"] += 1
             problems.append(f"(the overlay was corrupt before: qemu-img check {check_before})")
-            self.save(d, k, args, problems, "lying")
+            self.save(d, k, args, problems, "lying", env)
         elif problems:
             s["findings"] += 1
-            self.save(d, k, args, problems, "findings")
+            self.save(d, k, args, problems, "findings", env)
 
-    def save(self, d, k, args, problems, kind):
+    def save(self, d, k, args, problems, kind, env=None):
         dest = self.out / kind / f"case-{k}"
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(d, dest)
         shutil.copytree(self.out / "before", dest / "before")
-        (dest / "NOTE").write_text(" ".join(args) + "\n" + "\n".join(problems) + "\n")
+        zstd = os.environ.get("INSTAR_ZSTD") if env is None else env.get("INSTAR_ZSTD")
+        prefix = f"INSTAR_ZSTD={zstd} " if zstd else ""
+        (dest / "NOTE").write_text(prefix + " ".join(args) + "\n" + "\n".join(problems) + "\n")
         if kind == "findings":
             self.notes.append(f"case {k}: {' '.join(args[1:])}: {'; '.join(problems)}")
 

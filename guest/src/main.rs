@@ -65,13 +65,17 @@ fn serve() -> Response {
     }
     match &call.request {
         Request::SelfTest(t) => selftest::run(t, &mut disks),
-        _ => {
+        request => {
+            let zstd = match request {
+                Request::Rebase(r) => r.zstd,
+                _ => Default::default(),
+            };
             let mut devs: Vec<&mut dyn BlockDev> =
                 disks.iter_mut().map(|d| d as &mut dyn BlockDev).collect();
             instar_rebase::handle(
                 &call,
                 &mut devs,
-                &mut DoorbellHooks(compressor::GuestCompressor),
+                &mut DoorbellHooks(compressor::GuestCompressor { zstd }),
             )
         }
     }

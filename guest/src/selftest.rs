@@ -73,5 +73,17 @@ pub fn run(test: &SelfTest, disks: &mut [Disk]) -> Response {
             }
             Response::SelfTest(hash)
         }
+        SelfTest::ZstdVersion(v) => {
+            version(crate::compressor::GuestCompressor { zstd: *v }.zstd_version())
+        }
+        SelfTest::ZlibVersion => version(crate::compressor::zlib_version()),
+    }
+}
+
+/// A library's version string, packed for the answer.
+fn version(s: &[u8]) -> Response {
+    match instar_abi::zstd::pack_version(s) {
+        Some(v) => Response::SelfTest(v),
+        None => error("version string longer than 8 bytes".to_string()),
     }
 }

@@ -12,5 +12,7 @@ extern crate alloc;
 pub mod escape;
 pub mod layout;
 pub mod msg;
+pub mod zstd;
 
 pub use msg::*;
+pub use zstd::ZstdVersion;

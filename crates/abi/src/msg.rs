@@ -151,6 +151,8 @@ pub struct RebaseRequest {
     /// The `encrypt.*` options of the overlay and of old-chain images (`--image-opts`,
     /// `backing.` prefixes), by device.
     pub keys: Vec<ImageKey>,
+    /// The zstd release that compresses clusters of zstd images (`INSTAR_ZSTD`).
+    pub zstd: crate::ZstdVersion,
 }
 
 /// A passphrase for an encrypted image. It never prints (Debug is redacted, there is
@@ -223,6 +225,11 @@ pub enum SelfTest {
     Write { dev: u8 },
     /// Read `len` bytes at `offset` of `dev`; answer with a checksum (FNV-1a 64).
     Read { dev: u8, offset: u64, len: u32 },
+    /// Answer with the `ZSTD_versionString()` of the library the compressor selects for
+    /// this release, packed with [`crate::zstd::pack_version`].
+    ZstdVersion(crate::ZstdVersion),
+    /// Answer with the guest zlib's `zlibVersion()`, packed the same way.
+    ZlibVersion,
 }
 
 /// What the guest answers.
@@ -424,6 +431,7 @@ mod tests {
                 format: None,
                 secret: Some(KeySecret::Data(Passphrase::new(b"hunter2".to_vec()))),
             }],
+            zstd: crate::ZstdVersion::V1_5_4,
         });
         assert!(!alloc::format!("{req:?}").contains("hunter2"));
         let mut area = [0u8; 256];

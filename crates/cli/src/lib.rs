@@ -5,6 +5,7 @@ pub mod sandbox;
 pub mod args;
 pub mod chain;
 pub mod cli;
+pub mod compress_libs;
 pub mod drivers;
 pub mod failure;
 pub mod files;

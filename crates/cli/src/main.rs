@@ -40,6 +40,12 @@ fn main() {
     }
     // Up to 30 days: a deadline is a backstop, not a schedule.
     guest.options.deadline = secs_from_env(DEADLINE_ENV, 2_592_000.0);
+    // Checked here too (the rebase reads it again), so a bad value stops before anything
+    // is opened or printed, as the other variables do.
+    if let Err(e) = instar::compress_libs::zstd_from_env() {
+        eprintln!("instar: {e}");
+        std::process::exit(1);
+    }
     let status = instar::cli::run(&args, &mut guest);
     std::process::exit(status);
 }

@@ -271,3 +271,48 @@ fn watchdog_setting_is_validated() {
          '/nonexistent/ovl.qcow2': No such file or directory\n"
     );
 }
+
+#[test]
+fn zstd_release_setting_is_validated() {
+    // INSTAR_ZSTD picks the zstd release -c compresses with: 1.5.7 (the default) or
+    // 1.5.4. Anything else is an error before FILE is opened, so nothing is written.
+    let dir = instar_testkit::Scratch::new("cli-zstd-env");
+    let file = dir.path("ovl.qcow2");
+    std::fs::write(&file, b"not an image, and not to be touched").expect("write");
+    for bad in ["", "1.5.5", "1.5", "1.5.4 ", "debian12", "zstd-1.5.4"] {
+        let out = std::process::Command::new(INSTAR)
+            .args(["rebase", "-c", "-p", "-b", ""])
+            .arg(&file)
+            .env("INSTAR_ZSTD", bad)
+            .output()
+            .expect("run instar");
+        assert_eq!(out.status.code(), Some(1), "{bad:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "instar: Invalid INSTAR_ZSTD value '{bad}': expected 1.5.7 (the default, as \
+                 qemu-img on Debian 13) or 1.5.4 (as qemu-img on Debian 12)\n"
+            ),
+            "{bad:?}"
+        );
+        assert!(out.stdout.is_empty(), "{bad:?}: stdout {:?}", out.stdout);
+        assert_eq!(
+            std::fs::read(&file).expect("read"),
+            b"not an image, and not to be touched"
+        );
+    }
+    // Good values get as far as opening the (missing) overlay.
+    for good in ["1.5.4", "1.5.7"] {
+        let out = std::process::Command::new(INSTAR)
+            .args(["rebase", "-c", "-b", "", "/nonexistent/ovl.qcow2"])
+            .env("INSTAR_ZSTD", good)
+            .output()
+            .expect("run instar");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "instar: Could not open '/nonexistent/ovl.qcow2': Could not open \
+             '/nonexistent/ovl.qcow2': No such file or directory\n",
+            "{good}"
+        );
+    }
+}

@@ -14,11 +14,11 @@
 //! ([`run_packed_case`]): same length, header, cluster map, `check` counters, `info`,
 //! content, and the same compressed bytes for every cluster whose length is known.
 //!
-//! The 11.1.3 reference build runs on Debian 13's libraries (zstd 1.5.7, zlib 1.3.1);
-//! qemu-img on Debian 12 links zstd 1.5.4 and zlib 1.2.13, which instar builds in. zlib
-//! 1.3.1 deflates this corpus to the same bytes; zstd 1.5.7 does not, so zstd scenarios
-//! mark the plain 11.1.3 run as differing and compare instar byte for byte with 11.1.3
-//! run on this machine's (Debian 12's) libzstd and libz instead ([`debian12_11_1`]).
+//! qemu-img compresses with the system's libraries: the 11.1.3 reference build runs on
+//! Debian 13's (zstd 1.5.7, zlib 1.3.1), 10.2.2 and the machine's 10.0.2 on Debian 12's
+//! (zstd 1.5.4, zlib 1.2.13). zlib 1.3.1 deflates to 1.2.13's bytes; zstd 1.5.7 does not.
+//! instar carries both zstd releases: by default (1.5.7) its zstd files must equal
+//! 11.1.3's, and with `INSTAR_ZSTD=1.5.4` 10.2.2's ([`checked_case`]).
 
 mod qemu;
 #[path = "qemu/safe.rs"]
@@ -30,92 +30,21 @@ use instar_testkit::rng::Rng;
 use qemu::*;
 use safe::*;
 
+/// The variable that selects instar's zstd release.
+const ZSTD_ENV: &str = "INSTAR_ZSTD";
+/// instar as it runs by default: zstd 1.5.7.
+const DEFAULT_ZSTD: &[EnvVar] = &[(ZSTD_ENV, None)];
+/// instar asked for Debian 12's zstd.
+const ZSTD_1_5_4: &[EnvVar] = &[(ZSTD_ENV, Some("1.5.4"))];
+
 /// qemu-img 7.2's rebase has no `-c` (it came with 8.2).
 const NO_C_IN_7_2: &[(&str, &str)] = &[("7.2", "rebase -c came with QEMU 8.2")];
-/// ... and the 11.1.3 reference compresses zstd clusters with zstd 1.5.7.
-const ZSTD_DIFFERS: &[(&str, &str)] = &[
+/// Against 11.1.3 (zstd 1.5.7), where zstd 1.5.4 compresses the scenario differently.
+const ZSTD_1_5_4_DIFFERS: &[(&str, &str)] = &[
     ("7.2", "rebase -c came with QEMU 8.2"),
-    (
-        "11.1",
-        "the 11.1.3 build runs on Debian 13's zstd 1.5.7, whose output differs from 1.5.4's",
-    ),
+    ("10.2", "the 10.2.2 build links Debian 12's zstd 1.5.4"),
+    ("10.0", "Debian 12's qemu-img links its zstd 1.5.4"),
 ];
-
-/// Where this machine's shared libraries live (Debian's multiarch directory).
-const LIB_DIRS: &[&str] = &["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu"];
-
-/// qemu-img 11.1.3 on this machine's libzstd and libz (Debian 12's 1.5.4 and 1.2.13,
-/// as CI has them), preloaded over the ones of its Debian 13 runtime: a wrapper script
-/// in `dir`. `None` (after a note) when 11.1 or the libraries are missing.
-fn debian12_11_1(refs: &Refs, dir: &Path) -> Option<PathBuf> {
-    let Some(q) = refs.newest() else {
-        need(false, "INSTAR_REQUIRE_QEMU", "qemu-img 11.1 missing");
-        return None;
-    };
-    let lib = |name: &str| {
-        LIB_DIRS
-            .iter()
-            .map(|d| Path::new(d).join(name))
-            .find(|p| p.exists())
-    };
-    let (Some(zstd), Some(z)) = (lib("libzstd.so.1"), lib("libz.so.1")) else {
-        need(
-            false,
-            "INSTAR_REQUIRE_QEMU",
-            "libzstd.so.1 or libz.so.1 not found",
-        );
-        return None;
-    };
-    let script = dir.join("qemu-img-11.1-debian12-libs");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nLD_PRELOAD='{}:{}' exec '{}' \"$@\"\n",
-            zstd.display(),
-            z.display(),
-            q.img.display()
-        ),
-    )
-    .expect("write wrapper");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    Some(script)
-}
-
-/// Instar's file must be byte-identical to the one qemu-img 11.1.3 makes on Debian 12's
-/// compression libraries (the zstd scenarios, where the plain 11.1.3 run differs).
-fn same_as_11_1_on_debian12(name: &str, build: &Build) {
-    let Some((refs, subject)) = setup() else {
-        return;
-    };
-    let scratch = Scratch::new(&format!("{name}-11.1-d12"));
-    let fx = Fx::new(scratch.fixture(), &refs.v10_2);
-    let opts = build(&fx);
-    let Some(q11) = debian12_11_1(refs, scratch.root()) else {
-        return;
-    };
-    let mut argv = vec!["rebase".to_string()];
-    argv.extend(opts.iter().cloned());
-    argv.push("ovl.qcow2".into());
-    let mut files = Vec::new();
-    for (label, prog) in [
-        ("qemu-11.1-d12", q11.as_path()),
-        ("subject", subject.path()),
-    ] {
-        let dir = dense_copy(&scratch, label);
-        let out = run(prog, &argv, &dir);
-        assert_eq!(out.status, 0, "{name}: {label}: {}", out.stderr);
-        files.push((
-            dir.clone(),
-            std::fs::read(dir.join("ovl.qcow2")).expect("read"),
-        ));
-    }
-    assert!(
-        files[0].1 == files[1].1,
-        "{name}: instar's file differs from qemu-img 11.1.3's on Debian 12's libraries: {}",
-        describe_diff(&files[0].1, &files[1].1).unwrap_or_default()
-    );
-}
 
 fn s(items: &[&str]) -> Vec<String> {
     items.iter().map(|x| x.to_string()).collect()
@@ -223,13 +152,62 @@ fn corpus_case(name: &str, ctype: &str, cs: usize, extra: &str) {
     checked_case(name, &build, ctype == "zstd" && cs < 2 << 20);
 }
 
-/// `run_safe_case` against every build; for zstd, also 11.1.3 on Debian 12's libraries.
+/// `run_safe_case` against every build. `zstd`: zstd 1.5.4 and 1.5.7 compress the
+/// scenario differently, so instar by default (1.5.7) must give 11.1.3's file, and with
+/// `INSTAR_ZSTD=1.5.4` that of the Debian 12 builds ([`same_as_debian12_builds`]).
 fn checked_case(name: &str, build: &Build, zstd: bool) {
     let mut c = SafeCase::new(name, build);
-    c.differs = if zstd { ZSTD_DIFFERS } else { NO_C_IN_7_2 };
+    c.subject_env = DEFAULT_ZSTD;
+    if zstd {
+        c.reference = "11.1";
+        c.differs = ZSTD_1_5_4_DIFFERS;
+    } else {
+        c.differs = NO_C_IN_7_2;
+    }
     run_safe_case(&c);
     if zstd {
-        same_as_11_1_on_debian12(name, build);
+        same_as_debian12_builds(name, build);
+    }
+}
+
+/// With `INSTAR_ZSTD=1.5.4`, instar's file is byte-identical to those of qemu-img 10.2.2
+/// and the machine's 10.0.2 (both on Debian 12's zstd 1.5.4), and clean. The rest of
+/// what `run_safe_case` checks does not depend on the zstd release.
+fn same_as_debian12_builds(name: &str, build: &Build) {
+    let Some((refs, subject)) = setup() else {
+        return;
+    };
+    let scratch = Scratch::new(&format!("{name}-zstd-1.5.4"));
+    let fx = Fx::new(scratch.fixture(), &refs.v10_2);
+    let mut argv = vec!["rebase".to_string()];
+    argv.extend(build(&fx));
+    argv.push("ovl.qcow2".into());
+    let dir = dense_copy(&scratch, "subject");
+    let out = run_env(subject.path(), &argv, &dir, ZSTD_1_5_4);
+    assert_eq!(out.status, 0, "{name}: instar: {}", out.stderr);
+    let got = bytes_of(&dir.join("ovl.qcow2"));
+    if let Some(p) = check_problems(&refs.v10_2, &dir, "ovl.qcow2") {
+        panic!("{name}: instar's file (zstd 1.5.4) is not clean: {p}");
+    }
+    let debian12 = refs
+        .all()
+        .into_iter()
+        .filter(|q| q.label.starts_with("10."));
+    for q in debian12 {
+        let qdir = dense_copy(&scratch, &format!("qemu-{}", q.label));
+        let out = run(&q.img, &argv, &qdir);
+        assert_eq!(
+            out.status, 0,
+            "{name}: qemu-img {}: {}",
+            q.label, out.stderr
+        );
+        let want = bytes_of(&qdir.join("ovl.qcow2"));
+        assert!(
+            want == got,
+            "{name}: with {ZSTD_ENV}=1.5.4, instar's file differs from qemu-img {}'s: {}",
+            q.label,
+            describe_diff(&want, &got).unwrap_or_default()
+        );
     }
 }
 
@@ -581,9 +559,11 @@ fn packed_differences(q: &Qemu, want: (&Path, &str), got: (&Path, &str)) -> Vec<
     d
 }
 
-/// A scenario whose requests span several clusters: instar against qemu-img 10.2, 11.1
-/// (zlib only: see the module notes) and 11.1 on Debian 12's libraries, up to packing
-/// order; instar's own file must be sound, unchanged in content and deterministic.
+/// A scenario whose requests span several clusters: instar against qemu-img, up to
+/// packing order; instar's own file must be sound, unchanged in content and
+/// deterministic. zlib: 10.2 and 11.1 against instar as it runs by default. zstd
+/// (`zstd`): 11.1 (zstd 1.5.7) against instar by default, 10.2 (zstd 1.5.4) against
+/// instar with `INSTAR_ZSTD=1.5.4`.
 fn run_packed_case(name: &str, zstd: bool, build: &Build) {
     let Some((refs, subject)) = setup() else {
         return;
@@ -594,30 +574,54 @@ fn run_packed_case(name: &str, zstd: bool, build: &Build) {
     let mut argv = vec!["rebase".to_string()];
     argv.extend(opts.iter().cloned());
     argv.push("ovl.qcow2".into());
-    let q10 = &refs.v10_2;
+    let plan: &[(&str, &[EnvVar], &[&str])] = if zstd {
+        &[
+            ("default", DEFAULT_ZSTD, &["11.1"]),
+            ("zstd-1.5.4", ZSTD_1_5_4, &["10.2"]),
+        ]
+    } else {
+        &[("default", DEFAULT_ZSTD, &["10.2", "11.1"])]
+    };
     let mut failures = Vec::new();
+    for (tag, env, labels) in plan {
+        let mut results = Vec::new();
+        for label in *labels {
+            let Some(q) = refs.all().into_iter().find(|q| q.label == *label) else {
+                need(
+                    false,
+                    "INSTAR_REQUIRE_QEMU",
+                    &format!("qemu-img {label} missing"),
+                );
+                continue;
+            };
+            let dir = dense_copy(&scratch, &format!("qemu-{label}"));
+            let out = run(&q.img, &argv, &dir);
+            assert_eq!(out.status, 0, "qemu-img {label}: {}", out.stderr);
+            results.push((*label, dir));
+        }
+        let mut mine = Vec::new();
+        for round in 0..2 {
+            let dir = dense_copy(&scratch, &format!("subject-{tag}-{round}"));
+            let out = run_env(subject.path(), &argv, &dir, env);
+            assert_eq!(out.status, 0, "instar ({tag}): {}", out.stderr);
+            mine.push(dir);
+        }
+        for f in packed_failures(&refs.v10_2, &scratch, &mine, &results) {
+            failures.push(format!("instar ({tag}): {f}"));
+        }
+    }
+    assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
+}
 
-    let mut tools: Vec<(String, PathBuf)> = vec![("10.2".into(), q10.img.clone())];
-    if let (Some(n), false) = (refs.newest(), zstd) {
-        tools.push(("11.1".into(), n.img.clone()));
-    }
-    if let Some(p) = debian12_11_1(refs, scratch.root()) {
-        tools.push(("11.1 on Debian 12's libraries".into(), p));
-    }
-    let mut results = Vec::new();
-    for (i, (label, prog)) in tools.iter().enumerate() {
-        let dir = dense_copy(&scratch, &format!("qemu-{i}"));
-        let out = run(prog, &argv, &dir);
-        assert_eq!(out.status, 0, "qemu-img {label}: {}", out.stderr);
-        results.push((label, dir));
-    }
-    let mut mine = Vec::new();
-    for round in 0..2 {
-        let dir = dense_copy(&scratch, &format!("subject-{round}"));
-        let out = run(subject.path(), &argv, &dir);
-        assert_eq!(out.status, 0, "instar: {}", out.stderr);
-        mine.push(dir);
-    }
+/// What is wrong with instar's two runs `mine` of a packed scenario, compared with
+/// qemu-img's `results` (build label, directory).
+fn packed_failures(
+    q10: &Qemu,
+    scratch: &Scratch,
+    mine: &[PathBuf],
+    results: &[(&str, PathBuf)],
+) -> Vec<String> {
+    let mut failures = Vec::new();
     let bytes = |d: &Path| std::fs::read(d.join("ovl.qcow2")).expect("read");
     if bytes(&mine[0]) != bytes(&mine[1]) {
         failures.push("instar's output differs between two runs".to_string());
@@ -635,7 +639,7 @@ fn run_packed_case(name: &str, zstd: bool, build: &Build) {
     ) {
         failures.push(format!("content changed: {e}"));
     }
-    for (qlabel, dir) in &results {
+    for (qlabel, dir) in results {
         if let Some(p) = check_problems(q10, dir, "ovl.qcow2") {
             panic!("qemu-img {qlabel}'s own result is not clean: {p}");
         }
@@ -646,7 +650,7 @@ fn run_packed_case(name: &str, zstd: bool, build: &Build) {
             failures.push(format!("against qemu-img {qlabel}: {d}"));
         }
     }
-    assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
+    failures
 }
 
 // ---------------------------------------------------------------------------------------

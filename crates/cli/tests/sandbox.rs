@@ -59,6 +59,28 @@ fn echo_round_trip() {
 }
 
 #[test]
+fn each_zstd_release_reports_its_own_version() {
+    // The two zstd libraries are linked side by side under per-version symbol prefixes
+    // (guest/build.rs): a selection that reached the wrong one would compress with the
+    // wrong release's output.
+    if !require_kvm() {
+        return;
+    }
+    for v in instar_abi::ZstdVersion::ALL {
+        let r = selftest(SelfTest::ZstdVersion(v), &[], &Options::default()).unwrap();
+        let Response::SelfTest(packed) = r else {
+            panic!("{v:?}: {r:?}");
+        };
+        assert_eq!(instar_abi::zstd::unpack_version(packed), v.name(), "{v:?}");
+    }
+    let r = selftest(SelfTest::ZlibVersion, &[], &Options::default()).unwrap();
+    let Response::SelfTest(packed) = r else {
+        panic!("zlib: {r:?}");
+    };
+    assert_eq!(instar_abi::zstd::unpack_version(packed), "1.2.13");
+}
+
+#[test]
 fn read_checksums_match_the_host() {
     if !require_kvm() {
         return;

@@ -1,8 +1,8 @@
 //! Compressing one cluster for a compressed write (`-c`).
 //!
 //! The compressor itself is supplied by the caller: in instar it is zlib 1.2.13 and
-//! zstd 1.5.4 compiled into the guest, the library versions qemu-img links against, so
-//! the bytes match (`docs/compression.md`). The writer only decides what to do with the
+//! zstd 1.5.7 or 1.5.4 compiled into the guest, the library versions qemu-img links
+//! against on Debian 13 and 12, so the bytes match (`docs/compression.md`). The writer only decides what to do with the
 //! result, as QEMU's `qcow2_co_pwritev_compressed_task` does.
 
 use crate::compress::CompressionType;

@@ -209,6 +209,7 @@ fn run_case(c: &Case) {
             progress: false,
             compress: false,
             keys: Vec::new(),
+            zstd: Default::default(),
         });
         let resp = run_guest(&dir.join("i.qcow2"), request);
         let who = format!("{} with {}", c.name, q.display());
@@ -502,6 +503,7 @@ fn refused(make: Make, expect: &str) {
         progress: false,
         compress: false,
         keys: Vec::new(),
+        zstd: Default::default(),
     });
     match run_guest(&path, request) {
         Response::Error(e) => assert!(e.message.contains(expect), "{e:?}"),

@@ -173,6 +173,7 @@ fn request(unsafe_mode: bool, name: &str, format: Option<&str>) -> RebaseRequest
         progress: false,
         compress: false,
         keys: Vec::new(),
+        zstd: Default::default(),
     }
 }
 

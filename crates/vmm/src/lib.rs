@@ -324,6 +324,7 @@ mod write_cap_tests {
                 progress: false,
                 compress: false,
                 keys: Vec::new(),
+                zstd: Default::default(),
             }),
         }
     }

@@ -486,6 +486,7 @@ fn safe_rebase_call() -> Call {
             progress: false,
             compress: false,
             keys: Vec::new(),
+            zstd: Default::default(),
         }),
     }
 }

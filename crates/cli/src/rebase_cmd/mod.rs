@@ -53,6 +53,7 @@ pub fn rebase(
     guest: &mut dyn Guest,
     progress: &mut Progress,
 ) -> Result<Done, Failure> {
+    let zstd = crate::compress_libs::zstd_from_env().map_err(Failure::plain)?;
     let cmd = cmd::Cmd::new(args);
     let options = options::Options::parse(&cmd)?;
     let dirs = dirs::Dirs::from_args(args)?;
@@ -96,6 +97,7 @@ pub fn rebase(
             )
             .flatten()
             .collect(),
+        zstd,
     };
     let outcome = rebase_vm::run(&cmd, guest, progress, request, &table, info.virtual_size)?;
     repair_report::print(&outcome.repair_lines, overlay.image.len);

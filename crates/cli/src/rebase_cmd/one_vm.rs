@@ -54,6 +54,7 @@ pub fn try_unsafe(
         progress: false,
         compress: false,
         keys: cmd.key(0, 0).into_iter().collect(),
+        zstd: Default::default(),
         data_file_checked: false,
     };
     let call = Call {

@@ -20,6 +20,30 @@ pub fn dense_copy(scratch: &Scratch, label: &str) -> PathBuf {
     dst
 }
 
+/// An environment change for a run: the variable, set to a value or (`None`) removed.
+pub type EnvVar<'a> = (&'a str, Option<&'a str>);
+
+/// `run` with `env` applied to the environment.
+pub fn run_env(prog: &Path, args: &[String], cwd: &Path, env: &[EnvVar]) -> Output {
+    let mut cmd = std::process::Command::new(prog);
+    cmd.args(args).current_dir(cwd).env("LC_ALL", "C");
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", prog.display()));
+    Output {
+        status: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// One safe-mode scenario.
 pub struct SafeCase<'a> {
     pub name: &'a str,
@@ -37,6 +61,11 @@ pub struct SafeCase<'a> {
     /// start at or after the old backing's end) into data clusters, which instar does not
     /// count as copied.
     pub count_below: Option<u64>,
+    /// The build whose file instar's must equal (and the others are compared with):
+    /// "10.2" unless set, e.g. "11.1" where the builds' libraries differ.
+    pub reference: &'a str,
+    /// Environment variables set (or removed) for the subject's runs.
+    pub subject_env: &'a [EnvVar<'a>],
 }
 
 impl<'a> SafeCase<'a> {
@@ -48,6 +77,8 @@ impl<'a> SafeCase<'a> {
             differs: &[],
             probe: false,
             count_below: None,
+            reference: "10.2",
+            subject_env: &[],
         }
     }
 }
@@ -182,14 +213,25 @@ pub fn run_safe_case(c: &SafeCase) {
     let opts = (c.build)(&fx);
     let pre = format!("fixture/{}", c.overlay);
     let before = snapshot(&fx.dir);
+    // 10.2 inspects every result (check, compare, info, map).
     let q10 = &refs.v10_2;
     let mut failures: Vec<String> = Vec::new();
+    let Some(qref) = refs.all().into_iter().find(|q| q.label == c.reference) else {
+        need(
+            false,
+            "INSTAR_REQUIRE_QEMU",
+            &format!("qemu-img {} missing", c.reference),
+        );
+        return;
+    };
+    let rl = qref.label;
 
-    // qemu-img 10.2: the reference. Its own result must be sound.
-    let ref_dir = dense_copy(&scratch, "qemu-10.2");
+    // The reference build (10.2 unless the case says otherwise). Its own result must be
+    // sound.
+    let ref_dir = dense_copy(&scratch, &format!("qemu-{rl}"));
     let argv = rebase_argv(&opts, &[], c.overlay);
     let shown_q = format!("cd {}; {}", ref_dir.display(), show_cmd("qemu-img", &argv));
-    let out = run(&q10.img, &argv, &ref_dir);
+    let out = run(&qref.img, &argv, &ref_dir);
     assert!(
         out.status == 0 && out.stdout.is_empty(),
         "{shown_q}: exit {}\n{}{}",
@@ -198,22 +240,22 @@ pub fn run_safe_case(c: &SafeCase) {
         out.stderr
     );
     if let Some(p) = check_problems(q10, &ref_dir, c.overlay) {
-        panic!("qemu-img 10.2's own result is not clean: {p}");
+        panic!("qemu-img {rl}'s own result is not clean: {p}");
     }
     if let Err(e) = compare(
         q10,
         scratch.root(),
         &pre,
-        &format!("qemu-10.2/{}", c.overlay),
+        &format!("qemu-{rl}/{}", c.overlay),
     ) {
-        panic!("qemu-img 10.2's own result changed the content: {e}");
+        panic!("qemu-img {rl}'s own result changed the content: {e}");
     }
     let ref_bytes = std::fs::read(ref_dir.join(c.overlay)).expect("read overlay");
 
-    // The other builds: equal to 10.2, unless documented otherwise (then they must differ).
-    // The newest release's file is kept to compare instar's with it as well.
+    // The other builds: equal to the reference, unless documented otherwise (then they
+    // must differ). The newest release's file is kept to compare instar's with it as well.
     let mut newest: Option<(&str, PathBuf)> = None;
-    for q in &refs.others {
+    for q in refs.all().into_iter().filter(|q| q.label != rl) {
         let dir = dense_copy(&scratch, &format!("qemu-{}", q.label));
         let out = run(&q.img, &argv, &dir);
         let got = std::fs::read(dir.join(c.overlay)).expect("read overlay");
@@ -224,11 +266,11 @@ pub fn run_safe_case(c: &SafeCase) {
         }
         match c.differs.iter().find(|(l, _)| *l == q.label) {
             Some((_, why)) if same => failures.push(format!(
-                "qemu-img {} now produces 10.2's file, but the scenario is marked as differing ({why})",
+                "qemu-img {} now produces {rl}'s file, but the scenario is marked as differing ({why})",
                 q.label
             )),
             Some((_, why)) => eprintln!(
-                "note: qemu-img {} differs from 10.2 as documented ({why}): exit {}; {}",
+                "note: qemu-img {} differs from {rl} as documented ({why}): exit {}; {}",
                 q.label,
                 out.status,
                 describe_diff(&ref_bytes, &got).unwrap_or_default()
@@ -238,7 +280,7 @@ pub fn run_safe_case(c: &SafeCase) {
                 q.label, out.status, out.stderr
             )),
             None if !same => failures.push(format!(
-                "qemu-img {} result differs from 10.2's: {}",
+                "qemu-img {} result differs from {rl}'s: {}",
                 q.label,
                 report_diff(q10, (&ref_dir, c.overlay), (&dir, c.overlay))
             )),
@@ -255,7 +297,7 @@ pub fn run_safe_case(c: &SafeCase) {
     let dir = dense_copy(&scratch, "subject");
     let iargv = rebase_argv(&opts, extra, c.overlay);
     let shown = format!("cd {}; {}", dir.display(), show_cmd("instar", &iargv));
-    let out = run(subject.path(), &iargv, &dir);
+    let out = run_env(subject.path(), &iargv, &dir, c.subject_env);
     if out.status != 0 {
         failures.push(format!(
             "{shown}\n  exit {} (expected 0), stderr: {}",
@@ -267,7 +309,7 @@ pub fn run_safe_case(c: &SafeCase) {
             c,
             q10,
             &scratch,
-            (&ref_dir, &ref_bytes),
+            (rl, &ref_dir, &ref_bytes),
             &dir,
             &before,
             &shown,
@@ -299,7 +341,7 @@ pub fn run_safe_case(c: &SafeCase) {
         let dir = dense_copy(&scratch, "subject-probed");
         let pargv = rebase_argv(&stripped, &[], c.overlay);
         let shown = format!("cd {}; {}", dir.display(), show_cmd("instar", &pargv));
-        let out = run(subject.path(), &pargv, &dir);
+        let out = run_env(subject.path(), &pargv, &dir, c.subject_env);
         if out.status != 0 || out.stdout != "Image rebased.\n" || !out.stderr.is_empty() {
             failures.push(format!(
                 "{shown}\n  exit {}, stdout {:?}, stderr {:?} (expected 0, \"Image rebased.\\n\", nothing)",
@@ -307,7 +349,7 @@ pub fn run_safe_case(c: &SafeCase) {
             ));
         } else if std::fs::read(dir.join(c.overlay)).ok().as_deref() != Some(&ref_bytes[..]) {
             failures.push(format!(
-                "{shown}\n  overlay differs from qemu-img 10.2's (run with -F): {}",
+                "{shown}\n  overlay differs from qemu-img {rl}'s (run with -F): {}",
                 report_diff(q10, (&ref_dir, c.overlay), (&dir, c.overlay))
             ));
         }
@@ -326,17 +368,17 @@ fn check_subject_result(
     c: &SafeCase,
     q10: &Qemu,
     scratch: &Scratch,
-    reference: (&Path, &[u8]),
+    reference: (&str, &Path, &[u8]),
     dir: &Path,
     before: &std::collections::BTreeMap<PathBuf, Vec<u8>>,
     shown: &str,
     failures: &mut Vec<String>,
 ) {
-    let (ref_dir, ref_bytes) = reference;
+    let (rl, ref_dir, ref_bytes) = reference;
     let got = std::fs::read(dir.join(c.overlay)).expect("read overlay");
     if got != ref_bytes {
         failures.push(format!(
-            "{shown}\n  overlay differs from qemu-img 10.2's: {}",
+            "{shown}\n  overlay differs from qemu-img {rl}'s: {}",
             report_diff(q10, (ref_dir, c.overlay), (dir, c.overlay))
         ));
     }
@@ -372,7 +414,7 @@ fn check_subject_result(
     let b = strip(info_json(q10, dir, c.overlay));
     if a != b {
         failures.push(format!(
-            "{shown}\n  qemu-img info differs from the one of qemu-img 10.2's result:\n{}",
+            "{shown}\n  qemu-img info differs from the one of qemu-img {rl}'s result:\n{}",
             line_diff(&a, &b)
         ));
     }
@@ -382,7 +424,7 @@ fn check_subject_result(
     );
     if ha != hb {
         failures.push(format!(
-            "{shown}\n  data/hole layout differs from qemu-img 10.2's result: expected {ha:x?}, got {hb:x?}"
+            "{shown}\n  data/hole layout differs from qemu-img {rl}'s result: expected {ha:x?}, got {hb:x?}"
         ));
     }
 }

@@ -1,16 +1,16 @@
 /*
- * instar: compress one qcow2 cluster, as QEMU's qcow2 driver does.
+ * instar: compress one qcow2 cluster with zlib, as QEMU's qcow2 driver does (the zstd
+ * counterpart is qcow2_zstd.c).
  *
- * Both functions take the whole cluster (`src`, `src_size`) and an output buffer of
+ * The function takes the whole cluster (`src`, `src_size`) and an output buffer of
  * `dest_size` bytes (QEMU passes cluster_size - 1, so a cluster that does not shrink
- * is written uncompressed). They return the compressed length, INSTAR_NO_FIT when the
+ * is written uncompressed). It returns the compressed length, INSTAR_NO_FIT when the
  * result does not fit in `dest`, or INSTAR_FAILED on any other error.
  */
 #include <stddef.h>
 #include <string.h>
 
 #include "zlib/zlib.h"
-#include "zstd/lib/zstd.h"
 
 #define INSTAR_NO_FIT (-1L)
 #define INSTAR_FAILED (-2L)
@@ -45,34 +45,5 @@ long instar_zlib_compress(void *dest, size_t dest_size, const void *src, size_t 
         ret = INSTAR_FAILED;
     }
     deflateEnd(&strm);
-    return ret;
-}
-
-/*
- * One zstd frame with the library's default parameters, made by a single
- * ZSTD_compressStream2(ZSTD_e_end) call on a fresh context. A non-zero return means
- * data is left to flush: the output buffer was too small (or, when what is left would
- * fit, a library error).
- */
-long instar_zstd_compress(void *dest, size_t dest_size, const void *src, size_t src_size)
-{
-    ZSTD_outBuffer output = { dest, dest_size, 0 };
-    ZSTD_inBuffer input = { src, src_size, 0 };
-    ZSTD_CCtx *cctx = ZSTD_createCCtx();
-    size_t left;
-    long ret;
-
-    if (!cctx) {
-        return INSTAR_FAILED;
-    }
-    left = ZSTD_compressStream2(cctx, &output, &input, ZSTD_e_end);
-    if (left) {
-        ret = left > output.size - output.pos ? INSTAR_NO_FIT : INSTAR_FAILED;
-    } else if (output.pos > dest_size) {
-        ret = INSTAR_FAILED;
-    } else {
-        ret = (long)output.pos;
-    }
-    ZSTD_freeCCtx(cctx);
     return ret;
 }
