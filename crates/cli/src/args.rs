@@ -195,7 +195,7 @@ file names, locks and file descriptors. Errors are qemu-img's messages with the 
 `instar:`; the exit status is 0 on success and 1 on any error.";
 
 const REBASE_ABOUT: &str =
-    "Change the backing file of FILE (a qcow2 image), like `qemu-img rebase`.
+    "Change the backing file of FILE (a qcow2, qed or vmdk image), like `qemu-img rebase`.
 
 Safe mode (the default) makes FILE read the same after the change: every cluster that \
 FILE does not allocate and whose content differs between the old and the new backing \
@@ -236,10 +236,10 @@ See docs/cli.md for the full list.";
 pub fn rebase_command() -> Command {
     let mut cmd = Command::new("rebase")
         .bin_name(format!("{PROG} rebase"))
-        .about("Change the backing file of a qcow2 image (like qemu-img rebase)")
+        .about("Change the backing file of a qcow2, qed or vmdk image (like qemu-img rebase)")
         .long_about(REBASE_ABOUT)
         .override_usage(
-            "instar rebase [-f FMT] -b BACKING [-F FMT] [-u] [-q] [-p] [-U] [-t CACHE] [-T CACHE]\n       \
+            "instar rebase [-f FMT] -b BACKING [-F FMT] [-u] [-c] [-q] [-p] [-U] [-t CACHE] [-T CACHE]\n       \
              [--output human|json] [--allow-dir DIR]...\n       \
              [--object secret,id=ID,data=…|file=…]... [--image-opts] FILE",
         )
