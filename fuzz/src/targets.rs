@@ -346,6 +346,7 @@ fn probe_target(data: &[u8]) -> Result<u64, String> {
                 format,
                 writable,
                 key: None,
+                derive_key: true,
             });
             s ^= response_sig(40 + i as u64, &call(&mut devs, req));
             if devs[0].data != data || !devs[0].writes.is_empty() {

@@ -123,6 +123,10 @@ pub struct ProbeRequest {
     pub writable: bool,
     /// The image's `encrypt.*` options (`--image-opts`), if any.
     pub key: Option<ImageKey>,
+    /// Derive an encrypted image's key (PBKDF2, seconds by design). `false` runs every
+    /// other check of the open: the rebase VM derives the key anyway, and the host asks
+    /// again with `true` only when a later step fails, to report QEMU's first error.
+    pub derive_key: bool,
 }
 
 /// Change the backing file of the overlay on device 0.

@@ -131,7 +131,7 @@ pub fn walk(w: &mut Walk, top: Top, seen: &mut HashSet<FileId>) -> Result<Vec<Op
                 .map_err(|e| Failure::lock(&prefix, &shown_path, &e))?;
         }
         let key = w.keys.get(level - 1).cloned().flatten();
-        let info = match guest::probe_keyed(w.guest, &image, format, false, key)? {
+        let info = match guest::probe_keyed(w.guest, &image, format, false, key, true)? {
             Answer::Ok(info) => info,
             Answer::Refused(r) => return Err(Failure::refused(&prefix, &r)),
         };

@@ -22,6 +22,9 @@ pub struct Failure {
     /// qemu-img reaches its final `qemu_progress_print(100, 0)` for this error (errors of
     /// the backing-file change itself), so `-p` prints `(100.00/100%)` before the newline.
     pub at_change: bool,
+    /// A sandbox that gave no answer (watchdog, deadline, crash): the command ends at
+    /// once, no further VM runs.
+    pub sandbox: bool,
 }
 
 impl Failure {
@@ -30,6 +33,7 @@ impl Failure {
         Failure {
             text: text.into(),
             at_change: false,
+            sandbox: false,
         }
     }
 
@@ -44,6 +48,7 @@ impl Failure {
         Failure {
             text: format!("Could not change the backing file to '{backing}': {why}"),
             at_change: true,
+            sandbox: false,
         }
     }
 
@@ -86,7 +91,10 @@ impl Failure {
 
     /// A sandbox call that gave no answer: its own line, escaped.
     pub fn sandbox(e: &RunError) -> Failure {
-        Failure::plain(sanitize::escape_text(&e.to_string()))
+        Failure {
+            sandbox: true,
+            ..Failure::plain(sanitize::escape_text(&e.to_string()))
+        }
     }
 }
 

@@ -134,17 +134,19 @@ pub fn probe(
     format: Option<Format>,
     writable: bool,
 ) -> Result<Answer<ImageInfo>, RunError> {
-    probe_keyed(guest, image, format, writable, None)
+    probe_keyed(guest, image, format, writable, None, true)
 }
 
 /// [`probe`] with the image's `encrypt.` options (for device 0): an encrypted image
-/// is opened as QEMU opens it with them, its key unlocked in the guest.
+/// is opened as QEMU opens it with them, its key unlocked in the guest (derived only
+/// when `derive_key`; every other check of the open runs either way).
 pub fn probe_keyed(
     guest: &mut dyn Guest,
     image: &ImageFile,
     format: Option<Format>,
     writable: bool,
     key: Option<instar_abi::ImageKey>,
+    derive_key: bool,
 ) -> Result<Answer<ImageInfo>, RunError> {
     let call = Call {
         device_sizes: vec![image.len],
@@ -153,6 +155,7 @@ pub fn probe_keyed(
             format,
             writable,
             key,
+            derive_key,
         }),
     };
     let devices = [Device {

@@ -355,6 +355,7 @@ fn refusals_match_qemu() {
         let good = secret("s", PASS);
         let wrong = secret("s", "not-it");
         let encb = fx.path("encb.qcow2").to_str().unwrap().to_string();
+        let missing = fx.path("missing.qcow2").to_str().unwrap().to_string();
         let spec = opts("");
         let with_backing_key = opts(",backing.encrypt.key-secret=s");
         let beyond_chain = opts(",backing.backing.encrypt.format=luks");
@@ -372,6 +373,35 @@ fn refusals_match_qemu() {
                     "-u",
                     "-b",
                     "x",
+                    "-F",
+                    "qcow2",
+                    &spec,
+                ],
+            ),
+            // The probe does not derive the key; a later failure must still come
+            // second to the wrong passphrase, as in QEMU's open.
+            (
+                "wrong-pass-missing-backing",
+                vec![
+                    "--object",
+                    &wrong,
+                    "--image-opts",
+                    "-b",
+                    &missing,
+                    "-F",
+                    "qcow2",
+                    &spec,
+                ],
+            ),
+            (
+                "wrong-pass-compress-onto-encrypted",
+                vec![
+                    "--object",
+                    &wrong,
+                    "--image-opts",
+                    "-c",
+                    "-b",
+                    &encb,
                     "-F",
                     "qcow2",
                     &spec,

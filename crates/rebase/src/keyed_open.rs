@@ -29,6 +29,29 @@ pub(crate) fn qcow2_open(
     index: u8,
     key: Option<&ImageKey>,
 ) -> Result<(Header, ImageInfo, Option<DataCrypt>), GuestError> {
+    keyed_open(dev, mode, index, key, true)
+}
+
+/// What a probe reports of a qcow2 image opened with `key`; with `derive` false every
+/// check of [`qcow2_open`] but the key derivation, which the rebase VM makes anyway (a
+/// probe that derived the key too would double an encrypted rebase's cost).
+pub(crate) fn qcow2_probe(
+    dev: &mut dyn BlockDev,
+    mode: OpenMode,
+    index: u8,
+    key: Option<&ImageKey>,
+    derive: bool,
+) -> Result<ImageInfo, GuestError> {
+    keyed_open(dev, mode, index, key, derive).map(|(_, info, _)| info)
+}
+
+fn keyed_open(
+    dev: &mut dyn BlockDev,
+    mode: OpenMode,
+    index: u8,
+    key: Option<&ImageKey>,
+    derive: bool,
+) -> Result<(Header, ImageInfo, Option<DataCrypt>), GuestError> {
     let Some(key) = key else {
         let (h, info) = qcow2_info(dev, mode, index)?;
         return Ok((h, info, None));
@@ -39,7 +62,7 @@ pub(crate) fn qcow2_open(
     check_format(header.crypt_method, key.format.as_deref()).map_err(fail)?;
     let crypt = match header.crypt_method {
         0 => None,
-        method => Some(unlock_image(dev, &header, method, key).map_err(fail)?),
+        method => unlock_image(dev, &header, method, key, derive).map_err(fail)?,
     };
     let info = info_of(&header);
     Ok((header, info, crypt))
@@ -83,17 +106,20 @@ fn passphrase(key: &ImageKey) -> Result<&[u8], String> {
     }
 }
 
+/// The payload cipher of an encrypted image; with `derive` false, only the checks that
+/// come before the LUKS key derivation (the secret, the LUKS header), and no cipher.
 fn unlock_image(
     dev: &mut dyn BlockDev,
     header: &Header,
     method: u32,
     key: &ImageKey,
-) -> Result<DataCrypt, String> {
+    derive: bool,
+) -> Result<Option<DataCrypt>, String> {
     let password = passphrase(key)?;
     if method == CRYPT_AES {
         // Legacy AES: the IV comes from the guest offset.
         let cipher = SectorCipher::legacy_qcow_aes(password);
-        return Ok(DataCrypt::new(Rc::new(cipher), false));
+        return Ok(Some(DataCrypt::new(Rc::new(cipher), false)));
     }
     // Header::read_keyed refused a LUKS image without the extension.
     let (offset, length) = header.crypto_header.unwrap_or((0, 0));
@@ -115,6 +141,9 @@ fn unlock_image(
     let mut raw = [0u8; HEADER_LEN];
     read(0, &mut raw).map_err(|e| e.to_string())?;
     let (luks, spec) = LuksHeader::parse(&raw).map_err(|e| e.to_string())?;
+    if !derive {
+        return Ok(None);
+    }
     let master = unlock(&luks, &spec, password, read, tick).map_err(|e| e.to_string())?;
-    Ok(DataCrypt::new(Rc::new(master.into_cipher()), true))
+    Ok(Some(DataCrypt::new(Rc::new(master.into_cipher()), true)))
 }

@@ -62,7 +62,7 @@ pub(crate) fn probe(
     };
     match format {
         Format::Qcow2 => {
-            crate::keyed_open::qcow2_open(dev, mode, req.dev, req.key.as_ref()).map(|(_, i, _)| i)
+            crate::keyed_open::qcow2_probe(dev, mode, req.dev, req.key.as_ref(), req.derive_key)
         }
         Format::Raw => Ok(ImageInfo {
             format,

@@ -16,6 +16,7 @@ fn probe(path: &Path, format: Option<Format>) -> Response {
             format,
             writable: false,
             key: None,
+            derive_key: true,
         }),
     )
 }

@@ -62,19 +62,45 @@ pub fn rebase(
         return Ok(done);
     }
     let info = overlay::probe(&cmd, guest, &overlay, options.overlay_format)?;
+    // The overlay's key was not derived yet: a failure before the rebase VM may hide
+    // QEMU's first error, a key that does not unlock (overlay::first_failure).
+    macro_rules! first {
+        ($step:expr) => {
+            match $step {
+                Ok(v) => v,
+                Err(f) => {
+                    let wanted = options.overlay_format;
+                    return Err(overlay::first_failure(&cmd, guest, &overlay, wanted, f));
+                }
+            }
+        };
+    }
     let mode = Mode::of(args);
     let old = match mode {
-        Mode::Safe => Some(old_chain::discover(&cmd, guest, dirs, &overlay, &info)?),
+        Mode::Safe => Some(first!(old_chain::discover(
+            &cmd, guest, dirs, &overlay, &info
+        ))),
         Mode::Unsafe => None,
     };
-    overlay::check_compress(args.compress, info.format)?;
-    open_options::check(&cmd, info.format, old.as_ref())?;
-    let backing_format = options.backing_format.checked()?;
-    overlay::check_format(&cmd, info.format)?;
-    let new = new_backing::decide(&cmd, guest, backing_format, old.as_ref(), info.format)?;
+    first!(overlay::check_compress(args.compress, info.format));
+    first!(open_options::check(&cmd, info.format, old.as_ref()));
+    let backing_format = first!(options.backing_format.checked());
+    first!(overlay::check_format(&cmd, info.format));
+    let new = first!(new_backing::decide(
+        &cmd,
+        guest,
+        backing_format,
+        old.as_ref(),
+        info.format
+    ));
 
     let old_images = old.as_ref().map_or(&[][..], |o| &o.images);
-    let table = devices::assemble(&cmd, &overlay.image, old_images, new.images())?;
+    let table = first!(devices::assemble(
+        &cmd,
+        &overlay.image,
+        old_images,
+        new.images()
+    ));
     let request = RebaseRequest {
         overlay_format: info.format,
         unsafe_mode: mode == Mode::Unsafe,

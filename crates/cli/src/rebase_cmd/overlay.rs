@@ -37,16 +37,22 @@ pub fn open(cmd: &Cmd) -> Result<Overlay, Failure> {
 }
 
 /// Probe the overlay in its own VM (as `-f` says, else by probing) and check its
-/// external data file.
+/// external data file. An encrypted overlay's key is not derived here (the rebase VM
+/// derives it); [`first_failure`] does when a step before that VM fails.
 pub fn probe(
     cmd: &Cmd,
     guest: &mut dyn Guest,
     overlay: &Overlay,
     wanted: Option<Format>,
 ) -> Result<ImageInfo, Failure> {
-    let info = match guest::probe_keyed(guest, &overlay.image, wanted, true, cmd.key(0, 0))? {
+    let key = cmd.key(0, 0);
+    let derive = key.is_none();
+    let info = match guest::probe_keyed(guest, &overlay.image, wanted, true, key, derive)? {
         Answer::Ok(info) => info,
-        Answer::Refused(r) => return Err(cmd.refusal(Role::Overlay, &r)),
+        Answer::Refused(r) => {
+            let failure = cmd.refusal(Role::Overlay, &r);
+            return Err(first_failure(cmd, guest, overlay, wanted, failure));
+        }
     };
     if wanted.is_none() && info.format == Format::Raw {
         // qemu-img's warning for a probed raw image opened read-write (raw-format.c).
@@ -64,6 +70,29 @@ pub fn probe(
         check_data_file(cmd, name)?;
     }
     Ok(info)
+}
+
+/// `failure` ended a rebase of an overlay probed without deriving its key: QEMU opens
+/// the overlay, key and all, before anything else, so a key that does not unlock (a
+/// wrong passphrase) is its first error. The overlay is probed again with the key
+/// derived; its refusal, if any, replaces `failure`. A sandbox that gave no answer
+/// ends the command at once, and an overlay without `encrypt.` options has nothing
+/// to derive.
+pub fn first_failure(
+    cmd: &Cmd,
+    guest: &mut dyn Guest,
+    overlay: &Overlay,
+    wanted: Option<Format>,
+    failure: Failure,
+) -> Failure {
+    let Some(key) = cmd.key(0, 0).filter(|_| !failure.sandbox) else {
+        return failure;
+    };
+    match guest::probe_keyed(guest, &overlay.image, wanted, true, Some(key), true) {
+        Ok(Answer::Refused(r)) => cmd.refusal(Role::Overlay, &r),
+        Ok(Answer::Ok(_)) => failure,
+        Err(e) => Failure::sandbox(&e),
+    }
 }
 
 /// Check that the overlay's external data file can be opened, as QEMU's open of the
