@@ -225,6 +225,15 @@ class Scenario:
         return [x for x in reversed(self.images) if x["lvl"] <= im["lvl"]]
 
     def qio(self, chain, cmds, d, abort=False):
+        # A compressed write to an allocated cluster fails (EIO) in QEMU: each one runs
+        # alone, first, and may fail.
+        for c in [c for c in cmds if c.startswith("write -c")]:
+            self.qio_run(chain, [c], d, tolerate=True)
+        self.qio_run(chain, [c for c in cmds if not c.startswith("write -c")], d, abort)
+
+    def qio_run(self, chain, cmds, d, abort=False, tolerate=False):
+        if not cmds and not abort:
+            return
         argv = [self.io] + self.secrets(chain) + ["--image-opts"]
         for c in cmds:
             argv += ["-c", c]
@@ -233,7 +242,7 @@ class Scenario:
         argv.append(self.spec(chain))
         code, out, err = run(argv, d)
         self.log.append(("qemu-io", argv[1:], code))
-        if not abort and (code != 0 or "failed" in out or "rror" in err):
+        if not abort and not tolerate and (code != 0 or "failed" in out or "rror" in err):
             raise Skip(f"qemu-io {cmds}: {(out + err).strip()[-300:]}")
 
     def create(self, im, backing, d):
@@ -338,7 +347,8 @@ class Scenario:
         objs = self.secrets(chain if self.backing_keys and self.mode != "u" else [t])
         if self.wrong_key:
             objs = [o.replace(t["key"], WRONG) for o in objs]
-        if t["luks"]:
+        if t["luks"] or self.backing_keys and self.mode != "u" and \
+                any(im["luks"] for im in chain):
             keyed = chain if self.backing_keys and self.mode != "u" else [t]
             argv += objs + ["--image-opts"]
             file_arg = self.spec(keyed)
@@ -349,7 +359,7 @@ class Scenario:
             argv += ["-b", ""]
         else:
             # With --image-opts QEMU cannot resolve a relative -b (docs/luks.md).
-            name = str(d / self.new["name"]) if t["luks"] else self.new["name"]
+            name = str(d / self.new["name"]) if "--image-opts" in argv else self.new["name"]
             argv += ["-b", name, "-F", self.new["fmt"]]
         argv.append(file_arg)
         return argv
