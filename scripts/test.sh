@@ -26,3 +26,11 @@ cargo test --release -p instar --test hostile_cli
 echo "== QEMU iotests with rebase routed to instar (scripts/iotests.sh)"
 cargo build --quiet -p instar
 INSTAR="${CARGO_TARGET_DIR:-target}/debug/instar" scripts/iotests.sh
+
+echo "== a short seeded random differential run against qemu-img (docs/differential.md)"
+cargo build --release --quiet -p instar
+if command -v python3 >/dev/null; then
+  scripts/diff_random.py --scenarios 24 --seed 1 --out "${TMPDIR:-/tmp}/instar-diff-random-test"
+elif [ "${INSTAR_REQUIRE_QEMU:-}" = 1 ]; then
+  echo "python3 is needed for scripts/diff_random.py" >&2; exit 1
+fi

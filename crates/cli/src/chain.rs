@@ -173,12 +173,37 @@ fn realpath(path: &[u8]) -> Option<std::path::PathBuf> {
 /// *again* before both sides go through `realpath`, so an overlay named `sub/top.qcow2`
 /// with `-b base.qcow2` looks for `sub/sub/base.qcow2` and does not match.
 pub fn find_backing_image(links: &[Link], target: &[u8]) -> Option<usize> {
+    find_backing_image_with(links, target, &|_| None)
+}
+
+/// [`find_backing_image`] where `overridden(k)` says whether the backing file of
+/// `links[k]` was opened with options of its own (`backing.…` keys), QEMU's
+/// `bdrv_backing_overridden`: `Some(true)` when those options make that image's name a
+/// `json:{…}` one, which no path matches, `Some(false)` when its name stays its full
+/// backing filename. QEMU then compares `-b` with that name only, as a string.
+pub fn find_backing_image_with(
+    links: &[Link],
+    target: &[u8],
+    overridden: &dyn Fn(usize) -> Option<bool>,
+) -> Option<usize> {
     let target_protocol = paths::has_protocol(target);
     for (k, link) in links.iter().enumerate() {
         let Some(backing) = link.backing.as_deref() else {
             break;
         };
         let full_backing = paths::make_absolute(&link.filename, backing);
+        match overridden(k) {
+            Some(true) => continue,
+            // The node's name is its full backing filename; overridden only when that
+            // differs from the header's name.
+            Some(false) if full_backing.as_deref() != Some(backing) => {
+                if full_backing.as_deref() == Some(target) {
+                    return Some(k);
+                }
+                continue;
+            }
+            _ => {}
+        }
         if target_protocol || paths::has_protocol(backing) {
             // Protocol names are compared as strings.
             if target == backing || full_backing.as_deref() == Some(target) {

@@ -118,6 +118,22 @@ impl ImageOpts {
         self.levels[0].key_secret.is_some() || self.levels.iter().skip(1).any(|l| !l.is_empty())
     }
 
+    /// Whether the backing file of the image `level` levels below FILE is opened with
+    /// options of its own (any `backing.…` key below that level; QEMU's
+    /// `bdrv_backing_overridden`), and if so whether they give it a `json:` name (its
+    /// `encrypt.key-secret`, or options further down, as [`Self::json_name`] builds it).
+    pub fn backing_overridden(&self, level: usize) -> Option<bool> {
+        let below = level + 1;
+        if self.levels.iter().skip(below).all(|l| l.is_empty()) {
+            return None;
+        }
+        let own = self
+            .levels
+            .get(below)
+            .is_some_and(|l| l.key_secret.is_some());
+        Some(own || self.levels.iter().skip(below + 1).any(|l| !l.is_empty()))
+    }
+
     /// The overlay's `json:` filename as QEMU prints it, given each image's format and
     /// filename (the overlay first, then its backing chain nearest first).
     pub fn json_name(&self, chain: &[(String, String)]) -> String {
@@ -224,6 +240,21 @@ mod tests {
             o.json_name(&chain),
             r#"json:{"backing": {"encrypt.key-secret": "s", "driver": "qcow2", "file": {"driver": "file", "filename": "eb.qcow2"}}, "encrypt.key-secret": "s", "driver": "qcow2", "file": {"driver": "file", "filename": "e1.qcow2"}}"#
         );
+    }
+
+    #[test]
+    fn backing_links_overridden_by_options() {
+        let o = ImageOpts::parse("driver=qcow2,file.filename=t,encrypt.key-secret=s").unwrap();
+        assert_eq!(o.backing_overridden(0), None);
+        let o =
+            ImageOpts::parse("driver=qcow2,file.filename=t,backing.encrypt.key-secret=s").unwrap();
+        assert_eq!(o.backing_overridden(0), Some(true));
+        assert_eq!(o.backing_overridden(1), None);
+        let o = ImageOpts::parse("file.filename=t,backing.encrypt.format=luks").unwrap();
+        assert_eq!(o.backing_overridden(0), Some(false));
+        let o = ImageOpts::parse("file.filename=t,backing.backing.encrypt.format=luks").unwrap();
+        assert_eq!(o.backing_overridden(0), Some(true));
+        assert_eq!(o.backing_overridden(1), Some(false));
     }
 
     #[test]

@@ -342,6 +342,53 @@ fn encrypted_old_backing() {
     }
 }
 
+/// A plain overlay over an encrypted backing, rebased onto that same backing with its
+/// secret given as `backing.encrypt.key-secret`: the option overrides the overlay's
+/// backing link, so QEMU's in-chain search compares `-b` only with the backing's
+/// `json:{…}` name, opens `-b` anew without a secret and fails. instar must not reuse
+/// the old chain's unlocked image (found by scripts/diff_random.py, seed 7032).
+#[test]
+fn plain_overlay_onto_its_encrypted_backing() {
+    let Some(builds) = setup() else { return };
+    for b in &builds {
+        let fx = fixture(b, "plain-over-enc", |b, d| {
+            create(b, d, "eb.qcow2", "4M", PASS, "", &[]);
+            let spec = image_opts("eb.qcow2", "");
+            qio(b, d, &[secret("s", PASS)], &spec, &["write -P 0x21 0 1M"]);
+            let a = [
+                "create", "-q", "-f", "qcow2", "-b", "eb.qcow2", "-F", "qcow2",
+            ];
+            let out = run_in(&b.img, &[&a[..], &["pt.qcow2", "4M"]].concat(), d);
+            assert_eq!(out.status, 0, "{}", out.stderr);
+        });
+        let sec = secret("s", PASS);
+        let eb = fx.path("eb.qcow2").to_str().unwrap().to_string();
+        let spec = "driver=qcow2,file.filename=pt.qcow2,backing.encrypt.key-secret=s";
+        for mode in [&[][..], &["-c"][..]] {
+            let args = [
+                "--object",
+                &sec,
+                "--image-opts",
+                "-b",
+                &eb,
+                "-F",
+                "qcow2",
+                spec,
+            ];
+            let (_, _, out) = compare(b, &fx.0, "plain-onto-enc", &[mode, &args[..]].concat());
+            assert_eq!(out.status, 1, "{}", out.stderr);
+            assert!(
+                out.stderr.contains("Could not open new backing file")
+                    && out
+                        .stderr
+                        .contains("'encrypt.key-secret' is required for cipher"),
+                "{}",
+                out.stderr
+            );
+        }
+    }
+}
+
 #[test]
 fn refusals_match_qemu() {
     let Some(builds) = setup() else { return };

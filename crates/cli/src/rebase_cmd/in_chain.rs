@@ -26,7 +26,15 @@ pub fn find(
     path: &Path,
     backing_format: Option<&str>,
 ) -> Result<Option<Reused>, Failure> {
-    let Some(k) = chain::find_backing_image(&old.links, path.as_os_str().as_bytes()) else {
+    // Options for a backing file (`--image-opts` `backing.…`) change which names match.
+    let overridden = |k: usize| {
+        cmd.args
+            .image_opts
+            .as_ref()
+            .and_then(|o| o.backing_overridden(k))
+    };
+    let target = path.as_os_str().as_bytes();
+    let Some(k) = chain::find_backing_image_with(&old.links, target, &overridden) else {
         return Ok(None);
     };
     let reused = old.images.get(k);
