@@ -124,10 +124,11 @@ mod tests {
             "Image is not in qcow2 format"
         );
         let stop = RunError::Internal("internal error in sandbox: a\nb".into());
-        assert_eq!(
-            Failure::sandbox(&stop),
-            Failure::plain("internal error in sandbox: a\\x0ab")
-        );
+        let stopped = Failure::sandbox(&stop);
+        assert_eq!(stopped.text, "internal error in sandbox: a\\x0ab");
+        // No further VM may run after a sandbox that gave no answer.
+        assert!(stopped.sandbox);
+        assert!(!Failure::plain("x").sandbox);
         assert!(Failure::change("b", "Invalid argument").at_change);
     }
 }
