@@ -24,7 +24,7 @@ use instar_qcow2::bitmaps::{BitmapSet, Dirt};
 use instar_qcow2::compressor::Compressor;
 use instar_qcow2::image::Qcow2Image;
 use instar_qcow2::overlap::Layout;
-use instar_qcow2::writer::{Below, Finish, IoOp, ShadowDev, WriteError, WriteKind, Writer};
+use instar_qcow2::writer::{Below, Finish, ShadowDev, WriteError, WriteKind, Writer};
 use instar_qcow2::Header;
 
 use crate::bitmap_rebase::{self, overlap_error, store_error, write_error};
@@ -333,15 +333,7 @@ fn write_plan<D: BlockDev, B: Below>(
             .bitmaps_close(s.set, s.dirt, header)
             .map_err(write_error)?;
     }
-    let written_end = writer
-        .io_log()
-        .iter()
-        .map(|op| match *op {
-            IoOp::Write { offset, len } | IoOp::ZeroRange { offset, len } => offset + len,
-            IoOp::Flush => 0,
-        })
-        .max()
-        .unwrap_or(0);
+    let written_end = bitmap_rebase::log_end(writer.io_log());
     let (_, finish) = writer.finish().map_err(write_error)?;
     Ok((written_end, finish))
 }
